@@ -1,0 +1,1 @@
+"""Shared diffusion core. Imports no method package, ever."""
