@@ -1,0 +1,91 @@
+"""Progress in three places: the console, ``metrics.jsonl`` and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+from absl import logging
+
+
+def _fmt_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class MetricLogger:
+  """Writes one record per logged step; only process 0 writes files.
+
+  ``metrics.jsonl`` holds one JSON object per logged step with at least ``step`` and ``loss``.
+  On resume, records past the restored step are dropped so the file reads as one clean run.
+  """
+
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.enabled = enabled
+    self._tb = None
+    self._tb_dir = os.path.join(workdir, "tensorboard")
+    self._last_time = None
+    self._last_step = None
+
+  def truncate_after(self, step: int) -> None:
+    """Keeps only the records with ``step <= step`` (called when resuming from a checkpoint)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(self.path, "w") as f:
+      f.writelines(keep)
+
+  def start(self, step: int) -> None:
+    self._last_time, self._last_step = time.perf_counter(), step
+
+  def write(self, step: int, scalars: dict[str, float]) -> dict[str, float]:
+    """Logs ``scalars`` at ``step`` with throughput and ETA; returns the full record."""
+    now = time.perf_counter()
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    if self._last_time is not None and step > self._last_step:
+      dt = now - self._last_time
+      steps_per_s = (step - self._last_step) / max(dt, 1e-9)
+      record["steps_per_s"] = steps_per_s
+      record["images_per_s"] = steps_per_s * self.batch_size
+      record["eta_s"] = (self.total_steps - step) / max(steps_per_s, 1e-9)
+    self._last_time, self._last_step = now, step
+    if not self.enabled:
+      return record
+    parts = [f"step {step}/{self.total_steps}"]
+    for k in ("loss", "grad_norm", "lr"):
+      if k in record:
+        parts.append(f"{k} {record[k]:.4g}")
+    if "steps_per_s" in record:
+      parts.append(f"{record['steps_per_s']:.2f} steps/s")
+      parts.append(f"{record['images_per_s']:.0f} img/s")
+      parts.append(f"ETA {_fmt_seconds(record['eta_s'])}")
+    logging.info(" | ".join(parts))
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is None:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 (slow import, only when logging)
+
+      self._tb = SummaryWriter(self._tb_dir)
+    for k, v in record.items():
+      if k != "step":
+        self._tb.add_scalar(k, v, step)
+    return record
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None

@@ -1,0 +1,262 @@
+"""The one training loop every method runs, extended through ``Method`` hooks.
+
+Reads top to bottom like big_vision's ``train.py``: validate, mesh, input, model, shard, update,
+checkpoint, loop. The step is a pure function of (state, batch) compiled once by ``jax.jit`` with
+explicit shardings and a donated state, so the same code runs on one CPU, on 8 forced CPU devices
+in the tests, on a GPU and on a TPU slice; only ``config.mesh`` changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from common import checkpoint, images, parallel
+from common.train import validate as validate_lib
+from common.train.logger import MetricLogger
+from common.train.method import Method, load_method
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data iterator.
+
+  ``step`` [] int32 counts the updates applied; ``rng`` [2] uint32 is the run's base key (each
+  step folds in its step number, so randomness does not depend on where a run was resumed).
+  """
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def setup(config: ml_collections.ConfigDict, *, devices: list | None = None):
+  """Validates ``config`` and builds the mesh and the method, writing nothing anywhere.
+
+  Returns:
+    (mesh, method). Raises ``validate.ConfigError`` (one line, names the field) on a bad value.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  mesh_shape = validate_lib.validate_common(
+    config, num_devices=len(devices), process_count=jax.process_count()
+  )
+  data_info = validate_lib.validate_data(config)
+  method = load_method(config, data_info)
+  validate_lib.validate_model(config, method.check_networks)
+  mesh = parallel.make_mesh(mesh_shape, devices)
+  return mesh, method
+
+
+def make_init_fn(method: Method, tx: optax.GradientTransformation, seed: int):
+  def init(rng_unused=None):
+    del rng_unused
+    rng = jax.random.PRNGKey(seed)
+    params = method.init_params(jax.random.fold_in(rng, 0))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=tx.init(params),
+      rng=jax.random.fold_in(rng, 1),
+    )
+
+  return init
+
+
+def make_train_step(method: Method, tx, lr_schedule, ema_decay: float):
+  """(state, batch) -> (state, metrics): one update of every parameter the method owns."""
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def loss_of(params):
+      return method.loss_fn(params, batch, rng, state.step)
+
+    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.global_norm(grads),
+      "lr": lr_schedule(state.step),
+      **aux,
+    }
+    new_state = state.replace(
+      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
+    )
+    return new_state, metrics
+
+  return train_step
+
+
+def build(config, method: Method, mesh):
+  """Compiles-on-first-use init and step functions with explicit shardings.
+
+  Returns:
+    dict with ``init`` (jitted, -> sharded TrainState), ``step`` (jitted, donated state),
+    ``abstract_state`` (ShapeDtypeStructs carrying the shardings), ``batch_sharding``.
+  """
+  tx, lr_schedule = method.make_optimizer()
+  init_fn = make_init_fn(method, tx, config.seed)
+  abstract = jax.eval_shape(init_fn)
+  state_sh = parallel.state_shardings(mesh, abstract)
+  batch_sh = parallel.batch_sharding(mesh)
+  abstract_state = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh
+  )
+  init = jax.jit(init_fn, out_shardings=state_sh)
+  step = jax.jit(
+    make_train_step(method, tx, lr_schedule, config.ema_decay),
+    in_shardings=(state_sh, batch_sh),
+    out_shardings=(state_sh, parallel.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  return {
+    "init": init,
+    "step": step,
+    "abstract_state": abstract_state,
+    "batch_sharding": batch_sh,
+    "state_shardings": state_sh,
+  }
+
+
+def _check_finite(host_metrics: list[tuple[int, dict]], last_good: int | None) -> None:
+  for step, m in host_metrics:
+    if not math.isfinite(float(m["loss"])):
+      raise NonFiniteLossError(
+        f"non-finite loss ({float(m['loss'])}) at step {step}; stopping without saving. "
+        f"The last good checkpoint is step {last_good}."
+      )
+
+
+def save_samples(method: Method, params, config, path: str, seed_offset: int) -> str:
+  """Draws a labelled sample grid with ``params`` (EMA by convention) and writes it to ``path``."""
+  n = config.num_sample_images
+  labels, row_names = method.grid_labels(n)
+  rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000 + seed_offset)
+  samples = method.sample(params, rng, n, labels)
+  if labels is not None:
+    ncols = int(np.ceil(n / method.data_info.num_classes))
+    return images.save_grid(path, samples, ncols=ncols, row_labels=row_names)
+  return images.save_grid(path, samples)
+
+
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  devices: list | None = None,
+  method: Method | None = None,
+) -> TrainState:
+  """Trains (or resumes) the run in ``workdir`` to ``config.total_steps``; returns the state."""
+  # --- Validate and set up: nothing is written before this succeeds. ------------------------
+  mesh, default_method = setup(config, devices=devices)
+  method = method or default_method
+  is_main = jax.process_index() == 0
+  logging.info("mesh %s over %d devices; method %s", dict(mesh.shape), mesh.size, method.name)
+
+  # --- Input: each process reads its own slice; slices become one global array. --------------
+  data_iter = method.train_iterator(
+    process_index=jax.process_index(), process_count=jax.process_count()
+  )
+
+  # --- Model, optimizer and shardings. -------------------------------------------------------
+  fns = build(config, method, mesh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(fns["abstract_state"].params))
+  logging.info("parameters: %s", f"{n_params:,}")
+
+  # --- Checkpoint: resume from the latest one if the workdir has any. ------------------------
+  os.makedirs(workdir, exist_ok=True)
+  config_json = config.to_json_best_effort(sort_keys=True, indent=2)
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config_json)
+  ckpt = checkpoint.Checkpointer(
+    os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
+  )
+  ckpt.install_signal_handler()
+  logger = MetricLogger(
+    workdir, total_steps=config.total_steps, batch_size=config.batch_size, enabled=is_main
+  )
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s/%d", ckpt.directory, latest)
+    state = ckpt.restore(latest, fns["abstract_state"], data_iter)
+    logger.truncate_after(latest)
+  else:
+    state = fns["init"]()
+  start = int(jax.device_get(state.step))
+
+  # --- Loop. ----------------------------------------------------------------------------------
+  total = config.total_steps
+  pending: list[tuple[int, Any]] = []  # device metrics not yet checked or logged
+  window: list[dict] = []  # host metrics since the last log line
+  logger.start(start)
+  try:
+    for step in range(start, total):
+      batch = parallel.global_batch(next(data_iter), fns["batch_sharding"])
+      state, metrics = fns["step"](state, batch)
+      done = step + 1
+      pending.append((done, metrics))
+      is_last = done == total
+      stop = ckpt.should_stop(done)
+      log_now = done % config.log_every_steps == 0 or is_last
+      save_now = done % config.ckpt_every_steps == 0 or is_last or stop
+      if log_now or save_now:
+        # One device->host copy per log/save interval; a NaN is always caught before a save.
+        host = jax.device_get(pending)
+        pending = []
+        _check_finite(host, ckpt.latest_step())
+        window.extend(m for _, m in host)
+      if log_now:
+        scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+        scalars["lr"] = float(window[-1]["lr"])
+        logger.write(done, scalars)
+        window = []
+      if save_now:
+        ckpt.save(done, state, data_iter, config_json, force=True)
+      sample_every = config.sample_every_steps
+      if is_main and ((sample_every and done % sample_every == 0) or is_last):
+        path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
+        save_samples(method, state.ema_params, config, path, done)
+        logging.info("sample grid (EMA weights): %s", path)
+      if stop:
+        logging.warning("preempted: saved step %d, stopping cleanly", done)
+        break
+  finally:
+    ckpt.close()
+    logger.close()
+  return state
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in ``workdir/config.json``."""
+  with open(os.path.join(workdir, "config.json")) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+__all__ = [
+  "NonFiniteLossError",
+  "TrainState",
+  "build",
+  "load_config",
+  "setup",
+  "train",
+]

@@ -1,0 +1,245 @@
+"""What a method supplies to the shared training loop, and the DDPM baseline that supplies it.
+
+The loop (``common.train.loop``) owns the mesh, data, optimizer, EMA, checkpoints, logging and
+sample grids. A method owns its networks, its loss and how its samples are drawn; it changes
+behaviour by overriding hooks of ``Method``, never by copying the loop (the pattern of VDM's
+``Experiment``). ``DDPM`` is the one-segment segmented denoiser: one network over all of [0, T).
+
+A method package ``<name>/`` is found by the name in ``config.method``: its module
+``<name>.method`` must define ``METHOD`` (a ``Method`` subclass). ``common`` never imports it
+statically.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from common import data, models
+from common.diffusion import GaussianDiffusion, sampling
+
+Params = Any
+
+
+def make_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
+  """The ``GaussianDiffusion`` described by ``config.diffusion``."""
+  d = config.diffusion
+  return GaussianDiffusion.create(
+    d.schedule,
+    d.num_timesteps,
+    parameterization=d.parameterization,
+    learn_sigma=d.loss == "hybrid",
+    loss=d.loss,
+    vlb_weight=d.vlb_weight,
+    min_snr_gamma=d.min_snr_gamma,
+  )
+
+
+def make_optimizer(opt: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+  """Adam(W) with linear warm-up and optional global-norm clipping; returns (tx, lr schedule)."""
+  if opt.warmup_steps > 0:
+    lr = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
+  else:
+    lr = optax.constant_schedule(opt.learning_rate)
+  if opt.name == "adamw":
+    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
+  else:
+    core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
+  parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
+  return optax.chain(*parts, core), lr
+
+
+class Method:
+  """Hooks of the shared loop. Subclasses override what their paper changes.
+
+  Attributes set by ``__init__``: ``config``, ``data_info`` (``common.data.DatasetInfo``),
+  ``diffusion`` (``GaussianDiffusion``).
+  """
+
+  name = "base"
+
+  def __init__(self, config: ml_collections.ConfigDict, data_info: Any):
+    self.config = config
+    self.data_info = data_info
+    self.diffusion = make_diffusion(config)
+
+  # --- networks -----------------------------------------------------------------------------
+  def init_params(self, rng: jax.Array) -> Params:
+    """A pytree of parameters (pure nested dicts of arrays) for all of the method's networks."""
+    raise NotImplementedError
+
+  def check_networks(self) -> None:
+    """Builds the networks shape-only; raises ``ValueError`` when they cannot take the data."""
+    jax.eval_shape(self.init_params, jax.random.key(0))
+
+  # --- training -----------------------------------------------------------------------------
+  def train_iterator(self, *, process_index: int, process_count: int):
+    """A checkpointable grain iterator of this process's slice of each global batch."""
+    return data.make_train_iterator(
+      self.config.data,
+      global_batch_size=self.config.batch_size,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  def make_optimizer(self) -> tuple[optax.GradientTransformation, Any]:
+    return make_optimizer(self.config.optimizer)
+
+  def loss_fn(
+    self, params: Params, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Scalar loss and a dict of scalar metrics for one global batch.
+
+    Args:
+      params: the method's parameters.
+      batch: ``{'image': [B, H, W, C] float32 in [-1, 1], 'label': [B] int32, ...}``.
+      rng: a key for this step (already folded with the step number).
+      step: the int32 step being taken (0-based), for schedules inside the loss.
+    """
+    raise NotImplementedError
+
+  # --- sampling -----------------------------------------------------------------------------
+  def sample(
+    self, params: Params, rng: jax.Array, num_samples: int, labels: np.ndarray | None = None
+  ) -> np.ndarray:
+    """``num_samples`` images [N, H, W, C] float32 in [-1, 1] with the configured sampler."""
+    raise NotImplementedError
+
+  def grid_labels(self, num_samples: int) -> tuple[np.ndarray | None, list[str] | None]:
+    """Labels to sample a grid with (one class per row) and the row captions, or (None, None)."""
+    if not self.class_conditional:
+      return None, None
+    k = self.data_info.num_classes
+    ncols = int(np.ceil(num_samples / k))
+    labels = np.repeat(np.arange(k, dtype=np.int32), ncols)[:num_samples]
+    names = list(self.data_info.class_names or [str(i) for i in range(k)])
+    return labels, names
+
+  @property
+  def class_conditional(self) -> bool:
+    return bool(self.config.model.class_conditional) and self.data_info.num_classes > 0
+
+
+class DDPM(Method):
+  """The single-network baseline: one U-Net denoises every timestep."""
+
+  name = "ddpm"
+
+  def __init__(self, config: ml_collections.ConfigDict, data_info: Any):
+    super().__init__(config, data_info)
+    self._graphdef = None
+
+  def build_network(self, rng: jax.Array) -> nnx.Module:
+    return models.build_model(
+      self.config,
+      in_channels=self.data_info.channels,
+      num_classes=self.data_info.num_classes,
+      rngs=nnx.Rngs(params=rng),
+    )
+
+  @property
+  def graphdef(self):
+    if self._graphdef is None:
+      abstract = nnx.eval_shape(lambda: self.build_network(jax.random.key(0)))
+      self._graphdef, _ = nnx.split(abstract, nnx.Param)
+    return self._graphdef
+
+  def init_params(self, rng: jax.Array) -> Params:
+    _, state = nnx.split(self.build_network(rng), nnx.Param)
+    return nnx.to_pure_dict(state)
+
+  def apply(self, params, x, t, y=None, dropout_rng=None):
+    """Runs the network: ``x`` [B, H, W, C], ``t`` [B] int32 -> model output [B, H, W, C'']."""
+    return nnx.merge(self.graphdef, params)(x, t, y, dropout_rng=dropout_rng)
+
+  def conditioning(self, batch, rng):
+    """The labels the network sees in training, with CFG label dropout; None if unconditional."""
+    if not self.class_conditional:
+      return None
+    y = batch["label"]
+    p = self.config.diffusion.cond_drop_prob
+    if p > 0:
+      drop = jax.random.bernoulli(rng, p, y.shape)
+      y = jnp.where(drop, self.data_info.num_classes, y)
+    return y
+
+  def timestep_range(self) -> tuple[int, int]:
+    """[t_min, t_max) of model timesteps this network trains on (all of them for DDPM)."""
+    return 0, self.diffusion.num_timesteps
+
+  def loss_fn(self, params, batch, rng, step):
+    x0 = batch["image"]
+    chex.assert_rank(x0, 4)
+    rng_t, rng_noise, rng_y, rng_drop = jax.random.split(rng, 4)
+    t_min, t_max = self.timestep_range()
+    t = self.diffusion.sample_timesteps(rng_t, x0.shape[0], t_min, t_max)
+    noise = jax.random.normal(rng_noise, x0.shape, x0.dtype)
+    y = self.conditioning(batch, rng_y)
+    apply_fn = functools.partial(self.apply, params, dropout_rng=rng_drop)
+    terms = self.diffusion.training_losses(lambda x, tt, yy: apply_fn(x, tt, yy), x0, t, noise, y)
+    metrics = {k: jnp.mean(v) for k, v in terms.items() if k != "loss"}
+    return jnp.mean(terms["loss"]), metrics
+
+  def denoise_fn(self, params):
+    return lambda x, t, y: self.apply(params, x, t, y)
+
+  @functools.cached_property
+  def _sample_jit(self):
+    d = self.config.diffusion
+    res, ch = self.data_info.resolution, self.data_info.channels
+
+    def run(params, rng, labels, num_samples):
+      return sampling.sample(
+        self.diffusion,
+        self.denoise_fn(params),
+        (num_samples, res, res, ch),
+        rng,
+        num_steps=d.sample_steps,
+        sampler=d.sampler,
+        eta=d.ddim_eta,
+        y=labels,
+        guidance_scale=d.guidance_scale if labels is not None else 1.0,
+        null_label=self.data_info.num_classes if self.class_conditional else None,
+        clip_denoised=d.clip_denoised,
+      )
+
+    return jax.jit(run, static_argnums=(3,))
+
+  def sample(self, params, rng, num_samples, labels=None):
+    if self.class_conditional and labels is None:
+      labels = np.asarray(
+        jax.random.randint(
+          jax.random.fold_in(rng, 1), (num_samples,), 0, self.data_info.num_classes
+        ),
+        np.int32,
+      )
+    if not self.class_conditional:
+      labels = None
+    y = None if labels is None else jnp.asarray(labels, jnp.int32)
+    return np.asarray(self._sample_jit(params, rng, y, num_samples))
+
+
+def load_method(config: ml_collections.ConfigDict, data_info: Any) -> Method:
+  """Instantiates the method named by ``config.method`` (a plugin import for method packages)."""
+  name = config.method
+  if name == "ddpm":
+    return DDPM(config, data_info)
+  try:
+    module = importlib.import_module(f"{name}.method")
+  except ModuleNotFoundError as e:
+    if e.name not in (name, f"{name}.method"):
+      raise
+    from common.train.validate import ConfigError  # noqa: PLC0415
+
+    raise ConfigError("method", name, "no such method package (need <name>/method.py)") from None
+  return module.METHOD(config, data_info)

@@ -1,0 +1,159 @@
+"""Start-up validation: every bad config value ends the run before anything compiles or is written.
+
+Each error is one line naming the field, the value and what is allowed, so a researcher who typed
+``--config.mesh.data=3`` on 8 devices sees exactly that and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import ml_collections
+
+SCHEDULES = ("linear", "cosine")
+PARAMETERIZATIONS = ("eps", "x0", "v")
+LOSSES = ("simple", "hybrid")
+SAMPLERS = ("ddpm", "ddim")
+DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adam", "adamw")
+
+
+class ConfigError(ValueError):
+  """A config value the run cannot use. ``str(err)`` is the one-line message for the user."""
+
+  def __init__(self, field: str, value: Any, allowed: str):
+    self.field, self.value, self.allowed = field, value, allowed
+    super().__init__(f"config error: {field}={value!r}: {allowed}")
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  node = config
+  for part in field.split("."):
+    if part not in node:
+      raise ConfigError(field, None, "missing from the config")
+    node = node[part]
+  return node
+
+
+def require(config, field: str, ok: Callable[[Any], bool], allowed: str) -> Any:
+  """Checks ``ok(config.<field>)``; raises ``ConfigError`` naming the field otherwise."""
+  value = _get(config, field)
+  try:
+    good = ok(value)
+  except Exception:  # a type error in the predicate is a bad value too
+    good = False
+  if not good:
+    raise ConfigError(field, value, allowed)
+  return value
+
+
+def require_choice(config, field: str, choices: Iterable[str]) -> Any:
+  choices = tuple(choices)
+  return require(config, field, lambda v: v in choices, "allowed: " + ", ".join(choices))
+
+
+def _int(lo: int, hi: float = float("inf")) -> Callable[[Any], bool]:
+  return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1):
+  """Checks the fields every method shares (see ``configs/ddpm.py:base_config``).
+
+  Returns:
+    The resolved mesh shape ``{'data': d, 'fsdp': f, 'model': m}``.
+  Raises:
+    ConfigError: the first bad field.
+  """
+  from common import parallel  # noqa: PLC0415 (keeps this module importable without devices)
+
+  require(config, "seed", _int(0), "must be an integer >= 0")
+  require(config, "total_steps", _int(1), "must be an integer >= 1")
+  batch = require(config, "batch_size", _int(1), "must be an integer >= 1")
+  require(config, "log_every_steps", _int(1), "must be an integer >= 1")
+  require(config, "ckpt_every_steps", _int(1), "must be an integer >= 1")
+  require(config, "sample_every_steps", _int(0), "must be an integer >= 0 (0: only at the end)")
+  require(config, "keep_checkpoints", _int(1), "must be an integer >= 1")
+  require(config, "num_sample_images", _int(1), "must be an integer >= 1")
+  require(config, "ema_decay", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+
+  for axis in parallel.MESH_AXES:
+    require(config, f"mesh.{axis}", lambda v: _int(1)(v) or v == -1, "must be >= 1 or -1")
+  try:
+    mesh_shape = parallel.resolve_mesh_shape(dict(config.mesh), num_devices)
+  except ValueError as e:
+    raise ConfigError(
+      "mesh", dict(config.mesh), f"{e} (devices available: {num_devices})"
+    ) from None
+  shards = mesh_shape["data"] * mesh_shape["fsdp"]
+  if batch % shards:
+    raise ConfigError(
+      "batch_size",
+      batch,
+      f"must be divisible by mesh.data*mesh.fsdp = {shards} (the batch is split over both)",
+    )
+  if batch % process_count:
+    raise ConfigError("batch_size", batch, f"must be divisible by the {process_count} processes")
+
+  t = require(config, "diffusion.num_timesteps", _int(1), "must be an integer >= 1")
+  require_choice(config, "diffusion.schedule", SCHEDULES)
+  require_choice(config, "diffusion.parameterization", PARAMETERIZATIONS)
+  require_choice(config, "diffusion.loss", LOSSES)
+  require_choice(config, "diffusion.sampler", SAMPLERS)
+  require(config, "diffusion.sample_steps", _int(1, t), f"must be an integer in [1, {t}]")
+  require(config, "diffusion.ddim_eta", lambda v: v >= 0.0, "must be >= 0")
+  require(config, "diffusion.min_snr_gamma", lambda v: v >= 0.0, "must be >= 0 (0 disables it)")
+  require(config, "diffusion.vlb_weight", lambda v: v >= 0.0, "must be >= 0")
+  require(config, "diffusion.cond_drop_prob", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+  require(config, "diffusion.guidance_scale", lambda v: v >= 0.0, "must be >= 0")
+  if config.diffusion.loss == "hybrid" and config.diffusion.parameterization != "eps":
+    raise ConfigError(
+      "diffusion.parameterization",
+      config.diffusion.parameterization,
+      "the hybrid (learned-variance) loss is defined for eps only",
+    )
+
+  require_choice(config, "model.dtype", DTYPES)
+  require(config, "model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
+  require_choice(config, "optimizer.name", OPTIMIZERS)
+  require(config, "optimizer.learning_rate", lambda v: v > 0, "must be > 0")
+  require(config, "optimizer.warmup_steps", _int(0), "must be an integer >= 0")
+  require(config, "optimizer.grad_clip_norm", lambda v: v >= 0, "must be >= 0 (0 disables it)")
+  require(config, "optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
+  return mesh_shape
+
+
+def validate_data(config: ml_collections.ConfigDict):
+  """Checks ``data.*`` and returns the dataset's ``DatasetInfo``."""
+  from common import data  # noqa: PLC0415
+
+  require_choice(config, "data.name", data.DATASETS)
+  if config.data.name == "array_record":
+    path = config.data.data_dir
+    if not path or not os.path.isdir(path):
+      raise ConfigError(
+        "data.data_dir",
+        path,
+        "must be an existing directory written by "
+        "`python -m common.data.prepare --input=... --output=DIR`",
+      )
+  try:
+    return data.get_info(config.data)
+  except (ValueError, FileNotFoundError) as e:
+    msg = str(e).splitlines()[0]
+    raise ConfigError("data", config.data.name, msg) from None
+
+
+def validate_model(config: ml_collections.ConfigDict, build_abstract: Callable[[], Any]) -> Any:
+  """Checks the model name and that the network can take the data (shape-only, no compile)."""
+  from common import models  # noqa: PLC0415
+
+  require_choice(config, "model.name", models.registered_models())
+  try:
+    return build_abstract()
+  except ValueError as e:
+    msg = str(e).splitlines()[0]
+    raise ConfigError(
+      "model", config.model.name, f"{msg} (data.resolution={config.data.resolution})"
+    ) from None
