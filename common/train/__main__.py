@@ -18,11 +18,13 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from common import parallel  # noqa: PLC0415 (after flags: multi-host init must come first)
+  # Imported inside main so that on a multi-host launch jax.distributed is initialized before
+  # anything asks JAX for its devices.
+  from common import parallel
 
   parallel.maybe_initialize_distributed()
-  from common.train import loop  # noqa: PLC0415
-  from common.train.validate import ConfigError  # noqa: PLC0415
+  from common.train import loop
+  from common.train.validate import ConfigError
 
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)

@@ -73,7 +73,8 @@ class MetricLogger:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self._tb is None:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415 (slow import, only when logging)
+      # Imported on first use: it pulls in protobuf, slow for runs that never log.
+      from tensorboardX import SummaryWriter
 
       self._tb = SummaryWriter(self._tb_dir)
     for k, v in record.items():

@@ -239,7 +239,7 @@ def load_method(config: ml_collections.ConfigDict, data_info: Any) -> Method:
   except ModuleNotFoundError as e:
     if e.name not in (name, f"{name}.method"):
       raise
-    from common.train.validate import ConfigError  # noqa: PLC0415
+    from common.train.validate import ConfigError
 
     raise ConfigError("method", name, "no such method package (need <name>/method.py)") from None
   return module.METHOD(config, data_info)

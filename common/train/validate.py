@@ -66,7 +66,7 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   Raises:
     ConfigError: the first bad field.
   """
-  from common import parallel  # noqa: PLC0415 (keeps this module importable without devices)
+  from common import parallel
 
   require(config, "seed", _int(0), "must be an integer >= 0")
   require(config, "total_steps", _int(1), "must be an integer >= 1")
@@ -126,7 +126,7 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
 
 def validate_data(config: ml_collections.ConfigDict):
   """Checks ``data.*`` and returns the dataset's ``DatasetInfo``."""
-  from common import data  # noqa: PLC0415
+  from common import data
 
   require_choice(config, "data.name", data.DATASETS)
   if config.data.name == "array_record":
@@ -147,7 +147,7 @@ def validate_data(config: ml_collections.ConfigDict):
 
 def validate_model(config: ml_collections.ConfigDict, build_abstract: Callable[[], Any]) -> Any:
   """Checks the model name and that the network can take the data (shape-only, no compile)."""
-  from common import models  # noqa: PLC0415
+  from common import models
 
   require_choice(config, "model.name", models.registered_models())
   try:

@@ -1,0 +1,262 @@
+"""The shared loop end to end: sharding equivalence, resume after SIGKILL, preemption, NaN stop,
+checkpoint/model mismatch, start-up validation of every bad value."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import checkpoint
+from common.train import loop
+from common.train.method import DDPM
+from common.train.validate import ConfigError
+from configs import ddpm
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tiny_config(**overrides):
+  """digits at 8x8 with a two-level U-Net: a step takes milliseconds on a CPU."""
+  c = ddpm.get_config("digits")
+  c.data.resolution = 8
+  c.model.channels = (16, 32)
+  c.model.num_res_blocks = 1
+  c.model.attention_resolutions = (4,)
+  c.model.num_heads = 2
+  c.diffusion.num_timesteps = 50
+  c.diffusion.sample_steps = 4
+  c.batch_size = 16
+  c.total_steps = 6
+  c.log_every_steps = 1
+  c.ckpt_every_steps = 3
+  c.sample_every_steps = 0
+  c.num_sample_images = 4
+  c.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def read_losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return {r["step"]: r["loss"] for r in records}
+
+
+def test_train_writes_logs_checkpoints_and_samples(tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train(tiny_config(**{"mesh.data": 1}), workdir, devices=jax.devices()[:1])
+  losses = read_losses(workdir)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(v) for v in losses.values())
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    record = json.loads(f.readlines()[-1])
+  for key in ("loss", "grad_norm", "lr", "steps_per_s", "images_per_s", "eta_s", "mse"):
+    assert key in record, key
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert os.path.exists(os.path.join(workdir, "samples", "step_0000006.png"))
+  assert any(n.startswith("events") for n in os.listdir(os.path.join(workdir, "tensorboard")))
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["total_steps"] == 6 and saved["data"]["resolution"] == 8
+
+
+@pytest.mark.parametrize("mesh", [{"data": 8}, {"data": 2, "fsdp": 4}])
+def test_sharded_training_matches_single_device(tmp_path, mesh):
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
+  single = str(tmp_path / "single")
+  loop.train(tiny_config(**{"mesh.data": 1}), single, devices=jax.devices()[:1])
+  sharded = str(tmp_path / "sharded")
+  overrides = {f"mesh.{k}": v for k, v in mesh.items()}
+  state = loop.train(tiny_config(**overrides), sharded)
+  a, b = read_losses(single), read_losses(sharded)
+  assert sorted(a) == sorted(b)
+  np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=2e-4)
+  if mesh.get("fsdp", 1) > 1:
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
+    assert any("fsdp" in s for s in specs), "FSDP should split at least the large kernels"
+
+
+def _run_binary(workdir, *flags, env=None):
+  cmd = [
+    sys.executable,
+    "-m",
+    "common.train",
+    "--config=configs/ddpm.py:digits",
+    f"--workdir={workdir}",
+  ]
+  return subprocess.Popen(
+    cmd + list(flags),
+    cwd=REPO,
+    env=env or os.environ.copy(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
+
+
+TINY_FLAGS = [
+  "--config.data.resolution=8",
+  "--config.model.channels=(16,32)",
+  "--config.model.num_res_blocks=1",
+  "--config.model.attention_resolutions=(4,)",
+  "--config.model.num_heads=2",
+  "--config.diffusion.num_timesteps=50",
+  "--config.diffusion.sample_steps=4",
+  "--config.batch_size=16",
+  "--config.log_every_steps=1",
+  "--config.sample_every_steps=0",
+  "--config.num_sample_images=4",
+  "--config.mesh.data=1",
+]
+
+
+def _single_device_env():
+  env = os.environ.copy()
+  env["XLA_FLAGS"] = ""
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _wait_for_checkpoint(proc, ckpt_dir, step, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if os.path.exists(os.path.join(ckpt_dir, str(step), "commit_success.txt")) or (
+      os.path.isdir(os.path.join(ckpt_dir, str(step)))
+      and os.path.exists(os.path.join(ckpt_dir, str(step), "_CHECKPOINT_METADATA"))
+    ):
+      return
+    if proc.poll() is not None:
+      raise AssertionError("training exited before the checkpoint:\n" + proc.stdout.read())
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint in time")
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+  flags = [*TINY_FLAGS, "--config.total_steps=40", "--config.ckpt_every_steps=5"]
+  env = _single_device_env()
+  reference = str(tmp_path / "reference")
+  ref = _run_binary(reference, *flags, env=env)
+  killed = str(tmp_path / "killed")
+  proc = _run_binary(killed, *flags, env=env)
+  _wait_for_checkpoint(proc, os.path.join(killed, "checkpoints"), 5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  steps_before = read_losses(killed)
+  assert max(steps_before) < 40, "the run should have been killed mid-way"
+  resumed = _run_binary(killed, *flags, env=env)
+  out = resumed.communicate(timeout=300)[0]
+  assert resumed.returncode == 0, out
+  assert "resuming from" in out
+  assert ref.wait(timeout=300) == 0, ref.stdout.read()
+  a, b = read_losses(reference), read_losses(killed)
+  assert sorted(a) == sorted(b) == list(range(1, 41))
+  # Same losses step for step (identical data order and randomness), to float tolerance.
+  np.testing.assert_allclose([a[s] for s in range(1, 41)], [b[s] for s in range(1, 41)], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_cleanly(tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = [*TINY_FLAGS, "--config.total_steps=100000", "--config.ckpt_every_steps=1000"]
+  proc = _run_binary(workdir, *flags, env=_single_device_env())
+  deadline = time.time() + 240
+  while not os.path.exists(os.path.join(workdir, "metrics.jsonl")) and time.time() < deadline:
+    time.sleep(0.1)
+  time.sleep(1.0)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  assert "preempted" in out
+  steps = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 1000, steps
+  assert steps[0] == max(read_losses(workdir))
+
+
+class NaNAfter(DDPM):
+  """DDPM whose loss turns NaN from the 6th update on (a numerical blow-up, injected)."""
+
+  def loss_fn(self, params, batch, rng, step):
+    loss, metrics = super().loss_fn(params, batch, rng, step)
+    return jnp.where(step >= 5, jnp.nan, loss), metrics
+
+
+def test_nan_loss_stops_and_last_checkpoint_restores(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(**{"mesh.data": 1, "total_steps": 10, "ckpt_every_steps": 4})
+  mesh, method = loop.setup(config, devices=jax.devices()[:1])
+  with pytest.raises(loop.NonFiniteLossError, match=r"at step 6\b.*last good checkpoint is step 4"):
+    loop.train(
+      config, workdir, devices=jax.devices()[:1], method=NaNAfter(config, method.data_info)
+    )
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  assert ckpt.latest_step() == 4
+  fns = loop.build(config, method, mesh)
+  state = ckpt.restore(4, fns["abstract_state"])
+  ckpt.close()
+  assert int(state.step) == 4
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_parameter(tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train(tiny_config(**{"mesh.data": 1, "total_steps": 3}), workdir, devices=jax.devices()[:1])
+  wider = tiny_config(**{"mesh.data": 1, "total_steps": 6, "model.channels": (16, 48)})
+  with pytest.raises(checkpoint.CheckpointMismatchError, match=r"parameter '.*' has shape"):
+    loop.train(wider, workdir, devices=jax.devices()[:1])
+
+
+BAD_VALUES = [
+  ({"diffusion.num_timesteps": 0}, "diffusion.num_timesteps"),
+  ({"batch_size": 12, "mesh.data": 8}, "batch_size"),
+  ({"mesh.data": 16}, "mesh"),
+  ({"mesh.data": 2, "mesh.fsdp": 8}, "mesh"),
+  ({"data.name": "mnist"}, "data.name"),
+  ({"model.name": "transformer"}, "model.name"),
+  ({"diffusion.schedule": "sigmoid"}, "diffusion.schedule"),
+  ({"data.name": "array_record", "data.data_dir": "/no/such/dir"}, "data.data_dir"),
+  ({"data.resolution": 12}, "data"),
+  (
+    {"model.channels": (16, 32, 64, 64), "data.resolution": 8, "model.attention_resolutions": ()},
+    "model",
+  ),
+  ({"diffusion.sample_steps": 51}, "diffusion.sample_steps"),
+  ({"total_steps": 0}, "total_steps"),
+  ({"ema_decay": 1.0}, "ema_decay"),
+  ({"optimizer.name": "sgd"}, "optimizer.name"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD_VALUES, ids=[f for _, f in BAD_VALUES])
+def test_bad_value_names_field_and_writes_nothing(tmp_path, overrides, field):
+  workdir = str(tmp_path / "run")
+  with pytest.raises(ConfigError) as err:
+    loop.train(tiny_config(**overrides), workdir)
+  message = str(err.value)
+  assert message.startswith(f"config error: {field}=")
+  assert "\n" not in message
+  assert not os.path.exists(workdir)
+
+
+@pytest.mark.slow
+def test_binary_bad_value_exits_nonzero_with_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = _run_binary(
+    workdir, *TINY_FLAGS, "--config.diffusion.num_timesteps=0", env=_single_device_env()
+  )
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 2
+  errors = [line for line in out.splitlines() if line.startswith("config error:")]
+  assert errors == ["config error: diffusion.num_timesteps=0: must be an integer >= 1"], out
+  assert not os.path.exists(workdir)
