@@ -23,9 +23,10 @@ def main(argv):
   from common import parallel
 
   parallel.maybe_initialize_distributed()
-  from common.train import loop
+  from common.train import logger, loop
   from common.train.validate import ConfigError
 
+  logger.quiet_library_logs()
   try:
     loop.train(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:

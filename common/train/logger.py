@@ -3,11 +3,30 @@
 from __future__ import annotations
 
 import json
+import logging as py_logging
 import math
 import os
 import time
 
 from absl import logging
+
+_CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
+
+
+class _DropLibraryInfo(py_logging.Filter):
+  """Orbax logs a dozen INFO lines per save; keep its warnings, drop the rest from the console."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.WARNING or not any(
+      lib in record.pathname for lib in _CHATTY_LIBRARIES
+    )
+
+
+def quiet_library_logs() -> None:
+  """Keeps the training log readable: our progress lines, and only warnings from libraries."""
+  logging.get_absl_handler().addFilter(_DropLibraryInfo())
+  for handler in py_logging.getLogger().handlers:
+    handler.addFilter(_DropLibraryInfo())
 
 
 def _fmt_seconds(seconds: float) -> str:

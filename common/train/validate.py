@@ -7,6 +7,7 @@ Each error is one line naming the field, the value and what is allowed, so a res
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -128,7 +129,7 @@ def validate_data(config: ml_collections.ConfigDict):
   """Checks ``data.*`` and returns the dataset's ``DatasetInfo``."""
   from common import data
 
-  require_choice(config, "data.name", data.DATASETS)
+  require_choice(config, "data.name", data.NAMES)
   if config.data.name == "array_record":
     path = config.data.data_dir
     if not path or not os.path.isdir(path):
@@ -142,6 +143,10 @@ def validate_data(config: ml_collections.ConfigDict):
     return data.get_info(config.data)
   except (ValueError, FileNotFoundError) as e:
     msg = str(e).splitlines()[0]
+    # The data package already names the field ("data.resolution=12 ..."): keep its wording.
+    named = re.match(r"(data\.\w+)=(\S+?):? (.*)", msg)
+    if named:
+      raise ConfigError(named[1], config.data[named[1][5:]], named[3]) from None
     raise ConfigError("data", config.data.name, msg) from None
 
 

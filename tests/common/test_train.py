@@ -226,7 +226,7 @@ BAD_VALUES = [
   ({"model.name": "transformer"}, "model.name"),
   ({"diffusion.schedule": "sigmoid"}, "diffusion.schedule"),
   ({"data.name": "array_record", "data.data_dir": "/no/such/dir"}, "data.data_dir"),
-  ({"data.resolution": 12}, "data"),
+  ({"data.resolution": 12}, "data.resolution"),
   (
     {"model.channels": (16, 32, 64, 64), "data.resolution": 8, "model.attention_resolutions": ()},
     "model",

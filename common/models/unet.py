@@ -1,0 +1,485 @@
+"""ADM / IDDPM U-Net (Nichol & Dhariwal 2021) in Flax NNX, channels-last.
+
+The architecture follows OpenAI's improved-diffusion ``UNetModel`` block for block so that
+parameter counts match the paper, with two generalisations used by other packages:
+
+* ``channels[i]`` is the explicit width of resolution level ``i`` (IDDPM derives it as
+  ``model_channels * channel_mult[i]``), so a pruning method can shrink levels independently;
+* ``num_res_blocks`` may differ per level.
+
+``resblock_updown=True`` switches the resampling layers to the BigGAN-style residual blocks of
+ADM (Dhariwal & Nichol 2021, guided-diffusion); IDDPM itself used ``resblock_updown=False``.
+
+The module holds nothing but ``nnx.Param`` variables: dropout gets its key at call time, so a
+trainer can ``nnx.split(model, nnx.Param)`` and run a pure jitted step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's default Conv/Linear weight init (kaiming_uniform with a=sqrt(5)) is
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); matching it keeps the activation scales IDDPM's
+# hyper-parameters (lr 1e-4, no warm-up) were tuned for.
+_torch_kernel_init = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+_zeros = nnx.initializers.zeros_init()
+
+# IDDPM's GroupNorm32 uses PyTorch's default epsilon.
+_GN_EPS = 1e-5
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal timestep features, IDDPM's ``timestep_embedding``.
+
+  Args:
+    t: [B] int or float timesteps (fractional values are allowed).
+    dim: feature width.
+    max_period: the longest wavelength.
+
+  Returns:
+    [B, dim] float32: ``[cos(t * f_0..f_{h-1}), sin(t * f_0..f_{h-1})]`` with
+    ``f_i = max_period ** (-i / h)``, ``h = dim // 2``, zero-padded when ``dim`` is odd.
+  """
+  chex.assert_rank(t, 1)
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def _group_norm(width: int, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
+  # gcd keeps IDDPM's 32 groups whenever possible but still works for pruned widths
+  # that 32 does not divide.
+  return nnx.GroupNorm(
+    width,
+    num_groups=math.gcd(32, width),
+    epsilon=_GN_EPS,
+    dtype=jnp.float32,  # statistics in float32 even under bf16 compute, as IDDPM's GroupNorm32
+    param_dtype=param_dtype,
+    rngs=rngs,
+  )
+
+
+def _conv(in_ch, out_ch, k, *, dtype, param_dtype, rngs, stride=1, zero=False) -> nnx.Conv:
+  # Explicit symmetric padding (not 'SAME'): for a stride-2 conv 'SAME' pads only on the
+  # high side, which would shift the sampling grid relative to IDDPM's padding=1.
+  return nnx.Conv(
+    in_ch,
+    out_ch,
+    kernel_size=(k, k),
+    strides=(stride, stride),
+    padding=k // 2,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_zeros if zero else _torch_kernel_init,
+    rngs=rngs,
+  )
+
+
+def _linear(in_f, out_f, *, dtype, param_dtype, rngs, zero=False) -> nnx.Linear:
+  return nnx.Linear(
+    in_f,
+    out_f,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_zeros if zero else _torch_kernel_init,
+    rngs=rngs,
+  )
+
+
+def _avg_pool2(x: jax.Array) -> jax.Array:
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _upsample_nearest2(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Downsample(nnx.Module):
+  """Stride-2 3x3 conv (IDDPM ``Downsample`` with ``conv_resample=True``).
+
+  ``x: [B, H, W, C]`` -> ``[B, H/2, W/2, C]`` in the compute dtype.
+  """
+
+  def __init__(self, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.conv = _conv(width, width, 3, stride=2, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(x)
+
+
+class Upsample(nnx.Module):
+  """Nearest 2x upsampling then a 3x3 conv (IDDPM ``Upsample`` with ``conv_resample=True``).
+
+  ``x: [B, H, W, C]`` -> ``[B, 2H, 2W, C]`` in the compute dtype.
+  """
+
+  def __init__(self, width: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.conv = _conv(width, width, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.conv(_upsample_nearest2(x))
+
+
+class ResBlock(nnx.Module):
+  """Residual block conditioned on the timestep (and class) embedding.
+
+  GroupNorm -> SiLU -> [resample] -> conv3x3 -> (+ emb, or scale-shift norm) -> SiLU -> dropout
+  -> zero-init conv3x3, plus a skip path (identity, or 1x1 conv when the width changes).
+  """
+
+  def __init__(
+    self,
+    in_width: int,
+    out_width: int,
+    emb_dim: int,
+    *,
+    dropout: float,
+    use_scale_shift_norm: bool,
+    resample: str | None,
+    dropout_index: int,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
+    if resample not in (None, "up", "down"):
+      raise ValueError(f"ResBlock: resample must be None, 'up' or 'down', got {resample!r}")
+    self.in_width = in_width
+    self.out_width = out_width
+    self.use_scale_shift_norm = use_scale_shift_norm
+    self.resample = resample
+    # Each block folds its own index into the call-time dropout key, so masks are independent
+    # across blocks without the module having to carry RNG state.
+    self.dropout_index = dropout_index
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norm1 = _group_norm(in_width, param_dtype, rngs)
+    self.conv1 = _conv(in_width, out_width, 3, **kw)
+    # The embedding projection runs in float32 (IDDPM keeps its Linear layers in fp32 under
+    # fp16 training); it is a [B, D] matmul, so the cost is negligible.
+    self.emb_proj = _linear(
+      emb_dim,
+      2 * out_width if use_scale_shift_norm else out_width,
+      dtype=jnp.float32,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
+    self.norm2 = _group_norm(out_width, param_dtype, rngs)
+    self.dropout = nnx.Dropout(dropout)
+    self.conv2 = _conv(out_width, out_width, 3, zero=True, **kw)
+    self.skip = _conv(in_width, out_width, 1, **kw) if in_width != out_width else None
+
+  def __call__(
+    self, x: jax.Array, emb: jax.Array, dropout_rng: jax.Array | None = None
+  ) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: [B, H, W, in_width] compute dtype.
+      emb: [B, emb_dim] float32 conditioning embedding.
+      dropout_rng: PRNG key; dropout is applied only when given.
+
+    Returns:
+      [B, H', W', out_width] compute dtype; H' = 2H for 'up', H/2 for 'down', else H.
+    """
+    chex.assert_shape(x, (None, None, None, self.in_width))
+    h = nnx.silu(self.norm1(x)).astype(self.dtype)
+    if self.resample == "up":
+      h, x = _upsample_nearest2(h), _upsample_nearest2(x)
+    elif self.resample == "down":
+      h, x = _avg_pool2(h), _avg_pool2(x)
+    h = self.conv1(h)
+
+    emb_out = self.emb_proj(nnx.silu(emb))[:, None, None, :]
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(emb_out, 2, axis=-1)
+      h = self.norm2(h) * (1.0 + scale) + shift
+    else:
+      h = self.norm2(h + emb_out)
+    h = nnx.silu(h).astype(self.dtype)
+    if dropout_rng is not None and self.dropout.rate > 0:
+      key = jax.random.fold_in(dropout_rng, self.dropout_index)
+      h = self.dropout(h, deterministic=False, rngs=key)
+    h = self.conv2(h)
+
+    if self.skip is not None:
+      x = self.skip(x)
+    return x + h
+
+
+class AttentionBlock(nnx.Module):
+  """Multi-head self-attention over the H*W positions, with a residual connection.
+
+  GroupNorm -> qkv (1x1) -> softmax(q k^T / sqrt(d)) v per head -> zero-init 1x1 projection.
+  ``x: [B, H, W, C]`` -> ``[B, H, W, C]`` in the compute dtype.
+  """
+
+  def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    if num_heads < 1 or width % num_heads:
+      raise ValueError(f"AttentionBlock: width {width} is not divisible into {num_heads} heads")
+    self.width = width
+    self.num_heads = num_heads
+    self.dtype = dtype
+    self.norm = _group_norm(width, param_dtype, rngs)
+    # A 1x1 conv over positions is a Dense layer on the token axis; same parameters.
+    self.qkv = _linear(width, 3 * width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.proj = _linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs, zero=True)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    chex.assert_shape(x, (None, None, None, self.width))
+    b, hgt, wid, c = x.shape
+    n, d = self.num_heads, c // self.num_heads
+    h = self.norm(x).astype(self.dtype).reshape(b, hgt * wid, c)
+    q, k, v = jnp.split(self.qkv(h), 3, axis=-1)
+    q, k, v = (a.reshape(b, hgt * wid, n, d) for a in (q, k, v))
+    # Scaling q and k by d**-0.25 each (rather than the logits by d**-0.5) keeps the bf16
+    # products in range, as IDDPM does for fp16.
+    scale = d**-0.25
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k * scale)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, hgt * wid, c)
+    return x + self.proj(out).reshape(b, hgt, wid, c)
+
+
+class _EmbedSequential(nnx.Module):
+  """Runs layers in order, passing the embedding and dropout key to the ResBlocks only."""
+
+  def __init__(self, layers: Sequence[nnx.Module]):
+    self.layers = nnx.List(list(layers))
+
+  def __call__(self, h: jax.Array, emb: jax.Array, dropout_rng: jax.Array | None) -> jax.Array:
+    for layer in self.layers:
+      if isinstance(layer, ResBlock):
+        h = layer(h, emb, dropout_rng)
+      else:
+        h = layer(h)
+    return h
+
+
+class UNet(nnx.Module):
+  """ADM / IDDPM U-Net noise-prediction network, NHWC.
+
+  Encoder: conv3x3 stem, then per level ``num_res_blocks[i]`` ResBlocks at width
+  ``channels[i]`` (each followed by attention at the listed resolutions) and a downsample
+  between levels. Middle: ResBlock, attention, ResBlock at the last width. Decoder: per level
+  ``num_res_blocks[i] + 1`` ResBlocks, each taking the concatenated encoder skip, with an
+  upsample after the last block of every level but the top one. Output: GroupNorm, SiLU,
+  zero-init conv3x3.
+
+  Args:
+    image_size: input height and width in pixels.
+    in_channels: channels of the input image.
+    out_channels: channels of the output (2 * in_channels for learned variances).
+    channels: width of each resolution level, top (full resolution) first.
+    num_res_blocks: encoder ResBlocks per level, an int or one per level (>= 1).
+    attention_resolutions: resolutions in pixels (e.g. (16, 8)) that get attention; each
+      must be one of ``image_size // 2**i`` for ``i < len(channels)``.
+    num_heads: attention heads, used when ``num_head_channels <= 0``.
+    num_head_channels: if > 0, heads = width // num_head_channels.
+    dropout: dropout rate inside the ResBlocks (active only when a key is passed).
+    num_classes: 0 for unconditional; otherwise a table of ``num_classes + 1`` label
+      embeddings whose last row (index ``num_classes``) is the null label for CFG.
+    use_scale_shift_norm: condition via ``norm(h) * (1 + scale) + shift`` (IDDPM default).
+    resblock_updown: resample with up/down ResBlocks (ADM) instead of conv resampling (IDDPM).
+    dtype: compute dtype (float32 or bfloat16); norms and softmax stay float32.
+    param_dtype: parameter dtype.
+    rngs: initialisation keys (``params`` stream).
+  """
+
+  def __init__(
+    self,
+    *,
+    image_size: int,
+    in_channels: int,
+    out_channels: int,
+    channels: Sequence[int],
+    num_res_blocks: int | Sequence[int],
+    attention_resolutions: Sequence[int],
+    num_heads: int = 4,
+    num_head_channels: int = -1,
+    dropout: float = 0.0,
+    num_classes: int = 0,
+    use_scale_shift_norm: bool = True,
+    resblock_updown: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    channels = tuple(int(c) for c in channels)
+    num_levels = len(channels)
+    if num_levels == 0 or any(c < 1 for c in channels):
+      raise ValueError(
+        f"UNet: channels must be a non-empty list of positive widths, got {channels}"
+      )
+    if isinstance(num_res_blocks, int):
+      num_res_blocks = (num_res_blocks,) * num_levels
+    num_res_blocks = tuple(int(n) for n in num_res_blocks)
+    if len(num_res_blocks) != num_levels or any(n < 1 for n in num_res_blocks):
+      raise ValueError(
+        f"UNet: num_res_blocks must be an int >= 1 or one int >= 1 per level "
+        f"({num_levels} levels), got {num_res_blocks}"
+      )
+    factor = 2 ** (num_levels - 1)
+    if image_size < 1 or image_size % factor:
+      raise ValueError(
+        f"UNet: image_size {image_size} is not divisible by 2**(len(channels)-1) = {factor}"
+      )
+    resolutions = [image_size // 2**i for i in range(num_levels)]
+    attention_resolutions = tuple(int(r) for r in attention_resolutions)
+    bad = [r for r in attention_resolutions if r not in resolutions]
+    if bad:
+      raise ValueError(
+        f"UNet: attention resolutions {bad} are not among the model's resolutions {resolutions} "
+        f"(image_size {image_size}, {num_levels} levels)"
+      )
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
+    if num_classes < 0:
+      raise ValueError(f"UNet: num_classes must be >= 0, got {num_classes}")
+
+    def heads_for(width: int) -> int:
+      if num_head_channels > 0:
+        if width % num_head_channels:
+          raise ValueError(
+            f"UNet: width {width} is not divisible by num_head_channels {num_head_channels}"
+          )
+        return width // num_head_channels
+      if num_heads < 1 or width % num_heads:
+        raise ValueError(f"UNet: width {width} is not divisible into num_heads {num_heads}")
+      return num_heads
+
+    self.image_size = image_size
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.channels = channels
+    self.num_res_blocks = num_res_blocks
+    self.attention_resolutions = attention_resolutions
+    self.num_classes = num_classes
+    self.dtype = dtype
+
+    emb_dim = 4 * channels[0]
+    f32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The conditioning path stays float32: it is tiny and feeds every scale-shift.
+    self.time_mlp1 = _linear(channels[0], emb_dim, **f32)
+    self.time_mlp2 = _linear(emb_dim, emb_dim, **f32)
+    if num_classes > 0:
+      self.label_emb = nnx.Embed(
+        num_classes + 1,
+        emb_dim,
+        embedding_init=nnx.initializers.normal(1.0),  # PyTorch nn.Embedding init
+        **f32,
+      )
+    else:
+      self.label_emb = None
+
+    counter = itertools.count()
+
+    def res(in_w, out_w, resample=None):
+      return ResBlock(
+        in_w,
+        out_w,
+        emb_dim,
+        dropout=dropout,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resample=resample,
+        dropout_index=next(counter),
+        **kw,
+      )
+
+    def attn(width):
+      return AttentionBlock(width, heads_for(width), **kw)
+
+    input_blocks = [_EmbedSequential([_conv(in_channels, channels[0], 3, **kw)])]
+    skip_widths = [channels[0]]
+    ch, res_px = channels[0], image_size
+    for level, width in enumerate(channels):
+      for _ in range(num_res_blocks[level]):
+        layers = [res(ch, width)]
+        ch = width
+        if res_px in attention_resolutions:
+          layers.append(attn(ch))
+        input_blocks.append(_EmbedSequential(layers))
+        skip_widths.append(ch)
+      if level != num_levels - 1:
+        down = res(ch, ch, "down") if resblock_updown else Downsample(ch, **kw)
+        input_blocks.append(_EmbedSequential([down]))
+        skip_widths.append(ch)
+        res_px //= 2
+    self.input_blocks = nnx.List(input_blocks)
+
+    self.middle_block = _EmbedSequential([res(ch, ch), attn(ch), res(ch, ch)])
+
+    output_blocks = []
+    for level in reversed(range(num_levels)):
+      width = channels[level]
+      for i in range(num_res_blocks[level] + 1):
+        layers = [res(ch + skip_widths.pop(), width)]
+        ch = width
+        if res_px in attention_resolutions:
+          layers.append(attn(ch))
+        if level and i == num_res_blocks[level]:
+          layers.append(res(ch, ch, "up") if resblock_updown else Upsample(ch, **kw))
+          res_px *= 2
+        output_blocks.append(_EmbedSequential(layers))
+    self.output_blocks = nnx.List(output_blocks)
+    assert not skip_widths and res_px == image_size  # construction invariant
+
+    self.out_norm = _group_norm(ch, param_dtype, rngs)
+    self.out_conv = _conv(ch, out_channels, 3, zero=True, **kw)
+
+  def __call__(
+    self,
+    x: jax.Array,
+    t: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """Predicts the network output (eps / x0 / v, plus variance channels) for a noisy batch.
+
+    Args:
+      x: [B, image_size, image_size, in_channels] noisy images (any float dtype).
+      t: [B] int32 or float32 timesteps, fed as is to the sinusoidal embedding.
+      y: [B] int32 labels in [0, num_classes]; ``num_classes`` is the null label. ``None``
+        means the null label on a class-conditional model; ignored when ``num_classes == 0``.
+      dropout_rng: PRNG key; dropout is applied only when given (deterministic otherwise).
+
+    Returns:
+      [B, image_size, image_size, out_channels] float32.
+    """
+    chex.assert_shape(x, (None, self.image_size, self.image_size, self.in_channels))
+    batch = x.shape[0]
+    chex.assert_shape(t, (batch,))
+
+    emb = timestep_embedding(t, self.channels[0])
+    emb = self.time_mlp2(nnx.silu(self.time_mlp1(emb)))
+    if self.label_emb is not None:
+      if y is None:
+        y = jnp.full((batch,), self.num_classes, dtype=jnp.int32)
+      chex.assert_shape(y, (batch,))
+      emb = emb + self.label_emb(y.astype(jnp.int32))
+
+    h = x.astype(self.dtype)
+    skips = []
+    for block in self.input_blocks:
+      h = block(h, emb, dropout_rng)
+      skips.append(h)
+    h = self.middle_block(h, emb, dropout_rng)
+    for block in self.output_blocks:
+      h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb, dropout_rng)
+    h = nnx.silu(self.out_norm(h)).astype(self.dtype)
+    out = self.out_conv(h).astype(jnp.float32)
+    chex.assert_shape(out, (batch, self.image_size, self.image_size, self.out_channels))
+    return out
