@@ -88,8 +88,16 @@ class Checkpointer:
       create=True,
       enable_async_checkpointing=True,
     )
+    # Handlers named up front: a fresh process must be able to read an item's metadata (to check
+    # it against the model) before it has saved or restored anything.
     self._manager = ocp.CheckpointManager(
-      self.directory, item_names=("state", "data", "config"), options=options
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
     )
     self._sigterm = threading.Event()
     self._previous_handler = None

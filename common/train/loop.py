@@ -94,7 +94,7 @@ def make_train_step(method: Method, tx, lr_schedule, ema_decay: float):
     ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
     metrics = {
       "loss": loss,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "lr": lr_schedule(state.step),
       **aux,
     }

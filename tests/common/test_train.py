@@ -228,9 +228,10 @@ BAD_VALUES = [
   ({"data.name": "array_record", "data.data_dir": "/no/such/dir"}, "data.data_dir"),
   ({"data.resolution": 12}, "data.resolution"),
   (
-    {"model.channels": (16, 32, 64, 64), "data.resolution": 8, "model.attention_resolutions": ()},
+    {"model.channels": (16, 16, 16, 16, 16), "model.attention_resolutions": ()},
     "model",
   ),
+  ({"model.attention_resolutions": (3,)}, "model"),
   ({"diffusion.sample_steps": 51}, "diffusion.sample_steps"),
   ({"total_steps": 0}, "total_steps"),
   ({"ema_decay": 1.0}, "ema_decay"),
