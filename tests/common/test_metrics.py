@@ -282,3 +282,38 @@ def test_frechet_distance_raises_on_large_imaginary_part(monkeypatch):
   monkeypatch.setattr(fid.scipy.linalg, "sqrtm", lambda a: np.eye(a.shape[0]) * (1 + 0.5j))
   with pytest.raises(ValueError, match="imaginary component 0.5"):
     fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def _unet_forward_flops(channels, resolution):
+  """XLA's FLOP count of one U-Net forward at batch 4; attention only in the middle block."""
+  from flax import nnx
+
+  from common.models import UNet
+
+  model = nnx.eval_shape(
+    lambda: UNet(
+      image_size=resolution,
+      in_channels=1,
+      out_channels=1,
+      channels=channels,
+      num_res_blocks=1,
+      attention_resolutions=(),
+      rngs=nnx.Rngs(0),
+    )
+  )
+  graphdef, params = nnx.split(model, nnx.Param)
+  forward = lambda p, x, t: nnx.merge(graphdef, p)(x, t)
+  x = jax.ShapeDtypeStruct((4, resolution, resolution, 1), jnp.float32)
+  t = jax.ShapeDtypeStruct((4,), jnp.int32)
+  return flops.count_flops(forward, params, x, t)
+
+
+def test_count_flops_of_the_unet_is_stable_and_scales_with_width_and_resolution():
+  base = _unet_forward_flops((16, 32), 8)
+  assert base > 0
+  assert _unet_forward_flops((16, 32), 8) == base  # stable: same program, same count
+  # Conv FLOPs grow with the pixel count (4x the pixels, 4x the FLOPs); the middle block's
+  # self-attention is quadratic in the pixel count, so the whole grows a little faster.
+  assert 4.0 < _unet_forward_flops((16, 32), 16) / base < 4.8
+  # ... and with width squared: 2x the width, ~4x the FLOPs (norms and biases grow only 2x).
+  assert 3.2 < _unet_forward_flops((32, 64), 8) / base < 4.1
