@@ -26,6 +26,7 @@ from flax import nnx
 
 from common import data, models
 from common.diffusion import GaussianDiffusion, sampling
+from common.metrics import flops as flops_lib
 
 Params = Any
 
@@ -125,6 +126,46 @@ class Method:
     names = list(self.data_info.class_names or [str(i) for i in range(k)])
     return labels, names
 
+  # --- evaluation (common.eval calls these; the binary itself never changes per method) ------
+  def eval_group_names(self) -> list[str] | None:
+    """Names of the groups metrics are also reported for (classes, clients, users), or None."""
+    if not self.class_conditional:
+      return None
+    k = self.data_info.num_classes
+    return list(self.data_info.class_names or [str(i) for i in range(k)])
+
+  def eval_batches(self, params: Params, rng: jax.Array, num_samples: int, batch_size: int):
+    """Yields ``(images [b, H, W, C] in [-1, 1], labels [b] int32 | None, groups [b] | None)``.
+
+    The default draws class-balanced labels (label i = sample index mod K) for a conditional
+    model, so per-class metrics see equal counts; the group of a sample is its class.
+    """
+    for start in range(0, num_samples, batch_size):
+      b = min(batch_size, num_samples - start)
+      labels = None
+      if self.class_conditional:
+        labels = (np.arange(start, start + b) % self.data_info.num_classes).astype(np.int32)
+      images = self.sample(params, jax.random.fold_in(rng, start), b, labels)
+      yield images, labels, labels
+
+  def eval_group_reference(self, group: int, ref_labels: np.ndarray) -> np.ndarray:
+    """Indices of the reference examples a group's samples are compared with (its class)."""
+    return np.flatnonzero(ref_labels == group)
+
+  def flops_per_sample(self, params: Params) -> float:
+    """FLOPs of the whole sampling chain for one sample (every denoiser call it makes)."""
+    raise NotImplementedError
+
+  def sampling_description(self) -> dict[str, Any]:
+    """What ``metrics.json`` records about how samples were drawn."""
+    d = self.config.diffusion
+    return {
+      "sampler": d.sampler,
+      "sampling_steps": int(d.sample_steps),
+      "ddim_eta": float(d.ddim_eta),
+      "guidance_scale": float(d.guidance_scale) if self.class_conditional else 1.0,
+    }
+
   @property
   def class_conditional(self) -> bool:
     return bool(self.config.model.class_conditional) and self.data_info.num_classes > 0
@@ -214,6 +255,17 @@ class DDPM(Method):
       )
 
     return jax.jit(run, static_argnums=(3,))
+
+  def flops_per_sample(self, params):
+    # XLA's cost analysis counts a while-loop body once, so cost one denoiser call at batch 1 and
+    # multiply by the calls in the chain (twice per step under classifier-free guidance).
+    res, ch = self.data_info.resolution, self.data_info.channels
+    x = jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if self.class_conditional else None
+    per_call = flops_lib.count_flops(lambda p, x, t, y: self.apply(p, x, t, y), params, x, t, y)
+    guided = self.class_conditional and self.config.diffusion.guidance_scale != 1.0
+    return per_call * self.config.diffusion.sample_steps * (2 if guided else 1)
 
   def sample(self, params, rng, num_samples, labels=None):
     if self.class_conditional and labels is None:

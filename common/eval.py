@@ -1,0 +1,281 @@
+"""Evaluates any method's run: ``python -m common.eval --workdir=runs/ddpm``.
+
+Loads the run's resolved config and a checkpoint (EMA weights unless ``--use_ema=false``), draws
+``--num_samples`` samples through the method's own hook (``Method.eval_batches``: per-client
+sampling for collab, group-routed sampling for adaptive, ...), and writes
+
+* ``<workdir>/eval/metrics.json``: FID, KID (mean, std), precision, recall, label accuracy for
+  class-conditional runs, the same per group (class / client / user), and everything needed to
+  reproduce them (seed, sampler, steps, feature network and its sha256, reference file, checkpoint
+  step, params, FLOPs per sample over the whole chain, wall time per sample);
+* ``<workdir>/eval/samples.png``: a labelled grid (one class or group per row).
+
+The feature network is the dataset's own classifier for the embedded datasets (weights committed
+in ``common/metrics/weights``) and the FID InceptionV3 for real datasets, loaded from the local file
+given by ``--inception_weights`` (never downloaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by any training binary.")
+_USE_EMA = flags.DEFINE_bool("use_ema", True, "Evaluate the EMA weights (else the raw weights).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Samples to draw.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SAMPLER = flags.DEFINE_enum("sampler", "", ["", "ddpm", "ddim"], "Override the run's sampler.")
+_STEPS = flags.DEFINE_integer("sample_steps", 0, "Override the run's number of sampling steps.")
+_BATCH = flags.DEFINE_integer("batch_size", 250, "Samples per sampling call.")
+_FEATURE_NET = flags.DEFINE_string(
+  "feature_net", "auto", "auto | digits | shapes | inception_v3 (auto: by dataset)."
+)
+_INCEPTION = flags.DEFINE_string("inception_weights", "", "Local FID InceptionV3 .npz file.")
+_REF_SPLIT = flags.DEFINE_string("ref_split", "train", "Real split to compare against.")
+_REF_DIR = flags.DEFINE_string("ref_stats_dir", "", "Reference statistics cache directory.")
+_REF_MAX = flags.DEFINE_integer("ref_max_examples", 0, "Cap on reference images (0: all).")
+_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate (-1: the latest).")
+
+_KID_SUBSETS = 100
+_PR_K = 3
+
+
+def _fmt_eta(seconds: float) -> str:
+  m, s = divmod(int(max(seconds, 0)), 60)
+  return f"{m}m{s:02d}s"
+
+
+def load_params(workdir: str, *, use_ema: bool = True, step: int = -1):
+  """Restores a run's method and parameters on one device.
+
+  Returns:
+    (config, method, params, checkpoint step).
+  """
+  import jax
+
+  from common import checkpoint
+  from common.train import loop
+
+  config = loop.load_config(workdir)
+  # Evaluation runs on one device whatever mesh the run trained on.
+  config.mesh.data, config.mesh.fsdp, config.mesh.model = 1, 1, 1
+  devices = jax.devices()[:1]
+  mesh, method = loop.setup(config, devices=devices)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    step = ckpt.latest_step() if step < 0 else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint to evaluate")
+    if step not in ckpt.all_steps():
+      raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints: {ckpt.all_steps()}")
+    fns = loop.build(config, method, mesh)
+    state = ckpt.restore(step, fns["abstract_state"])
+  finally:
+    ckpt.close()
+  return config, method, (state.ema_params if use_ema else state.params), step
+
+
+def _metrics(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+  from common.metrics import fid, kid
+  from common.metrics import precision_recall as pr
+
+  mu_r, sigma_r = fid.compute_statistics(real)
+  mu_f, sigma_f = fid.compute_statistics(fake)
+  subset = min(1000, len(real), len(fake))
+  kid_mean, kid_std = kid.kernel_inception_distance(
+    real, fake, num_subsets=_KID_SUBSETS, subset_size=subset, seed=seed
+  )
+  precision, recall = pr.precision_recall(real, fake, k=_PR_K)
+  return {
+    "fid": float(fid.frechet_distance(mu_r, sigma_r, mu_f, sigma_f)),
+    "kid_mean": float(kid_mean),
+    "kid_std": float(kid_std),
+    "precision": float(precision),
+    "recall": float(recall),
+  }
+
+
+def evaluate(
+  workdir: str,
+  *,
+  use_ema: bool = True,
+  num_samples: int = 1000,
+  seed: int = 0,
+  sampler: str = "",
+  sample_steps: int = 0,
+  batch_size: int = 250,
+  feature_net: str = "auto",
+  inception_weights: str = "",
+  ref_split: str = "train",
+  ref_stats_dir: str = "",
+  ref_max_examples: int = 0,
+  step: int = -1,
+) -> dict[str, Any]:
+  """Runs the evaluation described in the module docstring; returns what it writes."""
+  import jax
+
+  from common.metrics import flops as flops_lib
+  from common.metrics import reference
+
+  if num_samples < 2:
+    raise ValueError(f"num_samples={num_samples}: need at least 2 samples for FID")
+  config, method, params, ckpt_step = load_params(workdir, use_ema=use_ema, step=step)
+  if sampler or sample_steps:
+    if sampler:
+      config.diffusion.sampler = sampler
+    if sample_steps:
+      config.diffusion.sample_steps = sample_steps
+    from common.train.method import load_method
+
+    method = load_method(config, method.data_info)
+  info = method.data_info
+
+  net_name = reference.resolve_name(feature_net, config.data.name)
+  net = reference.load_feature_network(net_name, inception_weights=inception_weights)
+  ref_feats, ref_labels, ref_path = reference.reference_features(
+    config.data,
+    ref_split,
+    net,
+    cache_dir=ref_stats_dir or None,
+    max_examples=ref_max_examples or None,
+  )
+
+  # --- Sampling, with progress; the warm-up call compiles so the timing is steady state. ------
+  rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2024)
+  first = min(batch_size, num_samples)
+  next(iter(method.eval_batches(params, rng, first, batch_size)))
+  samples, labels, groups = [], [], []
+  t0 = time.perf_counter()
+  for images, lab, grp in method.eval_batches(params, rng, num_samples, batch_size):
+    samples.append(np.asarray(images, np.float32))
+    labels.append(lab)
+    groups.append(grp)
+    done = sum(len(s) for s in samples)
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    logging.info(
+      "sampled %d/%d | %.1f samples/s | ETA %s", done, num_samples, rate,
+      _fmt_eta((num_samples - done) / rate),
+    )  # fmt: skip
+  wall_per_sample = (time.perf_counter() - t0) / num_samples
+  samples = np.concatenate(samples)
+  labels = None if labels[0] is None else np.concatenate(labels)
+  groups = None if groups[0] is None else np.concatenate(groups)
+
+  # --- Metrics: totals, label accuracy, per group. ----------------------------------------------
+  fake_feats = net.features(samples)
+  result: dict[str, Any] = _metrics(ref_feats, fake_feats, seed)
+  use_label_acc = (
+    labels is not None and net.logits is not None and net.num_classes == info.num_classes
+  )
+  predicted = np.argmax(net.logits(samples), axis=-1) if use_label_acc else None
+  if use_label_acc:
+    result["label_accuracy"] = float(np.mean(predicted == labels))
+  per_group = []
+  names = method.eval_group_names()
+  if groups is not None and names is not None:
+    for g, name in enumerate(names):
+      mask = groups == g
+      ref_idx = method.eval_group_reference(g, ref_labels)
+      entry: dict[str, Any] = {"group": name, "num_samples": int(mask.sum())}
+      if mask.sum() >= 2 and len(ref_idx) >= _PR_K + 2 and mask.sum() >= _PR_K + 2:
+        entry.update(_metrics(ref_feats[ref_idx], fake_feats[mask], seed))
+      if use_label_acc and mask.any():
+        entry["label_accuracy"] = float(np.mean(predicted[mask] == labels[mask]))
+      per_group.append(entry)
+
+  result.update(
+    {
+      "method": config.method,
+      "workdir": os.path.abspath(workdir),
+      "dataset": config.data.name,
+      "resolution": int(info.resolution),
+      "checkpoint_step": int(ckpt_step),
+      "use_ema": bool(use_ema),
+      "num_samples": int(num_samples),
+      "seed": int(seed),
+      **method.sampling_description(),
+      "feature_net": net.name,
+      "feature_net_sha256": net.sha256,
+      "feature_net_weights": net.weights_path,
+      "reference_statistics": ref_path,
+      "reference_split": ref_split,
+      "reference_count": int(len(ref_feats)),
+      "kid_subsets": _KID_SUBSETS,
+      "pr_k": _PR_K,
+      "params": int(flops_lib.count_params(params)),
+      "flops_per_sample": float(method.flops_per_sample(params)),
+      "wall_time_per_sample_s": float(wall_per_sample),
+      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+      "groups": per_group,
+    }
+  )
+
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2, sort_keys=True)
+  _save_grid(os.path.join(out_dir, "samples.png"), samples, groups, names)
+  logging.info(
+    "FID %.3f | KID %.4f +- %.4f | precision %.3f | recall %.3f -> %s",
+    result["fid"], result["kid_mean"], result["kid_std"], result["precision"], result["recall"],
+    os.path.join(out_dir, "metrics.json"),
+  )  # fmt: skip
+  return result
+
+
+def _save_grid(path, samples, groups, names, per_row: int = 10) -> None:
+  from common import images as images_lib
+
+  if groups is None or names is None:
+    n = min(len(samples), 100)
+    images_lib.save_grid(path, samples[:n])
+    return
+  rows, row_names = [], []
+  for g, name in enumerate(names):
+    idx = np.flatnonzero(groups == g)[:per_row]
+    if len(idx) == 0:
+      continue
+    row = samples[idx]
+    if len(idx) < per_row:  # pad short rows with blank (white) cells to keep the grid aligned
+      row = np.concatenate([row, np.ones((per_row - len(idx), *samples.shape[1:]), np.float32)])
+    rows.append(row)
+    row_names.append(str(name))
+  images_lib.save_grid(path, np.concatenate(rows), ncols=per_row, row_labels=row_names)
+
+
+def main(argv):
+  del argv
+  from common.train import logger
+  from common.train.validate import ConfigError
+
+  logger.quiet_library_logs()
+  try:
+    evaluate(
+      _WORKDIR.value,
+      use_ema=_USE_EMA.value,
+      num_samples=_NUM_SAMPLES.value,
+      seed=_SEED.value,
+      sampler=_SAMPLER.value,
+      sample_steps=_STEPS.value,
+      batch_size=_BATCH.value,
+      feature_net=_FEATURE_NET.value,
+      inception_weights=_INCEPTION.value,
+      ref_split=_REF_SPLIT.value,
+      ref_stats_dir=_REF_DIR.value,
+      ref_max_examples=_REF_MAX.value,
+      step=_STEP.value,
+    )
+  except (ConfigError, ValueError, FileNotFoundError) as e:
+    print(f"error: {e}".splitlines()[0], file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
