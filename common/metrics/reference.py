@@ -120,6 +120,8 @@ def reference_features(
 
   cache_dir = cache_dir or default_cache_dir()
   path = reference_path(cache_dir, data_config.name, split, int(data_config.resolution), net)
+  if data_config.get("num_examples"):  # a generated dataset's size changes its statistics
+    path = path.replace(".npz", f"_gen{int(data_config.num_examples)}.npz")
   if max_examples:
     path = path.replace(".npz", f"_n{max_examples}.npz")
   if os.path.exists(path):

@@ -111,3 +111,22 @@ def test_compare_writes_table_csv_and_pareto(runs, tmp_path):
   # A workdir that was never evaluated is named, with the command that fixes it.
   with pytest.raises(FileNotFoundError, match="common.eval"):
     compare.load_runs([str(tmp_path / "never_evaluated")])
+
+
+def test_conditional_run_reports_per_class_groups_and_label_accuracy(tmp_path):
+  config = tiny_config(**{
+    "mesh.data": 1, "total_steps": 2, "data.name": "shapes", "data.num_examples": 64,
+    "model.class_conditional": True, "diffusion.cond_drop_prob": 0.1,
+    "diffusion.guidance_scale": 2.0,
+  })  # fmt: skip
+  workdir = str(tmp_path / "shapes")
+  loop.train(config, workdir, devices=jax.devices()[:1])
+  result = _evaluate(workdir, str(tmp_path / "ref"), num_samples=60, batch_size=30, sample_steps=4)
+  assert result["feature_net"] == "shapes"
+  assert [g["group"] for g in result["groups"]] == list(data_lib.get_info(config.data).class_names)
+  assert all(g["num_samples"] == 10 for g in result["groups"])
+  assert all(0.0 <= g["label_accuracy"] <= 1.0 for g in result["groups"])
+  assert 0.0 <= result["label_accuracy"] <= 1.0
+  assert np.isfinite(result["groups"][0]["fid"])
+  # Guidance doubles the denoiser calls per step.
+  assert result["guidance_scale"] == 2.0
