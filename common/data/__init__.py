@@ -5,6 +5,7 @@ int32 [4] for 'shapes'). ``common.data.prepare`` (a binary, not imported here so
 this package defines no absl flags) converts image folders / .npz files to ArrayRecord.
 """
 
+from common.data.multi import StackedIterator
 from common.data.partition import SCHEMES, partition_indices
 from common.data.pipeline import (
   NAMES,
@@ -21,6 +22,7 @@ from common.data.pipeline import (
 __all__ = [
   "NAMES",
   "SCHEMES",
+  "StackedIterator",
   "DatasetInfo",
   "get_info",
   "load_attributes",

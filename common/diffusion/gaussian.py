@@ -137,6 +137,9 @@ class GaussianDiffusion:
   vlb_weight: float = struct.field(pytree_node=False)
   min_snr_gamma: float = struct.field(pytree_node=False)
   fixed_variance: str = struct.field(pytree_node=False)
+  # > 0: this chain is the tail of `schedule` over (num_timesteps + skip) steps after its first
+  # `skip` steps, i.e. its "data" is the level-`skip` latent of that chain (see `rebased`).
+  skip: int = struct.field(pytree_node=False, default=0)
 
   @classmethod
   def create(
@@ -150,6 +153,7 @@ class GaussianDiffusion:
     vlb_weight: float = 0.001,
     min_snr_gamma: float = 0.0,
     fixed_variance: str = "small",
+    skip: int = 0,
   ) -> GaussianDiffusion:
     """Builds the tables for a named schedule.
 
@@ -166,6 +170,8 @@ class GaussianDiffusion:
       min_snr_gamma: > 0 enables min-SNR-gamma weighting of the MSE (Hang et al. 2023).
       fixed_variance: reverse variance when not learned: "small" (posterior variance
         beta-tilde) | "large" (beta, IDDPM's FIXED_LARGE).
+      skip: build the chain of the last ``num_timesteps`` betas of a ``num_timesteps + skip``
+        schedule (what ``rebased`` returns); 0 for an ordinary chain.
 
     Returns:
       A GaussianDiffusion.
@@ -192,7 +198,9 @@ class GaussianDiffusion:
         f"vlb_weight and min_snr_gamma must be >= 0, got {vlb_weight!r}, {min_snr_gamma!r}"
       )
 
-    betas = schedules.get_betas(schedule, num_timesteps)
+    if skip < 0:
+      raise ValueError(f"skip must be >= 0, got {skip}")
+    betas = schedules.get_betas(schedule, num_timesteps + skip)[skip:]
     ac = schedules.alphas_cumprod(betas)
     ac_prev = np.concatenate([[1.0], ac[:-1]])
     post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
@@ -228,6 +236,29 @@ class GaussianDiffusion:
       vlb_weight=float(vlb_weight),
       min_snr_gamma=float(min_snr_gamma),
       fixed_variance=fixed_variance,
+      skip=int(skip),
+    )
+
+  def rebased(self, level: int) -> GaussianDiffusion:
+    """The chain whose data is this chain's level-``level`` latent: levels ``level..T`` as ``0..T-level``.
+
+    Its alpha-bar at level j is ``abar(level + j) / abar(level)`` (same betas), so noising a
+    level-``level`` latent with it gives exactly this chain's marginal at ``level + j``; its model
+    timestep t' corresponds to this chain's ``t' + level``. Used where a latent, not data, is what
+    a network has to reconstruct (CollaFuse's server, which only ever sees cut images).
+    """
+    if not 0 <= level < self.num_timesteps:
+      raise ValueError(f"rebased: level must be in [0, {self.num_timesteps}), got {level}")
+    return GaussianDiffusion.create(
+      self.schedule,
+      self.num_timesteps - level,
+      parameterization=self.parameterization,
+      learn_sigma=self.learn_sigma,
+      loss=self.loss,
+      vlb_weight=self.vlb_weight,
+      min_snr_gamma=self.min_snr_gamma,
+      fixed_variance=self.fixed_variance,
+      skip=self.skip + level,
     )
 
   # ---------------------------------------------------------------------------------------------
@@ -235,7 +266,8 @@ class GaussianDiffusion:
 
   def np_alpha_bar_levels(self) -> np.ndarray:
     """abar by level, [T + 1] float64 numpy (host side; for building per-step tables)."""
-    return schedules.alpha_bar_levels(schedules.get_betas(self.schedule, self.num_timesteps))
+    betas = schedules.get_betas(self.schedule, self.num_timesteps + self.skip)[self.skip :]
+    return schedules.alpha_bar_levels(betas)
 
   def output_channels(self, channels: int) -> int:
     """Channels the denoiser must output for data with ``channels`` channels (2C if learn_sigma)."""

@@ -13,7 +13,6 @@ import math
 import os
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,25 +24,11 @@ from common import checkpoint, images, parallel
 from common.train import validate as validate_lib
 from common.train.logger import MetricLogger
 from common.train.method import Method, load_method
+from common.train.state import TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything a resumed run needs besides the data iterator.
-
-  ``step`` [] int32 counts the updates applied; ``rng`` [2] uint32 is the run's base key (each
-  step folds in its step number, so randomness does not depend on where a run was resumed).
-  """
-
-  step: jax.Array
-  params: Any
-  ema_params: Any
-  opt_state: Any
-  rng: jax.Array
 
 
 def setup(config: ml_collections.ConfigDict, *, devices: list | None = None):
@@ -72,38 +57,11 @@ def make_init_fn(method: Method, tx: optax.GradientTransformation, seed: int):
       step=jnp.zeros((), jnp.int32),
       params=params,
       ema_params=jax.tree.map(jnp.copy, params),
-      opt_state=tx.init(params),
+      opt_state=method.init_opt_state(tx, params),
       rng=jax.random.fold_in(rng, 1),
     )
 
   return init
-
-
-def make_train_step(method: Method, tx, lr_schedule, ema_decay: float):
-  """(state, batch) -> (state, metrics): one update of every parameter the method owns."""
-
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_of(params):
-      return method.loss_fn(params, batch, rng, state.step)
-
-    (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree.map(lambda e, p: e + (1.0 - ema_decay) * (p - e), state.ema_params, params)
-    metrics = {
-      "loss": loss,
-      "grad_norm": optax.tree.norm(grads),
-      "lr": lr_schedule(state.step),
-      **aux,
-    }
-    new_state = state.replace(
-      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state
-    )
-    return new_state, metrics
-
-  return train_step
 
 
 def build(config, method: Method, mesh):
@@ -123,7 +81,7 @@ def build(config, method: Method, mesh):
   )
   init = jax.jit(init_fn, out_shardings=state_sh)
   step = jax.jit(
-    make_train_step(method, tx, lr_schedule, config.ema_decay),
+    method.make_train_step(tx, lr_schedule, config.ema_decay),
     in_shardings=(state_sh, batch_sh),
     out_shardings=(state_sh, parallel.replicated(mesh)),
     donate_argnums=(0,),
@@ -147,15 +105,10 @@ def _check_finite(host_metrics: list[tuple[int, dict]], last_good: int | None) -
 
 
 def save_samples(method: Method, params, config, path: str, seed_offset: int) -> str:
-  """Draws a labelled sample grid with ``params`` (EMA by convention) and writes it to ``path``."""
-  n = config.num_sample_images
-  labels, row_names = method.grid_labels(n)
+  """Draws the method's sample grid with ``params`` (EMA by convention) and writes it to ``path``."""
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000 + seed_offset)
-  samples = method.sample(params, rng, n, labels)
-  if labels is not None:
-    ncols = int(np.ceil(n / method.data_info.num_classes))
-    return images.save_grid(path, samples, ncols=ncols, row_labels=row_names)
-  return images.save_grid(path, samples)
+  samples, ncols, row_names = method.sample_grid(params, rng, config.num_sample_images)
+  return images.save_grid(path, samples, ncols=ncols, row_labels=row_names)
 
 
 def train(

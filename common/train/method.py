@@ -96,6 +96,21 @@ class Method:
   def make_optimizer(self) -> tuple[optax.GradientTransformation, Any]:
     return make_optimizer(self.config.optimizer)
 
+  def init_opt_state(self, tx: optax.GradientTransformation, params: Params) -> Any:
+    """The optimizer state for ``params`` (a method with several networks may split it)."""
+    return tx.init(params)
+
+  def make_train_step(self, tx: optax.GradientTransformation, lr_schedule, ema_decay: float):
+    """``(TrainState, batch) -> (TrainState, metrics)``: one step of the method.
+
+    The default takes one gradient step on ``loss_fn`` over all parameters; a method whose
+    networks update at different rates (CollaFuse's server takes one update per client) builds
+    its own from the same pieces (``common.train.state``).
+    """
+    from common.train import state
+
+    return state.default_train_step(self, tx, lr_schedule, ema_decay)
+
   def loss_fn(
     self, params: Params, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -115,6 +130,14 @@ class Method:
   ) -> np.ndarray:
     """``num_samples`` images [N, H, W, C] float32 in [-1, 1] with the configured sampler."""
     raise NotImplementedError
+
+  def sample_grid(self, params: Params, rng: jax.Array, num_samples: int):
+    """Samples for the training-time grid: (images [N, H, W, C], columns or None, row names or None)."""
+    labels, row_names = self.grid_labels(num_samples)
+    samples = self.sample(params, rng, num_samples, labels)
+    if labels is None:
+      return samples, None, None
+    return samples, int(np.ceil(num_samples / self.data_info.num_classes)), row_names
 
   def grid_labels(self, num_samples: int) -> tuple[np.ndarray | None, list[str] | None]:
     """Labels to sample a grid with (one class per row) and the row captions, or (None, None)."""

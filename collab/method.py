@@ -1,0 +1,404 @@
+"""CollaFuse wired into the shared loop: K private clients (one stacked, vmapped parameter tree)
+and one shared server, trained split at the cut level ``t_cut`` and sampled server-then-client.
+
+One training step follows the official code (spec §2.1): every client takes one Adam step on its
+own batch (all K at once, ``vmap``), computes its cut images from the same noise draw and
+``transmit``s them; the server then takes one Adam step per client message, in client order
+(``lax.scan``), so it gets K updates per step. Nothing flows back.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from collab import client, protocol, server
+from common import data
+from common.diffusion import sampling
+from common.metrics import flops as flops_lib
+from common.train import state as state_lib
+from common.train.method import DDPM
+from common.train.validate import ConfigError
+
+OFFSETS = ("none", "code")
+CLIENT_LOOPS = ("vmap", "unroll")
+PARTITIONS = ("iid", "by_class", "dirichlet", "by_attribute")
+
+
+def validate(config, data_info) -> None:
+  """CollaFuse's own fields; raises ``ConfigError`` naming the field."""
+  big_t = config.diffusion.num_timesteps
+  k = config.num_clients
+  if not isinstance(k, int) or k < 1:
+    raise ConfigError("num_clients", k, "must be an integer >= 1")
+  if not isinstance(config.cut_point, int) or not 0 <= config.cut_point <= big_t:
+    raise ConfigError(
+      "cut_point", config.cut_point, f"must be an integer in [0, {big_t}] (diffusion.num_timesteps)"
+    )
+  if config.server_noising not in server.NOISINGS:
+    raise ConfigError(
+      "server_noising", config.server_noising, "allowed: " + ", ".join(server.NOISINGS)
+    )
+  if config.client_start_offset not in OFFSETS:
+    raise ConfigError(
+      "client_start_offset", config.client_start_offset, "allowed: " + ", ".join(OFFSETS)
+    )
+  if config.client_loop not in CLIENT_LOOPS:
+    raise ConfigError("client_loop", config.client_loop, "allowed: " + ", ".join(CLIENT_LOOPS))
+  if config.partition not in PARTITIONS:
+    raise ConfigError("partition", config.partition, "allowed: " + ", ".join(PARTITIONS))
+  if config.diffusion.loss != "simple":
+    raise ConfigError(
+      "diffusion.loss",
+      config.diffusion.loss,
+      "CollaFuse trains with the simple loss (the server's data, x_cut, is not 8-bit)",
+    )
+  n_groups = data_info.num_classes
+  if config.partition == "by_attribute":
+    names = list(data_info.attribute_names)
+    if config.partition_attribute not in names:
+      raise ConfigError(
+        "partition_attribute",
+        config.partition_attribute,
+        "allowed: " + ", ".join(names)
+        if names
+        else f"data.name={config.data.name!r} has no attributes",
+      )
+    n_groups = data_info.num_attribute_values[names.index(config.partition_attribute)]
+  if config.partition in ("by_class", "by_attribute") and k > n_groups:
+    raise ConfigError(
+      "num_clients",
+      k,
+      f"a {config.partition} split needs at most one client per class ({n_groups} here)",
+    )
+
+
+class CollaFuse(DDPM):
+  """The CollaFuse method; ``params = {'server': tree, 'clients': tree with a leading K axis}``."""
+
+  name = "collab"
+
+  def __init__(self, config, data_info):
+    super().__init__(config, data_info)
+    validate(config, data_info)
+    self.num_clients = int(config.num_clients)
+    self.t_cut = int(config.cut_point)
+    self.noising = config.server_noising
+    self._splits: dict[str, list[np.ndarray]] = {}
+    try:
+      train_parts = self.client_indices("train")
+    except ValueError as e:
+      raise ConfigError("partition", config.partition, str(e).splitlines()[0]) from None
+    for k, idx in enumerate(train_parts):
+      if len(idx) < 1:
+        raise ConfigError("num_clients", self.num_clients, f"client {k} has no training data")
+
+  # --- data: each client's private partition --------------------------------------------------
+  def _partition_labels(self, split: str) -> np.ndarray:
+    if self.config.partition == "by_attribute":
+      names = list(self.data_info.attribute_names)
+      column = names.index(self.config.partition_attribute)
+      return data.load_attributes(self.config.data, split)[:, column]
+    return data.load_labels(self.config.data, split)
+
+  def client_indices(self, split: str) -> list[np.ndarray]:
+    """Each client's example indices in ``split`` ('train': private data, 'test': held-out).
+
+    Class / attribute splits give a client the same classes in both splits; iid and Dirichlet
+    splits partition each split with the run's seed.
+    """
+    if split not in self._splits:
+      labels = self._partition_labels(split)
+      scheme = "by_class" if self.config.partition == "by_attribute" else self.config.partition
+      self._splits[split] = data.partition_indices(
+        labels,
+        self.num_clients,
+        scheme,
+        self.config.seed + (0 if split == "train" else 1),
+        classes_per_client=self.config.classes_per_client,
+        alpha=self.config.dirichlet_alpha,
+      )
+    return self._splits[split]
+
+  def train_iterator(self, *, process_index: int, process_count: int):
+    if process_count != 1:
+      raise NotImplementedError(
+        "collab: multi-process input (client-major global batches) is not built yet"
+      )
+    return data.StackedIterator(
+      [
+        data.make_train_iterator(
+          self.config.data,
+          global_batch_size=self.config.batch_size,
+          seed=self.config.seed * 1009 + k,
+          indices=idx,
+        )
+        for k, idx in enumerate(self.client_indices("train"))
+      ]
+    )
+
+  # --- networks and optimizer: the clients are one stacked tree ---------------------------------
+  def init_params(self, rng):
+    one = functools.partial(DDPM.init_params, self)
+    keys = jax.random.split(jax.random.fold_in(rng, 1), self.num_clients)
+    return {"server": one(jax.random.fold_in(rng, 0)), "clients": jax.vmap(one)(keys)}
+
+  def init_opt_state(self, tx, params):
+    return {"server": tx.init(params["server"]), "clients": jax.vmap(tx.init)(params["clients"])}
+
+  def _labels_for_net(self, labels, rng):
+    """CFG label dropout on each side independently (None for an unconditional model)."""
+    if not self.class_conditional or labels is None:
+      return None
+    return self.conditioning({"label": labels}, rng)
+
+  def make_train_step(self, tx, lr_schedule, ema_decay):
+    k_clients, t_cut, noising = self.num_clients, self.t_cut, self.noising
+    share = bool(self.config.share_labels) and self.class_conditional
+    client_loop = self.config.client_loop
+
+    def client_objective(p_k, x0_k, y_k, rng_k):
+      r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
+      apply = functools.partial(self.apply, p_k, dropout_rng=r_drop)
+      y = self._labels_for_net(y_k, r_y)
+      return client.loss(self.diffusion, lambda x, t, yy: apply(x, t, yy), x0_k, y, r_loss, t_cut)
+
+    def server_objective(p_s, message, k, rng_k):
+      r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
+      apply = functools.partial(self.apply, p_s, dropout_rng=r_drop)
+      wrapped = protocol.ClientMessage(
+        x_cut=message.x_cut,
+        labels=None if message.labels is None else self._labels_for_net(message.labels, r_y),
+      )
+      return server.train_message_loss(
+        self.diffusion,
+        lambda x, t, y: apply(x, t, y),
+        wrapped,
+        k,
+        r_loss,
+        t_cut=t_cut,
+        noising=noising,
+      )
+
+    def train_step(state, batch):
+      rng = jax.random.fold_in(state.rng, state.step)
+      rng_c, rng_s = jax.random.split(rng)
+      x0 = batch["image"].reshape(k_clients, -1, *batch["image"].shape[1:])
+      labels = batch["label"].reshape(k_clients, -1)
+      params, opt = state.params, state.opt_state
+
+      # Clients: K independent steps at once.
+      grad_fn = jax.value_and_grad(client_objective, has_aux=True)
+      client_args = (params["clients"], x0, labels, jax.random.split(rng_c, k_clients))
+      if client_loop == "vmap":
+        (c_loss, x_cut), c_grads = jax.vmap(grad_fn)(*client_args)
+      else:
+        # XLA:CPU runs the weight-gradient convs of a vmapped (grouped) or looped (while-body)
+        # client step ~40x slower than plain ones (6 s vs 0.15 s a step on digits), so on a CPU
+        # the K client steps are unrolled into straight-line code over the same stacked tree.
+        outs = [grad_fn(*jax.tree.map(lambda a, k=k: a[k], client_args)) for k in range(k_clients)]
+        (c_loss, x_cut), c_grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      c_updates, c_opt = jax.vmap(tx.update)(c_grads, opt["clients"], params["clients"])
+      clients = optax.apply_updates(params["clients"], c_updates)
+
+      # The uplink: cut images (and labels if shared). Nothing else reaches the server.
+      message = protocol.transmit(jax.lax.stop_gradient(x_cut), labels, share_labels=share)
+
+      # Server: one update per client message, in client order, as the official loop does.
+      def server_update(carry, k):
+        p_s, o_s = carry
+        s_loss, g = jax.value_and_grad(server_objective)(
+          p_s, message, k, jax.random.fold_in(rng_s, k)
+        )
+        u, o_s = tx.update(g, o_s, p_s)
+        return (optax.apply_updates(p_s, u), o_s), (s_loss, optax.tree.norm(g))
+
+      carry = (params["server"], opt["server"])
+      if client_loop == "vmap":
+        (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
+          server_update, carry, jnp.arange(k_clients)
+        )
+      else:  # unrolled for XLA:CPU, as the clients above
+        per_client = []
+        for k in range(k_clients):
+          carry, out = server_update(carry, k)
+          per_client.append(out)
+        (server_p, server_o) = carry
+        s_loss, s_gnorm = (jnp.stack(xs) for xs in zip(*per_client, strict=True))
+      new_params = {"server": server_p, "clients": clients}
+      metrics = {
+        # The official code logs 0.5 * client + 0.5 * server; it is not an objective.
+        "loss": 0.5 * jnp.mean(c_loss) + 0.5 * jnp.mean(s_loss),
+        "client_loss": jnp.mean(c_loss),
+        "client_loss_max": jnp.max(c_loss),
+        "server_loss": jnp.mean(s_loss),
+        "grad_norm": optax.tree.norm(c_grads),
+        "server_grad_norm": jnp.mean(s_gnorm),
+        "lr": lr_schedule(state.step),
+      }
+      new_state = state.replace(
+        step=state.step + 1,
+        params=new_params,
+        ema_params=state_lib.ema_update(state.ema_params, new_params, ema_decay),
+        opt_state={"server": server_o, "clients": c_opt},
+      )
+      return new_state, metrics
+
+    return train_step
+
+  # --- sampling: server to t_cut, hand-off, client to 0 --------------------------------------
+  def steps_split(self) -> tuple[int, int]:
+    """(server steps, client steps) of the configured sampling budget, proportional to the split."""
+    big_t, total = self.diffusion.num_timesteps, self.config.diffusion.sample_steps
+    if self.t_cut == 0:
+      return min(total, big_t), 0
+    if self.t_cut == big_t:
+      return 0, min(total, big_t)
+    s = min(max(1, round(total * (big_t - self.t_cut) / big_t)), big_t - self.t_cut)
+    return s, min(max(1, total - s), self.client_start_level())
+
+  def client_start_level(self) -> int:
+    """The level the client starts from: t_cut, or the official code's offset t_cut + t_cut(1-c)."""
+    big_t = self.diffusion.num_timesteps
+    if self.config.client_start_offset == "code" and 0 < self.t_cut < big_t:
+      return min(big_t, self.t_cut + round(self.t_cut * (1 - self.t_cut / big_t)))
+    return self.t_cut
+
+  def _sampler_kwargs(self, labels):
+    d = self.config.diffusion
+    guided = labels is not None and self.class_conditional
+    return dict(
+      sampler=d.sampler,
+      eta=d.ddim_eta,
+      guidance_scale=d.guidance_scale if guided else 1.0,
+      null_label=self.data_info.num_classes if self.class_conditional else None,
+    )
+
+  def server_handoff(self, server_params, rng, shape, labels=None, num_steps=None):
+    """The server's half: pure noise -> x_cut at level t_cut, for a batch of requests."""
+    s_steps, _ = self.steps_split()
+    return server.sample(
+      self.diffusion,
+      lambda x, t, y: self.apply(server_params, x, t, y),
+      shape,
+      rng,
+      t_cut=self.t_cut,
+      noising=self.noising,
+      num_steps=num_steps or max(s_steps, 1),
+      labels=labels if self.config.share_labels else None,
+      **self._sampler_kwargs(labels if self.config.share_labels else None),
+    )
+
+  def client_finish(self, client_params, x_handoff, rng, labels=None, num_steps=None):
+    """The client's half: the hand-off latent -> x_0 with its own network."""
+    start = self.client_start_level()
+    _, c_steps = self.steps_split()
+    if start == 0:
+      return jnp.clip(x_handoff, -1.0, 1.0)
+    steps = min(num_steps or max(c_steps, 1), start)
+    levels = sampling.make_levels(self.diffusion.num_timesteps, steps, start, 0)
+    segment = sampling.Segment(lambda x, t, y: self.apply(client_params, x, t, y), start, 0)
+    return sampling.sample_segment(
+      self.diffusion,
+      segment,
+      x_handoff,
+      # Same stream as the server's global-chain steps (their levels are disjoint), so with one
+      # shared network on both sides the split chain is exactly the unsplit one.
+      rng,
+      levels=levels,
+      y=labels,
+      clip_denoised=True,
+      **{k: v for k, v in self._sampler_kwargs(labels).items() if k != "sampler"},
+      sampler=self.config.diffusion.sampler,
+    )
+
+  @functools.cached_property
+  def _client_sample_jit(self):
+    res, ch = self.data_info.resolution, self.data_info.channels
+
+    def run(params, k, rng, labels, n):
+      client_params = jax.tree.map(lambda a: a[k], params["clients"])
+      x_cut = self.server_handoff(params["server"], rng, (n, res, res, ch), labels)
+      return self.client_finish(client_params, x_cut, rng, labels)
+
+    return jax.jit(run, static_argnums=(4,))
+
+  def client_labels(self, k: int, n: int, seed: int) -> np.ndarray | None:
+    """Conditions client k asks for: drawn from its own training labels (None if unconditional)."""
+    if not self.class_conditional:
+      return None
+    own = data.load_labels(self.config.data, "train")[self.client_indices("train")[k]]
+    return np.random.default_rng([seed, k]).choice(own, size=n).astype(np.int32)
+
+  def sample_client(self, params, k, rng, n, labels=None):
+    """``n`` CollaFuse samples for client ``k`` [n, H, W, C] float32 in [-1, 1]."""
+    y = None if labels is None else jnp.asarray(labels, jnp.int32)
+    return np.asarray(self._client_sample_jit(params, jnp.int32(k), rng, y, n))
+
+  def sample(self, params, rng, num_samples, labels=None):
+    """Samples spread over the clients in order (client k gets the k-th block)."""
+    per = int(np.ceil(num_samples / self.num_clients))
+    out = []
+    for k in range(self.num_clients):
+      y = self.client_labels(k, per, int(self.config.seed)) if labels is None else None
+      out.append(self.sample_client(params, k, jax.random.fold_in(rng, k), per, y))
+    return np.concatenate(out)[:num_samples]
+
+  def sample_grid(self, params, rng, num_samples):
+    per = max(1, num_samples // self.num_clients)
+    images = self.sample(params, rng, per * self.num_clients)
+    return images, per, [f"client {k}" for k in range(self.num_clients)]
+
+  # --- evaluation: per client, against its own held-out data ------------------------------------
+  def eval_group_names(self):
+    return [f"client{k}" for k in range(self.num_clients)]
+
+  def eval_batches(self, params, rng, num_samples, batch_size):
+    per_client = [len(a) for a in np.array_split(np.arange(num_samples), self.num_clients)]
+    for k, n_k in enumerate(per_client):
+      for start in range(0, n_k, batch_size):
+        b = min(batch_size, n_k - start)
+        labels = self.client_labels(k, n_k, int(self.config.seed) + 17)
+        labels = None if labels is None else labels[start : start + b]
+        images = self.sample_client(
+          params, k, jax.random.fold_in(rng, k * 1_000_003 + start), b, labels
+        )
+        yield images, labels, np.full((b,), k, np.int32)
+
+  def eval_group_reference(self, group, ref_labels):
+    # The reference split's partition for this client: its own held-out data when the eval
+    # compares against 'test', its private training data for 'train'.
+    split = (
+      "test" if len(ref_labels) == len(data.load_labels(self.config.data, "test")) else "train"
+    )
+    return self.client_indices(split)[group]
+
+  def flops_per_sample(self, params):
+    res, ch = self.data_info.resolution, self.data_info.channels
+    one = jax.tree.map(lambda a: a[0], params["clients"])
+    x = jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.int32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32) if self.class_conditional else None
+    per_call = flops_lib.count_flops(lambda p, x, t, y: self.apply(p, x, t, y), one, x, t, y)
+    guided = self.class_conditional and self.config.diffusion.guidance_scale != 1.0
+    s_steps, c_steps = self.steps_split()
+    return per_call * (s_steps + c_steps) * (2 if guided else 1)
+
+  def sampling_description(self) -> dict[str, Any]:
+    s_steps, c_steps = self.steps_split()
+    return {
+      **super().sampling_description(),
+      "server_steps": s_steps,
+      "client_steps": c_steps,
+      "cut_point": self.t_cut,
+      "server_noising": self.noising,
+      "client_start_level": self.client_start_level(),
+    }
+
+
+METHOD = CollaFuse

@@ -1,0 +1,122 @@
+"""The server's side: trained only on cut images, and the noisy half of every sample.
+
+The server owns levels t_cut+1..T (model timesteps t in [t_cut, T)). Two formulations
+(``config.server_noising``):
+
+* ``ratio`` (default, spec §2.3): the server treats ``x_cut`` as its data and noises it with the
+  *rebased* chain, abar'(k) = abar(k) / abar(t_cut), which gives exactly the global marginal
+  q(x_k | x_0) because x_cut ~ q(x_cut | x_0) and the chain is Markov. It samples down that chain
+  to its own data, x_cut, with no clipping (x_cut is noisy, not in [-1, 1]).
+* ``full`` (the official code, spec §2.1): the server noises ``x_cut`` as if it were clean data
+  with the full schedule at t, so its inputs carry noise abar(t) * abar(t_cut) in total; it samples
+  the ordinary chain from T down to level t_cut. The client then starts from an offset level
+  (``client_start_offset='code'``) that the official code uses to compensate.
+
+Every function here receives a ``protocol.ClientMessage`` (training) or nothing private at all
+(sampling): never x_0, never the clients' noise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from collab import protocol
+from common.diffusion import GaussianDiffusion, sampling
+
+NOISINGS = ("ratio", "full")
+
+
+def diffusion_for(diffusion: GaussianDiffusion, t_cut: int, noising: str) -> GaussianDiffusion:
+  """The chain the server's network is trained and sampled on (model timestep offset: t_cut)."""
+  if noising == "ratio" and t_cut < diffusion.num_timesteps:
+    return diffusion.rebased(t_cut)
+  return diffusion
+
+
+def loss(
+  diffusion: GaussianDiffusion,
+  apply_fn,
+  x_cut: jax.Array,
+  labels: jax.Array | None,
+  rng: jax.Array,
+  *,
+  t_cut: int,
+  noising: str,
+) -> jax.Array:
+  """The server's loss on one client's message.
+
+  Args:
+    apply_fn: ``(x_t, t, y) -> output`` of the server network, t the *global* model timestep.
+    x_cut: [B, H, W, C] one client's cut images; labels: [B] int32 or None (not shared).
+
+  Returns:
+    Scalar loss (0 when t_cut == T: the server owns no step).
+  """
+  big_t = diffusion.num_timesteps
+  if t_cut >= big_t:
+    return jnp.zeros((), jnp.float32)
+  rng_t, rng_noise = jax.random.split(rng)
+  noise = jax.random.normal(rng_noise, x_cut.shape, x_cut.dtype)
+  if noising == "ratio":
+    chain = diffusion.rebased(t_cut)
+    t = chain.sample_timesteps(rng_t, x_cut.shape[0], 0, big_t - t_cut)
+    terms = chain.training_losses(
+      lambda x, tt, y: apply_fn(x, tt + t_cut, y), x_cut, t, noise, labels
+    )
+  else:
+    t = diffusion.sample_timesteps(rng_t, x_cut.shape[0], t_cut, big_t)
+    terms = diffusion.training_losses(apply_fn, x_cut, t, noise, labels)
+  return jnp.mean(terms["loss"])
+
+
+def train_message_loss(diffusion, apply_fn, message: protocol.ClientMessage, k, rng, **kw):
+  """``loss`` on client ``k``'s part of a message (what the server's update loop calls)."""
+  labels = None if message.labels is None else message.labels[k]
+  return loss(diffusion, apply_fn, message.x_cut[k], labels, rng, **kw)
+
+
+def sample(
+  diffusion: GaussianDiffusion,
+  apply_fn,
+  shape: tuple[int, ...],
+  rng: jax.Array,
+  *,
+  t_cut: int,
+  noising: str,
+  num_steps: int,
+  labels: jax.Array | None = None,
+  sampler: str = "ddpm",
+  eta: float = 0.0,
+  guidance_scale: float = 1.0,
+  null_label: int | None = None,
+) -> jax.Array:
+  """Pure noise -> the hand-off latent at level ``t_cut`` ([B, H, W, C] float32).
+
+  ``labels`` are the requesting clients' conditions (the only thing a client sends at inference).
+  """
+  big_t = diffusion.num_timesteps
+  x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape, jnp.float32)
+  if t_cut >= big_t:
+    return x_T
+  common = dict(
+    sampler=sampler, eta=eta, y=labels, guidance_scale=guidance_scale, null_label=null_label
+  )
+  if noising == "ratio":
+    chain = diffusion.rebased(t_cut)
+    steps = min(num_steps, chain.num_timesteps)
+    segment = sampling.Segment(lambda x, t, y: apply_fn(x, t + t_cut, y), chain.num_timesteps, 0)
+    levels = sampling.make_levels(chain.num_timesteps, steps)
+    # x_cut is a noisy latent unless t_cut == 0, so only then is the estimate clipped to [-1, 1].
+    # The rebased chain's levels 1.. would reuse the client's step keys (fold_in(rng, k)), so the
+    # server's steps draw from their own stream.
+    return sampling.sample_segment(
+      chain, segment, x_T, jax.random.fold_in(rng, 1 << 21), levels=levels,
+      clip_denoised=t_cut == 0, **common,
+    )  # fmt: skip
+  steps = min(num_steps, big_t - t_cut)
+  levels = sampling.make_levels(big_t, steps, big_t, t_cut)
+  segment = sampling.Segment(apply_fn, big_t, t_cut)
+  return sampling.sample_segment(
+    diffusion, segment, x_T, rng, levels=levels, clip_denoised=True, **common
+  )

@@ -1,0 +1,246 @@
+"""CollaFuse: privacy boundary, stacked clients, cut extremes, ratio noising, hand-off, resume, errors."""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from collab import method as collab_method
+from collab import protocol, server
+from common import data
+from common.diffusion import sampling
+from common.train import loop
+from common.train.validate import ConfigError
+from configs import collab as collab_config
+
+
+def tiny(**overrides):
+  c = collab_config.get_config("digits")
+  c.num_clients = 2
+  c.classes_per_client = 5
+  c.cut_point = 8
+  c.model.channels = (16, 32)
+  c.model.num_heads = 2
+  c.diffusion.num_timesteps = 20
+  c.diffusion.sample_steps = 20
+  c.batch_size = 8
+  c.total_steps = 4
+  c.log_every_steps = 1
+  c.ckpt_every_steps = 2
+  c.sample_every_steps = 0
+  c.num_sample_images = 6
+  c.mesh.data = 1
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def build(config):
+  m = collab_method.CollaFuse(config, data.get_info(config.data))
+  tx, lr = m.make_optimizer()
+  state = jax.jit(loop.make_init_fn(m, tx, config.seed))()
+  batch = {
+    k: jnp.asarray(v) for k, v in next(m.train_iterator(process_index=0, process_count=1)).items()
+  }
+  return m, tx, lr, state, batch
+
+
+def test_privacy_boundary_server_sees_only_the_cut_images(monkeypatch):
+  config = tiny()
+  m, tx, lr, state, batch = build(config)
+  sent, received = [], []
+  real_transmit, real_server_loss = protocol.transmit, server.train_message_loss
+
+  def spy_transmit(*a, **k):
+    msg = real_transmit(*a, **k)
+    jax.debug.callback(lambda x: sent.append(np.asarray(x)), msg.x_cut)
+    return msg
+
+  def spy_server(d, f, msg, *a, **k):
+    # Every array the server's training code is handed, whatever the traced structure.
+    jax.debug.callback(
+      lambda *xs: received.append([np.asarray(x) for x in xs]), *jax.tree.leaves(msg)
+    )
+    return real_server_loss(d, f, msg, *a, **k)
+
+  monkeypatch.setattr(protocol, "transmit", spy_transmit)
+  monkeypatch.setattr(server, "train_message_loss", spy_server)
+  jax.block_until_ready(jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch))
+  assert len(sent) == 1 and len(received) == config.num_clients
+  # What the server's code gets is the transmitted message and nothing else: its cut images and
+  # (because this config shares them) the labels.
+  for arrays in received:
+    assert len(arrays) == 2
+    np.testing.assert_array_equal(arrays[0], sent[0])
+    # The server applies its own classifier-free-guidance label dropout (null label 10).
+    got, true = arrays[1].reshape(-1), np.asarray(batch["label"])
+    assert np.all((got == true) | (got == 10))
+  x_cut = sent[0].reshape(-1, 8, 8, 1)
+  x0 = np.asarray(batch["image"])
+  # x_cut is x0 noised to exactly level t_cut: the residual after removing sqrt(abar) x0 is
+  # N(0, 1 - abar(t_cut)); x0 itself (residual 0) or a lower level (smaller residual) would fail.
+  abar = float(m.diffusion.np_alpha_bar_levels()[config.cut_point])
+  residual = x_cut - np.sqrt(abar) * x0
+  assert abs(residual.std() - np.sqrt(1 - abar)) < 0.05 * np.sqrt(1 - abar)
+  assert abs(residual.mean()) < 0.05
+  # The server's functions take no argument through which x0 or the clients' noise could enter.
+  import inspect
+
+  assert "x0" not in inspect.signature(server.loss).parameters
+  assert list(inspect.signature(m.server_handoff).parameters) == [
+    "server_params",
+    "rng",
+    "shape",
+    "labels",
+    "num_steps",
+  ]
+
+
+def test_labels_stay_private_when_not_shared(monkeypatch):
+  m, tx, lr, state, batch = build(tiny(share_labels=False))
+  received = []
+  real = server.train_message_loss
+  monkeypatch.setattr(
+    server,
+    "train_message_loss",
+    lambda d, f, msg, *a, **k: received.append(msg) or real(d, f, msg, *a, **k),
+  )
+  jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
+  assert received and all(msg.labels is None for msg in received)
+
+
+def test_stacked_client_step_equals_separate_steps():
+  # One Adam step from the zero-initialised output layer moves each weight by about lr = 1e-3
+  # whatever the gradient's size, so float noise in tiny gradients shows at up to ~1% of lr:
+  # the tolerance is an absolute 2e-5 (2% of one step), not relative.
+  config = tiny()
+  m, tx, lr, state, batch = build(config)
+  unrolled, _ = jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
+  config_v = tiny(client_loop="vmap")
+  mv = collab_method.CollaFuse(config_v, m.data_info)
+  vmapped, _ = jax.jit(mv.make_train_step(tx, lr, 0.99))(state, batch)
+  for a, b in zip(jax.tree.leaves(unrolled.params), jax.tree.leaves(vmapped.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+  # Client 1 on its own: the same objective and Adam step outside the stacked tree.
+  rng_c = jax.random.split(jax.random.fold_in(state.rng, state.step))[0]
+  rng_1 = jax.random.split(rng_c, config.num_clients)[1]
+  p1 = jax.tree.map(lambda a: a[1], state.params["clients"])
+  o1 = jax.tree.map(lambda a: a[1], state.opt_state["clients"])
+  x0 = batch["image"].reshape(config.num_clients, -1, 8, 8, 1)[1]
+  y = batch["label"].reshape(config.num_clients, -1)[1]
+
+  def objective(p):
+    r_y, r_loss, r_drop = jax.random.split(rng_1, 3)
+    from collab import client
+
+    yy = m._labels_for_net(y, r_y)
+    apply = functools.partial(m.apply, p, dropout_rng=r_drop)
+    return client.loss(
+      m.diffusion, lambda x, t, lab: apply(x, t, lab), x0, yy, r_loss, config.cut_point
+    )[0]
+
+  g = jax.jit(jax.grad(objective))(p1)
+  import optax
+
+  u, _ = tx.update(g, o1, p1)
+  alone = optax.apply_updates(p1, u)
+  stacked_1 = jax.tree.map(lambda a: a[1], unrolled.params["clients"])
+  for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(stacked_1), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("cut", [0, 20])
+def test_cut_extremes(cut):
+  config = tiny(cut_point=cut)
+  m, tx, lr, state, batch = build(config)
+  new, metrics = jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
+  changed = lambda a, b: any(
+    not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  )
+  if cut == 0:  # the server owns every step; clients train nothing and send x0 itself
+    assert float(metrics["client_loss"]) == 0.0
+    assert not changed(state.params["clients"], new.params["clients"])
+    assert changed(state.params["server"], new.params["server"])
+    assert m.steps_split() == (20, 0)
+  else:  # t_cut = T: the clients own every step; the server sees nothing it can learn from
+    assert float(metrics["server_loss"]) == 0.0
+    assert not changed(state.params["server"], new.params["server"])
+    assert changed(state.params["clients"], new.params["clients"])
+    assert m.steps_split() == (0, 20)
+
+
+def test_ratio_noising_gives_the_global_marginal():
+  m = collab_method.CollaFuse(tiny(), data.get_info(tiny().data))
+  d, t_cut = m.diffusion, 8
+  chain = server.diffusion_for(d, t_cut, "ratio")
+  x0 = jnp.full((20000, 1, 1, 1), 0.7)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  x_cut = d.q_sample(x0, jnp.full((20000,), t_cut - 1), jax.random.normal(k1, x0.shape))
+  abar = d.np_alpha_bar_levels()
+  for j in (1, 5, 12):
+    x = chain.q_sample(x_cut, jnp.full((20000,), j - 1), jax.random.normal(k2, x0.shape))
+    level = t_cut + j
+    assert abs(float(x.mean()) - np.sqrt(abar[level]) * 0.7) < 0.02
+    assert abs(float(x.var()) - (1 - abar[level])) < 0.02
+  full = server.diffusion_for(d, t_cut, "full")
+  assert full is d  # the official formulation noises x_cut with the full schedule
+
+
+def test_handoff_with_one_shared_model_equals_plain_sampling():
+  config = tiny(server_noising="full")
+  m, _, _, state, _ = build(config)
+  params = state.params
+  # Perturb the zero-initialised output layer so the network is not the trivial zero map, then
+  # give every client exactly the server's network.
+  net = jax.tree.map(
+    lambda a: a + 0.01 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), params["server"]
+  )
+  shared = {
+    "server": net,
+    "clients": jax.tree.map(lambda s, c: jnp.broadcast_to(s, c.shape), net, params["clients"]),
+  }
+  rng = jax.random.key(3)
+  y = jnp.asarray([5, 6, 7, 8], jnp.int32)
+  split = m.sample_client(shared, 1, rng, 4, y)
+  fn = lambda x, t, yy: m.apply(shared["server"], x, t, yy)
+  x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), (4, 8, 8, 1))
+  plain = sampling.sample_segmented(
+    m.diffusion, [sampling.Segment(fn, 20, 0)], (4, 8, 8, 1), rng, steps_per_segment=[20],
+    x_start=x_T, sampler="ddpm", y=y,
+  )  # fmt: skip
+  np.testing.assert_allclose(split, np.asarray(plain), atol=1e-5)
+
+
+def test_resume_continues_like_an_uninterrupted_run(tmp_path):
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  loop.train(tiny(), straight, devices=jax.devices()[:1])
+  loop.train(tiny(total_steps=2), resumed, devices=jax.devices()[:1])
+  loop.train(tiny(), resumed, devices=jax.devices()[:1])
+  read = lambda wd: [json.loads(line)["loss"] for line in open(os.path.join(wd, "metrics.jsonl"))]
+  np.testing.assert_allclose(read(straight), read(resumed), rtol=1e-5)
+  assert os.path.exists(os.path.join(resumed, "samples", "step_0000004.png"))
+
+
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
+    ({"cut_point": -1}, "cut_point"),
+    ({"cut_point": 21}, "cut_point"),
+    ({"num_clients": 11, "classes_per_client": 1}, "num_clients"),
+    ({"server_noising": "half"}, "server_noising"),
+    ({"partition": "iid", "num_clients": 2000}, "partition"),
+    ({"partition": "by_attribute", "partition_attribute": "colour"}, "partition_attribute"),
+  ],
+)
+def test_bad_input_names_the_field(tmp_path, overrides, field):
+  with pytest.raises(ConfigError, match=rf"^config error: {field}="):
+    loop.train(tiny(**overrides), str(tmp_path / "run"), devices=jax.devices()[:1])
+  assert not os.path.exists(tmp_path / "run")
