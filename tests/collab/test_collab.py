@@ -34,12 +34,7 @@ def tiny(**overrides):
   c.sample_every_steps = 0
   c.num_sample_images = 6
   c.mesh.data = 1
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -39,12 +39,7 @@ def tiny_config(**overrides):
   c.sample_every_steps = 0
   c.num_sample_images = 4
   c.optimizer.warmup_steps = 2
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
