@@ -20,7 +20,6 @@ import optax
 from collab import client, protocol, server
 from common import data
 from common.diffusion import sampling
-from common.metrics import flops as flops_lib
 from common.train import state as state_lib
 from common.train.method import DDPM
 from common.train.validate import ConfigError
@@ -328,11 +327,15 @@ class CollaFuse(DDPM):
 
     return jax.jit(run, static_argnums=(4,))
 
+  @functools.cached_property
+  def _train_labels(self) -> np.ndarray:
+    return data.load_labels(self.config.data, "train")
+
   def client_labels(self, k: int, n: int, seed: int) -> np.ndarray | None:
     """Conditions client k asks for: drawn from its own training labels (None if unconditional)."""
     if not self.class_conditional:
       return None
-    own = data.load_labels(self.config.data, "train")[self.client_indices("train")[k]]
+    own = self._train_labels[self.client_indices("train")[k]]
     return np.random.default_rng([seed, k]).choice(own, size=n).astype(np.int32)
 
   def sample_client(self, params, k, rng, n, labels=None):
@@ -370,24 +373,16 @@ class CollaFuse(DDPM):
         )
         yield images, labels, np.full((b,), k, np.int32)
 
-  def eval_group_reference(self, group, ref_labels):
-    # The reference split's partition for this client: its own held-out data when the eval
-    # compares against 'test', its private training data for 'train'.
-    split = (
-      "test" if len(ref_labels) == len(data.load_labels(self.config.data, "test")) else "train"
-    )
+  def eval_group_reference(self, group, ref_labels, split):
+    # This client's partition of the reference split: its own held-out data for 'test', its
+    # private training data for 'train'.
+    del ref_labels
     return self.client_indices(split)[group]
 
   def flops_per_sample(self, params):
-    res, ch = self.data_info.resolution, self.data_info.channels
-    one = jax.tree.map(lambda a: a[0], params["clients"])
-    x = jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.int32)
-    y = jax.ShapeDtypeStruct((1,), jnp.int32) if self.class_conditional else None
-    per_call = flops_lib.count_flops(lambda p, x, t, y: self.apply(p, x, t, y), one, x, t, y)
-    guided = self.class_conditional and self.config.diffusion.guidance_scale != 1.0
-    s_steps, c_steps = self.steps_split()
-    return per_call * (s_steps + c_steps) * (2 if guided else 1)
+    # Server and clients share one architecture, so any one network prices every call.
+    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    return self.denoiser_call_flops(one_client, sum(self.steps_split()))
 
   def sampling_description(self) -> dict[str, Any]:
     s_steps, c_steps = self.steps_split()

@@ -181,7 +181,7 @@ def evaluate(
   if groups is not None and names is not None:
     for g, name in enumerate(names):
       mask = groups == g
-      ref_idx = method.eval_group_reference(g, ref_labels)
+      ref_idx = method.eval_group_reference(g, ref_labels, ref_split)
       entry: dict[str, Any] = {"group": name, "num_samples": int(mask.sum())}
       if mask.sum() >= 2 and len(ref_idx) >= _PR_K + 2 and mask.sum() >= _PR_K + 2:
         entry.update(_metrics(ref_feats[ref_idx], fake_feats[mask], seed))

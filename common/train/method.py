@@ -171,8 +171,12 @@ class Method:
       images = self.sample(params, jax.random.fold_in(rng, start), b, labels)
       yield images, labels, labels
 
-  def eval_group_reference(self, group: int, ref_labels: np.ndarray) -> np.ndarray:
-    """Indices of the reference examples a group's samples are compared with (its class)."""
+  def eval_group_reference(self, group: int, ref_labels: np.ndarray, split: str) -> np.ndarray:
+    """Indices into the reference ``split`` (labels ``ref_labels``) a group is compared with.
+
+    The default group is a class, so its reference is that class's examples.
+    """
+    del split
     return np.flatnonzero(ref_labels == group)
 
   def flops_per_sample(self, params: Params) -> float:
@@ -279,16 +283,22 @@ class DDPM(Method):
 
     return jax.jit(run, static_argnums=(3,))
 
-  def flops_per_sample(self, params):
-    # XLA's cost analysis counts a while-loop body once, so cost one denoiser call at batch 1 and
-    # multiply by the calls in the chain (twice per step under classifier-free guidance).
+  def denoiser_call_flops(self, params, num_steps: int) -> float:
+    """FLOPs of ``num_steps`` reverse steps of one network for one sample.
+
+    XLA's cost analysis counts a while-loop body once, so one denoiser call is costed at batch 1
+    and multiplied by the calls (twice per step under classifier-free guidance).
+    """
     res, ch = self.data_info.resolution, self.data_info.channels
     x = jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32)
     t = jax.ShapeDtypeStruct((1,), jnp.int32)
     y = jax.ShapeDtypeStruct((1,), jnp.int32) if self.class_conditional else None
     per_call = flops_lib.count_flops(lambda p, x, t, y: self.apply(p, x, t, y), params, x, t, y)
     guided = self.class_conditional and self.config.diffusion.guidance_scale != 1.0
-    return per_call * self.config.diffusion.sample_steps * (2 if guided else 1)
+    return per_call * num_steps * (2 if guided else 1)
+
+  def flops_per_sample(self, params):
+    return self.denoiser_call_flops(params, self.config.diffusion.sample_steps)
 
   def sample(self, params, rng, num_samples, labels=None):
     if self.class_conditional and labels is None:
