@@ -20,6 +20,7 @@ import optax
 from collab import client, protocol, server
 from common import data
 from common.diffusion import sampling
+from common.metrics import flops as flops_lib
 from common.train import state as state_lib
 from common.train.method import DDPM
 from common.train.validate import ConfigError
@@ -43,12 +44,22 @@ def validate(config, data_info) -> None:
     raise ConfigError(
       "server_noising", config.server_noising, "allowed: " + ", ".join(server.NOISINGS)
     )
+  if config.get("server_sampling_chain", "global") not in server.SAMPLING_CHAINS:
+    raise ConfigError(
+      "server_sampling_chain",
+      config.server_sampling_chain,
+      "allowed: " + ", ".join(server.SAMPLING_CHAINS),
+    )
   if config.client_start_offset not in OFFSETS:
     raise ConfigError(
       "client_start_offset", config.client_start_offset, "allowed: " + ", ".join(OFFSETS)
     )
   if config.client_loop not in CLIENT_LOOPS:
     raise ConfigError("client_loop", config.client_loop, "allowed: " + ", ".join(CLIENT_LOOPS))
+  if config.get("client_mesh_axis", "") not in ("", "data", "fsdp", "model"):
+    raise ConfigError(
+      "client_mesh_axis", config.client_mesh_axis, "allowed: '' (FSDP rule), data, fsdp, model"
+    )
   if config.partition not in PARTITIONS:
     raise ConfigError("partition", config.partition, "allowed: " + ", ".join(PARTITIONS))
   if config.diffusion.loss != "simple":
@@ -81,6 +92,7 @@ class CollaFuse(DDPM):
   """The CollaFuse method; ``params = {'server': tree, 'clients': tree with a leading K axis}``."""
 
   name = "collab"
+  default_ref_split = "test"  # each client's held-out data is its test set
 
   def __init__(self, config, data_info):
     super().__init__(config, data_info)
@@ -125,9 +137,16 @@ class CollaFuse(DDPM):
     return self._splits[split]
 
   def train_iterator(self, *, process_index: int, process_count: int):
-    if process_count != 1:
-      raise NotImplementedError(
-        "collab: multi-process input (client-major global batches) is not built yet"
+    """This process's slice of every client's batch, client-major: [K * B / P, ...].
+
+    Across P processes the global batch is therefore process-major, [P, K, B / P]; the train
+    step puts it back client-major (``_client_major``).
+    """
+    if self.config.batch_size % process_count:
+      raise ConfigError(
+        "batch_size",
+        self.config.batch_size,
+        f"the per-client batch must split evenly over {process_count} processes",
       )
     return data.StackedIterator(
       [
@@ -136,10 +155,20 @@ class CollaFuse(DDPM):
           global_batch_size=self.config.batch_size,
           seed=self.config.seed * 1009 + k,
           indices=idx,
+          process_index=process_index,
+          process_count=process_count,
         )
         for k, idx in enumerate(self.client_indices("train"))
       ]
     )
+
+  def images_per_step(self) -> int:
+    return self.num_clients * int(self.config.batch_size)
+
+  def _client_major(self, x: jax.Array, process_count: int) -> jax.Array:
+    """A global batch [P * K * b, ...] assembled from per-process slices -> [K, P * b, ...]."""
+    x = x.reshape(process_count, self.num_clients, -1, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(self.num_clients, -1, *x.shape[3:])
 
   # --- networks and optimizer: the clients are one stacked tree ---------------------------------
   def init_params(self, rng):
@@ -149,6 +178,37 @@ class CollaFuse(DDPM):
 
   def init_opt_state(self, tx, params):
     return {"server": tx.init(params["server"]), "clients": jax.vmap(tx.init)(params["clients"])}
+
+  def client_axis(self, mesh=None) -> str | None:
+    """The mesh axis the clients are split over, or None (axis unset, of size 1, or K not
+    divisible by it)."""
+    mesh = mesh or self.mesh
+    axis = self.config.get("client_mesh_axis", "")  # absent in configs saved before it existed
+    if mesh is None or not axis or mesh.shape[axis] == 1 or self.num_clients % mesh.shape[axis]:
+      return None
+    return axis
+
+  def state_shardings(self, mesh, abstract_state):
+    """The client axis of every client tensor (params, EMA, optimizer) split over the mesh axis
+    ``config.client_mesh_axis``, so K clients train in parallel across devices under ``vmap``;
+    the server and anything K does not divide follow the FSDP rule."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from common import parallel
+
+    default = parallel.state_shardings(mesh, abstract_state)
+    axis = self.client_axis(mesh)
+    if not axis:
+      return default
+
+    def pick(path, leaf, fallback):
+      in_clients = any(getattr(p, "key", None) == "clients" for p in path)
+      if in_clients and leaf.ndim >= 1 and leaf.shape[0] == self.num_clients:
+        return NamedSharding(mesh, P(axis, *([None] * (leaf.ndim - 1))))
+      return fallback
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state, default)
 
   def _labels_for_net(self, labels, rng):
     """CFG label dropout on each side independently (None for an unconditional model)."""
@@ -160,6 +220,9 @@ class CollaFuse(DDPM):
     k_clients, t_cut, noising = self.num_clients, self.t_cut, self.noising
     share = bool(self.config.share_labels) and self.class_conditional
     client_loop = self.config.client_loop
+    n_processes = jax.process_count()
+    client_axis = self.client_axis()
+    client_mesh = self.mesh if client_axis else None
 
     def client_objective(p_k, x0_k, y_k, rng_k):
       r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
@@ -184,26 +247,54 @@ class CollaFuse(DDPM):
         noising=noising,
       )
 
-    def train_step(state, batch):
-      rng = jax.random.fold_in(state.rng, state.step)
-      rng_c, rng_s = jax.random.split(rng)
-      x0 = batch["image"].reshape(k_clients, -1, *batch["image"].shape[1:])
-      labels = batch["label"].reshape(k_clients, -1)
-      params, opt = state.params, state.opt_state
+    grad_fn = jax.value_and_grad(client_objective, has_aux=True)
 
-      # Clients: K independent steps at once.
-      grad_fn = jax.value_and_grad(client_objective, has_aux=True)
-      client_args = (params["clients"], x0, labels, jax.random.split(rng_c, k_clients))
+    def clients_step(c_params, c_opt, x0, labels, rngs):
+      """Any number of clients' steps (leading axis): new params, opt state, losses, x_cut and
+      each client's squared gradient norm."""
       if client_loop == "vmap":
-        (c_loss, x_cut), c_grads = jax.vmap(grad_fn)(*client_args)
+        (c_loss, x_cut), c_grads = jax.vmap(grad_fn)(c_params, x0, labels, rngs)
       else:
         # XLA:CPU runs the weight-gradient convs of a vmapped (grouped) or looped (while-body)
         # client step ~40x slower than plain ones (6 s vs 0.15 s a step on digits), so on a CPU
         # the K client steps are unrolled into straight-line code over the same stacked tree.
-        outs = [grad_fn(*jax.tree.map(lambda a, k=k: a[k], client_args)) for k in range(k_clients)]
+        args = (c_params, x0, labels, rngs)
+        outs = [grad_fn(*jax.tree.map(lambda a, k=k: a[k], args)) for k in range(x0.shape[0])]
         (c_loss, x_cut), c_grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-      c_updates, c_opt = jax.vmap(tx.update)(c_grads, opt["clients"], params["clients"])
-      clients = optax.apply_updates(params["clients"], c_updates)
+      updates, c_opt = jax.vmap(tx.update)(c_grads, c_opt, c_params)
+      sumsq = sum(
+        jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(c_grads)
+      )
+      return optax.apply_updates(c_params, updates), c_opt, c_loss, x_cut, sumsq
+
+    def train_step(state, batch):
+      rng = jax.random.fold_in(state.rng, state.step)
+      rng_c, rng_s = jax.random.split(rng)
+      x0 = self._client_major(batch["image"], n_processes)
+      labels = self._client_major(batch["label"], n_processes)
+      params, opt = state.params, state.opt_state
+
+      # Clients: K independent steps at once.
+      client_args = (
+        params["clients"], opt["clients"], x0, labels, jax.random.split(rng_c, k_clients)
+      )  # fmt: skip
+      if client_mesh is not None:
+        # Each device group steps its own K / n clients (vmapped locally). Left to GSPMD, the
+        # vmapped weight-gradient convs split over the client axis came out wrong on XLA:CPU
+        # (tests/collab/test_sweep.py compares with one device), and shard_map is the explicit
+        # pod layout anyway.
+        spec = jax.sharding.PartitionSpec(client_axis)
+        clients, c_opt, c_loss, x_cut, c_sumsq = jax.shard_map(
+          clients_step, mesh=client_mesh, in_specs=(spec,) * 5, out_specs=(spec,) * 5
+        )(*client_args)
+      else:
+        if self.mesh is not None and self.mesh.size > 1:
+          # Clients not split over the mesh (axis unset or K not divisible by it): keep their
+          # data whole on every device rather than let GSPMD split the vmapped convs' batch,
+          # which gave wrong weight gradients on XLA:CPU (same test as above).
+          whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+          client_args = jax.lax.with_sharding_constraint(client_args, whole)
+        clients, c_opt, c_loss, x_cut, c_sumsq = clients_step(*client_args)
 
       # The uplink: cut images (and labels if shared). Nothing else reaches the server.
       message = protocol.transmit(jax.lax.stop_gradient(x_cut), labels, share_labels=share)
@@ -236,7 +327,7 @@ class CollaFuse(DDPM):
         "client_loss": jnp.mean(c_loss),
         "client_loss_max": jnp.max(c_loss),
         "server_loss": jnp.mean(s_loss),
-        "grad_norm": optax.tree.norm(c_grads),
+        "grad_norm": jnp.sqrt(jnp.sum(c_sumsq)),
         "server_grad_norm": jnp.mean(s_gnorm),
         "lr": lr_schedule(state.step),
       }
@@ -289,19 +380,29 @@ class CollaFuse(DDPM):
       t_cut=self.t_cut,
       noising=self.noising,
       num_steps=num_steps or max(s_steps, 1),
+      chain=self.config.get("server_sampling_chain", "global"),
       labels=labels if self.config.share_labels else None,
       **self._sampler_kwargs(labels if self.config.share_labels else None),
     )
 
-  def client_finish(self, client_params, x_handoff, rng, labels=None, num_steps=None):
-    """The client's half: the hand-off latent -> x_0 with its own network."""
-    start = self.client_start_level()
+  def client_finish(
+    self, client_params, x_handoff, rng, labels=None, num_steps=None, *, network=None, start=None
+  ):
+    """The client's half: the hand-off latent at level ``start`` -> x_0 with its own network.
+
+    ``network``: ``(x, t, y) -> output`` replacing the client's network (the server finishing
+    alone uses its own; tests count calls with it). ``start``: the first level (default
+    ``client_start_level()``; T for the client run from pure noise).
+    """
+    start = self.client_start_level() if start is None else start
     _, c_steps = self.steps_split()
     if start == 0:
       return jnp.clip(x_handoff, -1.0, 1.0)
     steps = min(num_steps or max(c_steps, 1), start)
     levels = sampling.make_levels(self.diffusion.num_timesteps, steps, start, 0)
-    segment = sampling.Segment(lambda x, t, y: self.apply(client_params, x, t, y), start, 0)
+    if network is None:
+      network = functools.partial(self.apply, client_params)
+    segment = sampling.Segment(network, start, 0)
     return sampling.sample_segment(
       self.diffusion,
       segment,
@@ -326,6 +427,94 @@ class CollaFuse(DDPM):
       return self.client_finish(client_params, x_cut, rng, labels)
 
     return jax.jit(run, static_argnums=(4,))
+
+  @functools.cached_property
+  def _diagnostics_jit(self):
+    res, ch = self.data_info.resolution, self.data_info.channels
+    big_t = self.diffusion.num_timesteps
+
+    def run(params, k, rng, labels, n):
+      client_params = jax.tree.map(lambda a: a[k], params["clients"])
+      x_cut = self.server_handoff(params["server"], rng, (n, res, res, ch), labels)
+      out = {
+        "generated": self.client_finish(client_params, x_cut, rng, labels),
+        "handoff": x_cut,
+        # What the server can produce alone: its own network continues the global chain from
+        # t_cut to 0 (it was never trained there; that is the point of the measurement).
+        "server_alone": self.client_finish(
+          None, x_cut, rng, labels, network=functools.partial(self.apply, params["server"])
+        ),
+      }
+      if self.t_cut > 0:
+        # The client alone at equal inference compute: its own network from pure noise with
+        # only its t_cut-share of the steps (the official code's ``client_from_noise``).
+        noise = jax.random.normal(jax.random.fold_in(rng, 1 << 22), x_cut.shape, jnp.float32)
+        out["client_from_noise"] = self.client_finish(
+          client_params, noise, rng, labels, start=big_t
+        )
+      return out
+
+    return jax.jit(run, static_argnums=(4,))
+
+  def sample_diagnostics(self, params, k, rng, n, labels=None) -> dict[str, np.ndarray]:
+    """Everything one request of client ``k`` involves, each [n, H, W, C] float32.
+
+    ``generated`` (CollaFuse output), ``handoff`` (the server's x_cut: what the client receives),
+    ``server_alone`` (the server's own network continued to t=0) and, for t_cut > 0,
+    ``client_from_noise`` (the client's network from pure noise with its t_cut-share of steps).
+    ``generated`` equals ``sample_client`` with the same arguments.
+    """
+    y = None if labels is None else jnp.asarray(labels, jnp.int32)
+    out = self._diagnostics_jit(params, jnp.int32(k), rng, y, n)
+    return {name: np.asarray(v) for name, v in out.items()}
+
+  # --- client compute and communication -----------------------------------------------------
+  def client_network_calls_per_image(self, params) -> int:
+    """How many times a client's network runs to finish one image, counted by running it."""
+    calls = []
+    res, ch = self.data_info.resolution, self.data_info.channels
+    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+
+    def counted(x, t, y):
+      jax.debug.callback(lambda: calls.append(1))
+      return self.apply(one_client, x, t, y)
+
+    labels = jnp.zeros((1,), jnp.int32) if self.class_conditional else None
+    x = jnp.zeros((1, res, res, ch), jnp.float32)
+    out = self.client_finish(one_client, x, jax.random.key(0), labels, network=counted)
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    return len(calls)
+
+  def client_train_flops_per_step(self, params) -> float:
+    """FLOPs of one client's training step (forward + backward of its network, its batch)."""
+    if self.t_cut == 0:
+      return 0.0
+    res, ch = self.data_info.resolution, self.data_info.channels
+    b = int(self.config.batch_size)
+    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    y = jnp.zeros((b,), jnp.int32) if self.class_conditional else None
+
+    def objective(p, x0, rng):
+      apply = functools.partial(self.apply, p)
+      return client.loss(self.diffusion, apply, x0, y, rng, self.t_cut)[0]
+
+    x0 = jax.ShapeDtypeStruct((b, res, res, ch), jnp.float32)
+    return flops_lib.count_flops(jax.grad(objective), one_client, x0, jax.random.key(0))
+
+  def cost_description(self, params) -> dict[str, Any]:
+    res, ch = self.data_info.resolution, self.data_info.channels
+    b = int(self.config.batch_size)
+    share = bool(self.config.share_labels) and self.class_conditional
+    calls = self.client_network_calls_per_image(params)
+    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    return {
+      "client_network_calls_per_image": calls,
+      "client_inference_flops_per_image": float(self.denoiser_call_flops(one_client, 1) * calls),
+      "client_train_flops_per_step": float(self.client_train_flops_per_step(params)),
+      "uplink_bytes_per_client_step": protocol.uplink_bytes((1, b, res, res, ch), share),
+      "downlink_bytes_per_image": protocol.downlink_bytes_per_image((res, res, ch)),
+    }
 
   @functools.cached_property
   def _train_labels(self) -> np.ndarray:
@@ -393,6 +582,7 @@ class CollaFuse(DDPM):
       "cut_point": self.t_cut,
       "server_noising": self.noising,
       "client_start_level": self.client_start_level(),
+      "server_sampling_chain": self.config.get("server_sampling_chain", "global"),
     }
 
 

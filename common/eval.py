@@ -26,21 +26,38 @@ from typing import Any
 import numpy as np
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory written by any training binary.")
-_USE_EMA = flags.DEFINE_bool("use_ema", True, "Evaluate the EMA weights (else the raw weights).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "Samples to draw.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_SAMPLER = flags.DEFINE_enum("sampler", "", ["", "ddpm", "ddim"], "Override the run's sampler.")
-_STEPS = flags.DEFINE_integer("sample_steps", 0, "Override the run's number of sampling steps.")
-_BATCH = flags.DEFINE_integer("batch_size", 250, "Samples per sampling call.")
-_FEATURE_NET = flags.DEFINE_string(
-  "feature_net", "auto", "auto | digits | shapes | inception_v3 (auto: by dataset)."
-)
-_INCEPTION = flags.DEFINE_string("inception_weights", "", "Local FID InceptionV3 .npz file.")
-_REF_SPLIT = flags.DEFINE_string("ref_split", "train", "Real split to compare against.")
-_REF_DIR = flags.DEFINE_string("ref_stats_dir", "", "Reference statistics cache directory.")
-_REF_MAX = flags.DEFINE_integer("ref_max_examples", 0, "Cap on reference images (0: all).")
-_STEP = flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate (-1: the latest).")
+
+def _define_flags() -> dict[str, Any]:
+  """The binary's flags, defined only when it runs, so that importing this module as a library
+  (``distribution_metrics``, ``load_params``) next to another binary's flags is safe."""
+  return {
+    "workdir": flags.DEFINE_string(
+      "workdir", None, "Run directory written by any training binary."
+    ),
+    "use_ema": flags.DEFINE_bool(
+      "use_ema", True, "Evaluate the EMA weights (else the raw weights)."
+    ),
+    "num_samples": flags.DEFINE_integer("num_samples", 1000, "Samples to draw."),
+    "seed": flags.DEFINE_integer("seed", 0, "Sampling seed."),
+    "sampler": flags.DEFINE_enum(
+      "sampler", "", ["", "ddpm", "ddim"], "Override the run's sampler."
+    ),
+    "sample_steps": flags.DEFINE_integer("sample_steps", 0, "Override the run's sampling steps."),
+    "batch_size": flags.DEFINE_integer("batch_size", 250, "Samples per sampling call."),
+    "feature_net": flags.DEFINE_string(
+      "feature_net", "auto", "auto | digits | shapes | inception_v3 (auto: by dataset)."
+    ),
+    "inception_weights": flags.DEFINE_string(
+      "inception_weights", "", "Local FID InceptionV3 .npz."
+    ),
+    "ref_split": flags.DEFINE_string(
+      "ref_split", "", "Real split to compare against (default: the method's, test for collab)."
+    ),
+    "ref_stats_dir": flags.DEFINE_string("ref_stats_dir", "", "Reference statistics cache dir."),
+    "ref_max_examples": flags.DEFINE_integer("ref_max_examples", 0, "Cap on reference images."),
+    "step": flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate (-1: the latest)."),
+  }
+
 
 _KID_SUBSETS = 100
 _PR_K = 3
@@ -81,7 +98,8 @@ def load_params(workdir: str, *, use_ema: bool = True, step: int = -1):
   return config, method, (state.ema_params if use_ema else state.params), step
 
 
-def _metrics(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+def distribution_metrics(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[str, float]:
+  """FID, KID (mean, std), precision and recall (k=3) between two feature sets [N, D], [M, D]."""
   from common.metrics import fid, kid
   from common.metrics import precision_recall as pr
 
@@ -112,7 +130,7 @@ def evaluate(
   batch_size: int = 250,
   feature_net: str = "auto",
   inception_weights: str = "",
-  ref_split: str = "train",
+  ref_split: str = "",
   ref_stats_dir: str = "",
   ref_max_examples: int = 0,
   step: int = -1,
@@ -135,6 +153,7 @@ def evaluate(
 
     method = load_method(config, method.data_info)
   info = method.data_info
+  ref_split = ref_split or method.default_ref_split
 
   net_name = reference.resolve_name(feature_net, config.data.name)
   net = reference.load_feature_network(net_name, inception_weights=inception_weights)
@@ -169,7 +188,7 @@ def evaluate(
 
   # --- Metrics: totals, label accuracy, per group. ----------------------------------------------
   fake_feats = net.features(samples)
-  result: dict[str, Any] = _metrics(ref_feats, fake_feats, seed)
+  result: dict[str, Any] = distribution_metrics(ref_feats, fake_feats, seed)
   use_label_acc = (
     labels is not None and net.logits is not None and net.num_classes == info.num_classes
   )
@@ -184,7 +203,7 @@ def evaluate(
       ref_idx = method.eval_group_reference(g, ref_labels, ref_split)
       entry: dict[str, Any] = {"group": name, "num_samples": int(mask.sum())}
       if mask.sum() >= 2 and len(ref_idx) >= _PR_K + 2 and mask.sum() >= _PR_K + 2:
-        entry.update(_metrics(ref_feats[ref_idx], fake_feats[mask], seed))
+        entry.update(distribution_metrics(ref_feats[ref_idx], fake_feats[mask], seed))
       if use_label_acc and mask.any():
         entry["label_accuracy"] = float(np.mean(predicted[mask] == labels[mask]))
       per_group.append(entry)
@@ -210,6 +229,7 @@ def evaluate(
       "pr_k": _PR_K,
       "params": int(flops_lib.count_params(params)),
       "flops_per_sample": float(method.flops_per_sample(params)),
+      **method.cost_description(params),
       "wall_time_per_sample_s": float(wall_per_sample),
       "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
       "groups": per_group,
@@ -249,33 +269,20 @@ def _save_grid(path, samples, groups, names, per_row: int = 10) -> None:
   images_lib.save_grid(path, np.concatenate(rows), ncols=per_row, row_labels=row_names)
 
 
-def main(argv):
+def main(argv, flag_values):
   del argv
   from common.train import logger
   from common.train.validate import ConfigError
 
   logger.quiet_library_logs()
   try:
-    evaluate(
-      _WORKDIR.value,
-      use_ema=_USE_EMA.value,
-      num_samples=_NUM_SAMPLES.value,
-      seed=_SEED.value,
-      sampler=_SAMPLER.value,
-      sample_steps=_STEPS.value,
-      batch_size=_BATCH.value,
-      feature_net=_FEATURE_NET.value,
-      inception_weights=_INCEPTION.value,
-      ref_split=_REF_SPLIT.value,
-      ref_stats_dir=_REF_DIR.value,
-      ref_max_examples=_REF_MAX.value,
-      step=_STEP.value,
-    )
+    evaluate(**{name: flag.value for name, flag in flag_values.items()})
   except (ConfigError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}".splitlines()[0], file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+  _flags = _define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(lambda argv: main(argv, _flags))

@@ -71,10 +71,11 @@ def build(config, method: Method, mesh):
     dict with ``init`` (jitted, -> sharded TrainState), ``step`` (jitted, donated state),
     ``abstract_state`` (ShapeDtypeStructs carrying the shardings), ``batch_sharding``.
   """
+  method.mesh = mesh
   tx, lr_schedule = method.make_optimizer()
   init_fn = make_init_fn(method, tx, config.seed)
   abstract = jax.eval_shape(init_fn)
-  state_sh = parallel.state_shardings(mesh, abstract)
+  state_sh = method.state_shardings(mesh, abstract)
   batch_sh = parallel.batch_sharding(mesh)
   abstract_state = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract, state_sh
@@ -146,7 +147,7 @@ def train(
   )
   ckpt.install_signal_handler()
   logger = MetricLogger(
-    workdir, total_steps=config.total_steps, batch_size=config.batch_size, enabled=is_main
+    workdir, total_steps=config.total_steps, batch_size=method.images_per_step(), enabled=is_main
   )
   latest = ckpt.latest_step()
   if latest is not None:

@@ -67,6 +67,12 @@ class Method:
   """
 
   name = "base"
+  # The real split ``common.eval`` compares samples with unless told otherwise: a method whose
+  # groups hold private training data (collab's clients) measures against their held-out data.
+  default_ref_split = "train"
+  # The mesh the train step runs on, bound by ``loop.build`` before ``make_train_step`` (a
+  # method that lays out its own axes, like collab's clients under shard_map, reads it).
+  mesh = None
 
   def __init__(self, config: ml_collections.ConfigDict, data_info: Any):
     self.config = config
@@ -93,8 +99,21 @@ class Method:
       process_count=process_count,
     )
 
+  def images_per_step(self) -> int:
+    """Images one training step reads (the logger's images/s): the global batch by default."""
+    return int(self.config.batch_size)
+
   def make_optimizer(self) -> tuple[optax.GradientTransformation, Any]:
     return make_optimizer(self.config.optimizer)
+
+  def state_shardings(self, mesh, abstract_state) -> Any:
+    """Shardings of the train state (``abstract_state``: ShapeDtypeStructs): the FSDP rule.
+
+    A method with a stacked axis of its own (collab's clients) may split that axis instead.
+    """
+    from common import parallel
+
+    return parallel.state_shardings(mesh, abstract_state)
 
   def init_opt_state(self, tx: optax.GradientTransformation, params: Params) -> Any:
     """The optimizer state for ``params`` (a method with several networks may split it)."""
@@ -182,6 +201,11 @@ class Method:
   def flops_per_sample(self, params: Params) -> float:
     """FLOPs of the whole sampling chain for one sample (every denoiser call it makes)."""
     raise NotImplementedError
+
+  def cost_description(self, params: Params) -> dict[str, Any]:
+    """Method-specific costs ``metrics.json`` records (e.g. client FLOPs, bytes on the wire)."""
+    del params
+    return {}
 
   def sampling_description(self) -> dict[str, Any]:
     """What ``metrics.json`` records about how samples were drawn."""

@@ -239,3 +239,31 @@ def test_bad_input_names_the_field(tmp_path, overrides, field):
   with pytest.raises(ConfigError, match=rf"^config error: {field}="):
     loop.train(tiny(**overrides), str(tmp_path / "run"), devices=jax.devices()[:1])
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("chain", ["global", "rebased"])
+def test_ratio_handoff_with_the_optimal_server_samples_the_cut_marginal(chain):
+  # Data is the point mass x0 = c, so the server's optimal noise estimate is known in closed form:
+  # E[eps_s | x_k] = sqrt(1 - abar'_k) (x_k - sqrt(abar_k) c) / (1 - abar_k). Its hand-off must
+  # then be a sample of q(x_cut | x0 = c) = N(sqrt(abar_cut) c, 1 - abar_cut).
+  m = collab_method.CollaFuse(tiny(), data.get_info(tiny().data))
+  d, t_cut, c = m.diffusion, 8, 0.6
+  abar = jnp.asarray(d.np_alpha_bar_levels(), jnp.float32)
+
+  def optimal_server(x, t, y):
+    del y
+    ab = abar[t + 1].reshape(-1, 1, 1, 1)
+    ab_rebased = ab / abar[t_cut]
+    return jnp.sqrt(1 - ab_rebased) * (x - jnp.sqrt(ab) * c) / (1 - ab)
+
+  x_cut = server.sample(
+    d, optimal_server, (20000, 1, 1, 1), jax.random.key(0), t_cut=t_cut, noising="ratio",
+    num_steps=20, chain=chain, sampler="ddpm",
+  )  # fmt: skip
+  assert abs(float(x_cut.mean()) - float(jnp.sqrt(abar[t_cut])) * c) < 0.02
+  if chain == "global":
+    assert abs(float(x_cut.var()) - float(1 - abar[t_cut])) < 0.02
+  else:
+    # The spec's rebased posterior ends on its x_cut *estimate* (no noise on the step into its
+    # level 0), so the hand-off is too smooth: one reason the default is the global chain.
+    assert float(x_cut.var()) < float(1 - abar[t_cut]) - 0.1

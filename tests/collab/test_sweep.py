@@ -1,0 +1,160 @@
+"""CollaFuse measurements: disclosure distances, the analytic cut MSE, client compute, multi-process
+input and the sweep binary end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from collab import client, disclosure, sweep
+from collab import method as collab_method
+from common import data
+from common.train import loop
+from tests.collab.test_collab import build, tiny
+
+
+def test_pixel_mse_and_nn_distance_match_brute_force():
+  rng = np.random.default_rng(0)
+  a = rng.uniform(-1, 1, (7, 4, 4, 3)).astype(np.float32)
+  b = rng.uniform(-1, 1, (5, 4, 4, 3)).astype(np.float32)
+  pairs = ((a[:, None] - b[None]) ** 2).reshape(7, 5, -1).mean(-1)
+  np.testing.assert_allclose(disclosure.pixel_mse_all_pairs(a, b), pairs.mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+    disclosure.nearest_neighbour_distance(a, b, chunk=3), np.sqrt(pairs.min(1)).mean(), rtol=1e-6
+  )
+  # A server that reproduces training images exactly has distance 0 to them.
+  assert disclosure.nearest_neighbour_distance(b[[4, 0, 2]], b) < 1e-6
+
+
+def test_cut_image_mse_matches_the_analytic_formula():
+  config = tiny()
+  m = collab_method.CollaFuse(config, data.get_info(config.data))
+  x0, _ = data.load_split(config.data, "train")
+  x0 = np.tile(x0, (8, 1, 1, 1))  # 8 noise draws of every training image
+  for t_cut in (1, 5, 12, 20):
+    noise = np.asarray(jax.random.normal(jax.random.key(t_cut), x0.shape))
+    x_cut = np.asarray(client.cut_image(m.diffusion, x0, noise, t_cut))
+    measured = disclosure.cut_mse_measured(x0, x_cut)
+    analytic = disclosure.cut_mse_analytic(m.diffusion, t_cut, x0)
+    assert abs(measured - analytic) < 0.01 * analytic, (t_cut, measured, analytic)
+  assert disclosure.cut_mse_analytic(m.diffusion, 0, x0) == 0.0
+
+
+def test_multi_process_batches_are_reassembled_client_major():
+  config = tiny(batch_size=8)
+  m = collab_method.CollaFuse(config, data.get_info(config.data))
+  # Two processes each read half of every client's batch; the global array is process-major.
+  halves = [next(m.train_iterator(process_index=p, process_count=2))["label"] for p in range(2)]
+  assert all(h.shape == (config.num_clients * 4,) for h in halves)
+  global_labels = np.concatenate(halves)
+  per_client = np.asarray(m._client_major(jax.numpy.asarray(global_labels), 2))
+  assert per_client.shape == (config.num_clients, 8)
+  train_labels = data.load_labels(config.data, "train")
+  for k in range(config.num_clients):
+    own = set(train_labels[m.client_indices("train")[k]].tolist())
+    assert set(per_client[k].tolist()) <= own  # client k's row holds only client k's data
+    np.testing.assert_array_equal(per_client[k, :4], halves[0].reshape(2, 4)[k])
+    np.testing.assert_array_equal(per_client[k, 4:], halves[1].reshape(2, 4)[k])
+  with pytest.raises(Exception, match="batch_size"):
+    m.train_iterator(process_index=0, process_count=3)
+
+
+def test_diagnostics_and_client_compute():
+  config = tiny()
+  m, _, _, state, _ = build(config)
+  # 8 samples, as the sweep test below draws: the persistent compile cache serves both.
+  rng, y = jax.random.key(1), m.client_labels(0, 8, 17)
+  diag = m.sample_diagnostics(state.params, 0, rng, 8, y)
+  assert set(diag) == {"generated", "handoff", "server_alone", "client_from_noise"}
+  np.testing.assert_allclose(diag["generated"], m.sample_client(state.params, 0, rng, 8, y))
+  assert all(v.shape == (8, 8, 8, 1) for v in diag.values())
+  # The client's network runs exactly t_cut times per image, and its FLOPs follow.
+  costs = m.cost_description(state.params)
+  assert costs["client_network_calls_per_image"] == config.cut_point
+  one = jax.tree.map(lambda a: a[0], state.params["clients"])
+  np.testing.assert_allclose(
+    costs["client_inference_flops_per_image"], config.cut_point * m.denoiser_call_flops(one, 1)
+  )
+  assert costs["uplink_bytes_per_client_step"] == 8 * 64 * 4 + 8 * 4
+  assert costs["downlink_bytes_per_image"] == 64 * 4
+  assert (
+    costs["client_train_flops_per_step"]
+    > 2 * config.batch_size * costs["client_inference_flops_per_image"] / config.cut_point
+  )
+  m0 = collab_method.CollaFuse(tiny(cut_point=0), m.data_info)
+  assert m0.client_network_calls_per_image(state.params) == 0
+  assert "client_from_noise" not in m0.sample_diagnostics(state.params, 0, rng, 8, y)
+
+
+def test_sweep_end_to_end(tmp_path, monkeypatch):
+  config = tiny(total_steps=2, ckpt_every_steps=2)
+  workdir = str(tmp_path / "sweep")
+  summary = sweep.run_sweep(config, workdir, seeds=[0], cuts=[0, 8, 20], samples_per_client=8)
+  for name in ("sweep.json", "sweep.md", "sweep.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  cuts = summary["table"]["cuts"]
+  assert sorted(cuts, key=int) == ["0", "8", "20"]
+  assert [cuts[c]["costs"]["client_network_calls_per_image"] for c in ("0", "8", "20")] == [
+    0,
+    8,
+    20,
+  ]
+  assert summary["table"]["centralized"]["fid"]["n"] == 1
+  assert summary["claims"]["client_flops_scale_with_cut"]["verdict"] == "supported"
+  assert summary["claims"]["cut_mse_matches_analytic"]["verdict"] == "supported"
+  assert summary["claims"]["beats_local_only"]["fid"]["clients"] == 2
+  # Cut 0 sends x0 itself: the cut images are the training data (distance 0).
+  assert cuts["0"]["disclosure/cut_images/nn_distance"]["mean"] < 1e-6
+  assert cuts["8"]["disclosure/cut_images/nn_distance"]["mean"] > 0.1
+  # The logger counts all K client batches of a step.
+  rec = json.loads(open(os.path.join(workdir, "seed0", "cut8", "metrics.jsonl")).readline())
+  np.testing.assert_allclose(rec["images_per_s"], rec["steps_per_s"] * 2 * 8, rtol=1e-6)
+  # A second run finds everything done: nothing is trained or evaluated again.
+  monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("retrained a finished run"))
+  monkeypatch.setattr(
+    sweep, "evaluate_collab_run", lambda *a, **k: pytest.fail("re-evaluated a finished run")
+  )
+  again = sweep.run_sweep(config, workdir, seeds=[0], cuts=[0, 8, 20], samples_per_client=8)
+  assert again["table"]["cuts"]["8"]["collafuse/fid"] == cuts["8"]["collafuse/fid"]
+
+
+def test_sweep_refuses_a_cut_outside_the_chain(tmp_path):
+  from common.train.validate import ConfigError
+
+  with pytest.raises(ConfigError, match="cut_points=21"):
+    sweep.run_sweep(tiny(), str(tmp_path / "s"), seeds=[0], cuts=[0, 21])
+
+
+def test_client_axis_is_sharded_over_the_mesh_and_trains_like_one_device():
+  """Clients split over the mesh's data axis (shard_map), and K clients not split (their data
+  kept whole on every device), both against the same step on one device."""
+  from jax.sharding import PartitionSpec as P
+
+  one_mesh, m1 = loop.setup(tiny(client_loop="vmap", num_clients=2), devices=jax.devices()[:1])
+  fns1 = loop.build(m1.config, m1, one_mesh)
+  batch_np = next(m1.train_iterator(process_index=0, process_count=1))
+  _, single = fns1["step"](
+    fns1["init"](), loop.parallel.global_batch(batch_np, fns1["batch_sharding"])
+  )
+  for client_axis in ("data", ""):
+    config = tiny(client_loop="vmap", num_clients=2, client_mesh_axis=client_axis)
+    config.mesh.data = 2
+    mesh, m = loop.setup(config, devices=jax.devices()[:2])
+    fns = loop.build(config, m, mesh)
+    client_leaf = jax.tree.leaves(fns["state_shardings"].params["clients"])[0]
+    if client_axis:
+      assert client_leaf.spec == P("data", *([None] * (len(client_leaf.spec) - 1)))
+      opt = jax.tree.leaves(fns["state_shardings"].opt_state["clients"])
+      assert all(s.spec[0] == "data" for s in opt if s.spec)
+    state, metrics = fns["step"](
+      fns["init"](), loop.parallel.global_batch(batch_np, fns["batch_sharding"])
+    )
+    assert jax.tree.leaves(state.params["clients"])[0].sharding.spec == client_leaf.spec
+    # Parameters after one Adam step are sign(g) * lr wherever g is float noise, so the
+    # comparison is on the losses and gradient norms.
+    for key in ("client_loss", "server_loss", "grad_norm", "server_grad_norm"):
+      np.testing.assert_allclose(
+        float(metrics[key]), float(single[key]), rtol=1e-4, err_msg=f"{client_axis!r} {key}"
+      )
