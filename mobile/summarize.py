@@ -1,0 +1,85 @@
+"""Tables of mobile/RESULTS.md from evaluated runs: ``python -m mobile.summarize --runs=runs/mobile``.
+
+Reads ``<runs>/<name>/eval/metrics.json`` as written by ``common.eval`` for the run names of
+``mobile/experiments.sh`` and prints markdown: per-run figures and mean +- std over seeds. Runs not
+evaluated yet are listed as missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import app, flags
+
+_RUNS = flags.DEFINE_string("runs", "runs/mobile", "Directory holding the runs.")
+
+
+def _load(runs: str, name: str) -> dict | None:
+  path = os.path.join(runs, name, "eval", "metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _row(name: str, m: dict) -> str:
+  acc = f"{100 * m['label_accuracy']:.1f}%" if "label_accuracy" in m else "-"
+  return (
+    f"| {name} | {m['fid']:.2f} | {m['kid_mean']:.1f} | {m['precision']:.3f} | "
+    f"{m['recall']:.3f} | {acc} | {m['params']:,} | {m['flops_per_sample']:.3g} | "
+    f"{1e3 * m['wall_time_per_sample_s']:.1f} ms |"
+  )
+
+
+_HEADER = (
+  "| run | digits-FD | KID | precision | recall | label acc. | params | FLOPs / sample "
+  "| wall / sample |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _table(runs: str, names: list[str]) -> list[str]:
+  lines = [_HEADER]
+  for name in names:
+    m = _load(runs, name)
+    lines.append(_row(name, m) if m else f"| {name} | (not evaluated) |")
+  return lines
+
+
+def _seed_summary(runs: str, prefix: str, seeds=(0, 1, 2)) -> str:
+  ms = [m for m in (_load(runs, f"{prefix}_s{s}") for s in seeds) if m]
+  if not ms:
+    return f"| {prefix} | (no evaluated seed) |"
+  fid = np.array([m["fid"] for m in ms])
+  kid = np.array([m["kid_mean"] for m in ms])
+  prec = np.array([m["precision"] for m in ms])
+  rec = np.array([m["recall"] for m in ms])
+  return (
+    f"| {prefix} | {len(ms)} | {fid.mean():.2f} +- {fid.std(ddof=1) if len(ms) > 1 else 0:.2f} | "
+    f"{kid.mean():.1f} +- {kid.std(ddof=1) if len(ms) > 1 else 0:.1f} | {prec.mean():.3f} | "
+    f"{rec.mean():.3f} | {ms[0]['flops_per_sample']:.3g} |"
+  )
+
+
+def main(argv):
+  del argv
+  runs = _RUNS.value
+  out = ["## M2: Config I vs II (mean +- sample std over seeds)", ""]
+  out.append(
+    "| config | seeds | digits-FD | KID | precision | recall | FLOPs / sample |\n"
+    "|---|---|---|---|---|---|---|"
+  )
+  out += [_seed_summary(runs, "c1"), _seed_summary(runs, "c2"), ""]
+  out += _table(runs, [f"c{c}_s{s}" for c in (1, 2) for s in (0, 1, 2)]) + [""]
+  out += ["## M3: spatial mechanism (Config I, seed 0)", ""]
+  out += _table(runs, ["c1_s0", "c1_nodw", "c1_pos"]) + [""]
+  out += ["## M4: depth N at D=64 (Config I, seed 0)", ""]
+  out += _table(runs, ["c1_n2", "c1_n4", "c1_s0", "c1_n8"]) + [""]
+  out += ["## M6: class-conditional Config I, guidance scale 1 + w", ""]
+  out += _table(runs, ["cond", "cond_g2.0", "cond_g4.0"])
+  print("\n".join(out))
+
+
+if __name__ == "__main__":
+  app.run(main)
