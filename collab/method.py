@@ -469,11 +469,16 @@ class CollaFuse(DDPM):
     return {name: np.asarray(v) for name, v in out.items()}
 
   # --- client compute and communication -----------------------------------------------------
+  @staticmethod
+  def _first_client(params):
+    """Client 0's network: every client shares one architecture, so it prices them all."""
+    return jax.tree.map(lambda a: a[0], params["clients"])
+
   def client_network_calls_per_image(self, params) -> int:
     """How many times a client's network runs to finish one image, counted by running it."""
     calls = []
     res, ch = self.data_info.resolution, self.data_info.channels
-    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    one_client = self._first_client(params)
 
     def counted(x, t, y):
       jax.debug.callback(lambda: calls.append(1))
@@ -492,7 +497,7 @@ class CollaFuse(DDPM):
       return 0.0
     res, ch = self.data_info.resolution, self.data_info.channels
     b = int(self.config.batch_size)
-    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    one_client = self._first_client(params)
     y = jnp.zeros((b,), jnp.int32) if self.class_conditional else None
 
     def objective(p, x0, rng):
@@ -507,7 +512,7 @@ class CollaFuse(DDPM):
     b = int(self.config.batch_size)
     share = bool(self.config.share_labels) and self.class_conditional
     calls = self.client_network_calls_per_image(params)
-    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    one_client = self._first_client(params)
     return {
       "client_network_calls_per_image": calls,
       "client_inference_flops_per_image": float(self.denoiser_call_flops(one_client, 1) * calls),
@@ -570,7 +575,7 @@ class CollaFuse(DDPM):
 
   def flops_per_sample(self, params):
     # Server and clients share one architecture, so any one network prices every call.
-    one_client = jax.tree.map(lambda a: a[0], params["clients"])
+    one_client = self._first_client(params)
     return self.denoiser_call_flops(one_client, sum(self.steps_split()))
 
   def sampling_description(self) -> dict[str, Any]:

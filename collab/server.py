@@ -123,25 +123,21 @@ def sample(
     )
     ratio = jnp.asarray(ratio, jnp.float32)
 
-    def global_eps(x, t, y):
-      return apply_fn(x, t, y) / ratio[t].reshape(-1, *([1] * (x.ndim - 1)))
+    server_eps = apply_fn
 
-    steps = min(num_steps, big_t - t_cut)
-    levels = sampling.make_levels(big_t, steps, big_t, t_cut)
-    return sampling.sample_segment(
-      diffusion, sampling.Segment(global_eps, big_t, t_cut), x_T, rng, levels=levels,
-      clip_denoised=True, **common,
-    )  # fmt: skip
-  if noising == "ratio":
-    chain = diffusion.rebased(t_cut)
-    steps = min(num_steps, chain.num_timesteps)
-    segment = sampling.Segment(lambda x, t, y: apply_fn(x, t + t_cut, y), chain.num_timesteps, 0)
-    levels = sampling.make_levels(chain.num_timesteps, steps)
+    def apply_fn(x, t, y):  # the global chain's noise estimate; sampled below like `full`
+      return server_eps(x, t, y) / ratio[t].reshape(-1, *([1] * (x.ndim - 1)))
+
+  elif noising == "ratio":
+    rebased = diffusion.rebased(t_cut)
+    steps = min(num_steps, rebased.num_timesteps)
+    segment = sampling.Segment(lambda x, t, y: apply_fn(x, t + t_cut, y), rebased.num_timesteps, 0)
+    levels = sampling.make_levels(rebased.num_timesteps, steps)
     # x_cut is a noisy latent unless t_cut == 0, so only then is the estimate clipped to [-1, 1].
     # The rebased chain's levels 1.. would reuse the client's step keys (fold_in(rng, k)), so the
     # server's steps draw from their own stream.
     return sampling.sample_segment(
-      chain, segment, x_T, jax.random.fold_in(rng, 1 << 21), levels=levels,
+      rebased, segment, x_T, jax.random.fold_in(rng, 1 << 21), levels=levels,
       clip_denoised=t_cut == 0, **common,
     )  # fmt: skip
   steps = min(num_steps, big_t - t_cut)

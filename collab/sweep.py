@@ -233,7 +233,7 @@ def summarize(
   seeds = sorted({int(key.split("/")[0][4:]) for key in results})
   num_clients = max(len(r["clients"]) for r in results.values())
 
-  def client_curve(arm, cut, path):
+  def client_curve(arm, path):
     """[seeds, clients] of one metric (NaN where missing)."""
     out = np.full((len(seeds), num_clients), np.nan)
     for i, s in enumerate(seeds):
@@ -252,25 +252,23 @@ def summarize(
     row: dict[str, Any] = {}
     for arm in ("collafuse", "client_from_noise"):
       for m in metrics:
-        grid = client_curve(f"cut{cut}", cut, (arm, m))
+        grid = client_curve(f"cut{cut}", (arm, m))
         row[f"{arm}/{m}"] = _mean_std(np.nanmean(grid, axis=1) if np.isfinite(grid).any() else [])
         row[f"{arm}/{m}/per_client"] = _nan_list(
           np.nanmean(grid, axis=0) if np.isfinite(grid).any() else []
         )
     for src in ("cut_images", "handoff", "server_alone"):
       for m in ("fid", "kid_mean", "pixel_mse", "nn_distance"):
-        grid = client_curve(f"cut{cut}", cut, ("disclosure", src, m))
+        grid = client_curve(f"cut{cut}", ("disclosure", src, m))
         row[f"disclosure/{src}/{m}"] = _mean_std(np.nanmean(grid, axis=1))
         row[f"disclosure/{src}/{m}/per_client"] = _nan_list(np.nanmean(grid, axis=0))
     for m in ("measured", "analytic"):
-      row[f"cut_mse/{m}"] = _mean_std(
-        np.nanmean(client_curve(f"cut{cut}", cut, ("cut_mse", m)), axis=1)
-      )
+      row[f"cut_mse/{m}"] = _mean_std(np.nanmean(client_curve(f"cut{cut}", ("cut_mse", m)), axis=1))
     costs = [results[f"seed{s}/cut{cut}"]["costs"] for s in seeds if f"seed{s}/cut{cut}" in results]
     row["costs"] = costs[0] if costs else {}
     table["cuts"][str(cut)] = row
   for m in metrics:
-    grid = client_curve("centralized", None, ("collafuse", m))
+    grid = client_curve("centralized", ("collafuse", m))
     table["centralized"][m] = _mean_std(np.nanmean(grid, axis=1) if np.isfinite(grid).any() else [])
     table["centralized"][f"{m}/per_client"] = _nan_list(
       np.nanmean(grid, axis=0) if np.isfinite(grid).any() else []
@@ -292,8 +290,8 @@ def _claims(client_curve, cuts, big_t, ref_cut, table) -> dict[str, Any]:
     """Per metric: client-seed pairs where a beats b (lower), and clients won on the seed mean."""
     out = {}
     for m in ("fid", "kid_mean"):
-      a = client_curve(f"cut{cut_a}", cut_a, (arm_a, m))
-      b = client_curve(f"cut{cut_b}", cut_b, (arm_b, m))
+      a = client_curve(f"cut{cut_a}", (arm_a, m))
+      b = client_curve(f"cut{cut_b}", (arm_b, m))
       won = np.nanmean(a, 0) < np.nanmean(b, 0)
       out[m] = {
         "client_seed_pairs_won": int((a < b).sum()),
@@ -595,10 +593,9 @@ def main(argv):
   # Seeds of one cut compile the same programs; a persistent cache compiles them once.
   import jax
 
-  cache_root = os.environ.get(
-    "SEGDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "segdiff")
-  )
-  jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root, "jax"))
+  from common.metrics import reference
+
+  jax.config.update("jax_compilation_cache_dir", os.path.join(reference.cache_root(), "jax"))
   try:
     run_sweep(
       _CONFIG.value,

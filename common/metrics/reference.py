@@ -21,10 +21,14 @@ EMBEDDED_FEATURE_NETS = ("digits", "shapes")
 FEATURE_NETS = (*EMBEDDED_FEATURE_NETS, "inception_v3")
 
 
+def cache_root() -> str:
+  """The repo's cache directory: ``$SEGDIFF_CACHE``, else ``~/.cache/segdiff``."""
+  return os.environ.get("SEGDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "segdiff"))
+
+
 def default_cache_dir() -> str:
   """``$SEGDIFF_CACHE/reference_stats``, else ``~/.cache/segdiff/reference_stats``."""
-  root = os.environ.get("SEGDIFF_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "segdiff"))
-  return os.path.join(root, "reference_stats")
+  return os.path.join(cache_root(), "reference_stats")
 
 
 @dataclasses.dataclass
