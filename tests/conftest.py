@@ -2,8 +2,11 @@
 
 import os
 
+# Tests are dominated by XLA:CPU compiling many small programs, not by running them: LLVM at -O0
+# compiles a collab train step in 21 s instead of 32 s.
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  os.environ.get("XLA_FLAGS", "")
+  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -91,22 +91,18 @@ def test_diagnostics_and_client_compute():
 def test_sweep_end_to_end(tmp_path, monkeypatch):
   config = tiny(total_steps=2, ckpt_every_steps=2)
   workdir = str(tmp_path / "sweep")
-  summary = sweep.run_sweep(config, workdir, seeds=[0], cuts=[0, 8, 20], samples_per_client=8)
+  # Cut 0 (the server does every step) is covered by test_collab's cut extremes; each cut here
+  # compiles its own train step, the bulk of this test's time.
+  summary = sweep.run_sweep(config, workdir, seeds=[0], cuts=[8, 20], samples_per_client=8)
   for name in ("sweep.json", "sweep.md", "sweep.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 0
   cuts = summary["table"]["cuts"]
-  assert sorted(cuts, key=int) == ["0", "8", "20"]
-  assert [cuts[c]["costs"]["client_network_calls_per_image"] for c in ("0", "8", "20")] == [
-    0,
-    8,
-    20,
-  ]
+  assert sorted(cuts, key=int) == ["8", "20"]
+  assert [cuts[c]["costs"]["client_network_calls_per_image"] for c in ("8", "20")] == [8, 20]
   assert summary["table"]["centralized"]["fid"]["n"] == 1
   assert summary["claims"]["client_flops_scale_with_cut"]["verdict"] == "supported"
   assert summary["claims"]["cut_mse_matches_analytic"]["verdict"] == "supported"
   assert summary["claims"]["beats_local_only"]["fid"]["clients"] == 2
-  # Cut 0 sends x0 itself: the cut images are the training data (distance 0).
-  assert cuts["0"]["disclosure/cut_images/nn_distance"]["mean"] < 1e-6
   assert cuts["8"]["disclosure/cut_images/nn_distance"]["mean"] > 0.1
   # The logger counts all K client batches of a step.
   rec = json.loads(open(os.path.join(workdir, "seed0", "cut8", "metrics.jsonl")).readline())
@@ -116,7 +112,7 @@ def test_sweep_end_to_end(tmp_path, monkeypatch):
   monkeypatch.setattr(
     sweep, "evaluate_collab_run", lambda *a, **k: pytest.fail("re-evaluated a finished run")
   )
-  again = sweep.run_sweep(config, workdir, seeds=[0], cuts=[0, 8, 20], samples_per_client=8)
+  again = sweep.run_sweep(config, workdir, seeds=[0], cuts=[8, 20], samples_per_client=8)
   assert again["table"]["cuts"]["8"]["collafuse/fid"] == cuts["8"]["collafuse/fid"]
 
 
@@ -127,18 +123,13 @@ def test_sweep_refuses_a_cut_outside_the_chain(tmp_path):
     sweep.run_sweep(tiny(), str(tmp_path / "s"), seeds=[0], cuts=[0, 21])
 
 
-def test_client_axis_is_sharded_over_the_mesh_and_trains_like_one_device():
-  """Clients split over the mesh's data axis (shard_map), and K clients not split (their data
-  kept whole on every device), both against the same step on one device."""
+def test_client_axis_is_sharded_over_the_mesh_and_trains_like_unsplit_clients():
+  """Clients split over the mesh's data axis (shard_map) against the same step with the client
+  axis not split (the clients' data kept whole on every device, as on one device)."""
   from jax.sharding import PartitionSpec as P
 
-  one_mesh, m1 = loop.setup(tiny(client_loop="vmap", num_clients=2), devices=jax.devices()[:1])
-  fns1 = loop.build(m1.config, m1, one_mesh)
-  batch_np = next(m1.train_iterator(process_index=0, process_count=1))
-  _, single = fns1["step"](
-    fns1["init"](), loop.parallel.global_batch(batch_np, fns1["batch_sharding"])
-  )
-  for client_axis in ("data", ""):
+  metrics_by_axis = {}
+  for client_axis in ("", "data"):
     config = tiny(client_loop="vmap", num_clients=2, client_mesh_axis=client_axis)
     config.mesh.data = 2
     mesh, m = loop.setup(config, devices=jax.devices()[:2])
@@ -148,13 +139,14 @@ def test_client_axis_is_sharded_over_the_mesh_and_trains_like_one_device():
       assert client_leaf.spec == P("data", *([None] * (len(client_leaf.spec) - 1)))
       opt = jax.tree.leaves(fns["state_shardings"].opt_state["clients"])
       assert all(s.spec[0] == "data" for s in opt if s.spec)
-    state, metrics = fns["step"](
+    batch_np = next(m.train_iterator(process_index=0, process_count=1))
+    state, metrics_by_axis[client_axis] = fns["step"](
       fns["init"](), loop.parallel.global_batch(batch_np, fns["batch_sharding"])
     )
     assert jax.tree.leaves(state.params["clients"])[0].sharding.spec == client_leaf.spec
-    # Parameters after one Adam step are sign(g) * lr wherever g is float noise, so the
-    # comparison is on the losses and gradient norms.
-    for key in ("client_loss", "server_loss", "grad_norm", "server_grad_norm"):
-      np.testing.assert_allclose(
-        float(metrics[key]), float(single[key]), rtol=1e-4, err_msg=f"{client_axis!r} {key}"
-      )
+  # Parameters after one Adam step are sign(g) * lr wherever g is float noise, so the comparison
+  # is on the losses and gradient norms.
+  for key in ("client_loss", "server_loss", "grad_norm", "server_grad_norm"):
+    np.testing.assert_allclose(
+      float(metrics_by_axis["data"][key]), float(metrics_by_axis[""][key]), rtol=1e-4, err_msg=key
+    )
