@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.class_conditional = False
   c.model.use_scale_shift_norm = True
   c.model.resblock_updown = True
+  c.model.norm_group_size = 0  # 0: gcd(32, width) GroupNorm groups; > 0: groups of this size
+  c.model.time_embed_channels = 0  # 0: channels[0] (IDDPM's model_channels)
+  c.model.base_channels = ()  # a pruned network's unpruned widths; () = its own
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
 
   c.data = ml_collections.ConfigDict()

@@ -37,9 +37,16 @@ train_eval cond digits_config1 --config.model.class_conditional=True \
 guided_eval cond 2.0
 guided_eval cond 4.0
 
-# M3: no spatial mechanism in the blocks vs a learned positional table (Config I, seed 0).
+# M3: no spatial mechanism in the blocks vs a learned positional table (Config I, 3 seeds; the
+# seed-0 runs keep their first names, linked as _s0 for the seed summary).
 train_eval c1_nodw digits_config1 --config.model.ffn_dwconv=False
 train_eval c1_pos digits_config1 --config.model.pos_emb=learned
+ln -sfn c1_nodw "$R/c1_nodw_s0"
+ln -sfn c1_pos "$R/c1_pos_s0"
+for s in 1 2; do
+  train_eval "c1_nodw_s$s" digits_config1 --config.model.ffn_dwconv=False --config.seed=$s
+  train_eval "c1_pos_s$s" digits_config1 --config.model.pos_emb=learned --config.seed=$s
+done
 
 # M4: depth N in {2, 4, 6} at D = 64 (N = 6 is c1_s0). N = 8 (c1_n8) was not run for lack of time:
 #   train_eval c1_n8 digits_config1 --config.model.depth=8

@@ -72,7 +72,12 @@ def main(argv):
   )
   out += [_seed_summary(runs, "c1"), _seed_summary(runs, "c2"), ""]
   out += _table(runs, [f"c{c}_s{s}" for c in (1, 2) for s in (0, 1, 2)]) + [""]
-  out += ["## M3: spatial mechanism (Config I, seed 0)", ""]
+  out += ["## M3: spatial mechanism (Config I; mean +- sample std over seeds)", ""]
+  out += [
+    "| config | seeds | digits-FD | KID | precision | recall | FLOPs / sample |\n"
+    "|---|---|---|---|---|---|---|"
+  ]
+  out += [_seed_summary(runs, p) for p in ("c1", "c1_nodw", "c1_pos")] + [""]
   out += _table(runs, ["c1_s0", "c1_nodw", "c1_pos"]) + [""]
   out += ["## M4: depth N at D=64 (Config I, seed 0)", ""]
   out += _table(runs, ["c1_n2", "c1_n4", "c1_s0", "c1_n8"]) + [""]

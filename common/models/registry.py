@@ -113,6 +113,10 @@ def _build_unet(
     num_classes=num_classes if m.class_conditional else 0,
     use_scale_shift_norm=m.use_scale_shift_norm,
     resblock_updown=m.resblock_updown,
+    # .get: configs saved before these fields existed build the network they always did.
+    norm_group_size=m.get("norm_group_size", 0),
+    time_embed_channels=m.get("time_embed_channels", 0),
+    base_channels=tuple(m.get("base_channels", ())) or None,
     dtype=_DTYPES[m.dtype],
     rngs=rngs,
   )

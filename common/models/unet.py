@@ -57,12 +57,19 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
   return emb
 
 
-def _group_norm(width: int, param_dtype, rngs: nnx.Rngs) -> nnx.GroupNorm:
+def _group_norm(width: int, param_dtype, rngs: nnx.Rngs, group_size: int = 0) -> nnx.GroupNorm:
   # gcd keeps IDDPM's 32 groups whenever possible but still works for pruned widths
-  # that 32 does not divide.
+  # that 32 does not divide. A fixed group size instead keeps the partition of the surviving
+  # channels unchanged when whole groups are pruned away, so normalisation is inherited exactly.
+  if group_size > 0:
+    if width % group_size:
+      raise ValueError(f"UNet: width {width} is not divisible by norm_group_size {group_size}")
+    num_groups = width // group_size
+  else:
+    num_groups = math.gcd(32, width)
   return nnx.GroupNorm(
     width,
-    num_groups=math.gcd(32, width),
+    num_groups=num_groups,
     epsilon=_GN_EPS,
     dtype=jnp.float32,  # statistics in float32 even under bf16 compute, as IDDPM's GroupNorm32
     param_dtype=param_dtype,
@@ -152,6 +159,8 @@ class ResBlock(nnx.Module):
     dtype,
     param_dtype,
     rngs: nnx.Rngs,
+    norm_group_size: int = 0,
+    skip_conv: bool | None = None,
   ):
     if resample not in (None, "up", "down"):
       raise ValueError(f"ResBlock: resample must be None, 'up' or 'down', got {resample!r}")
@@ -164,7 +173,7 @@ class ResBlock(nnx.Module):
     self.dropout_index = dropout_index
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.norm1 = _group_norm(in_width, param_dtype, rngs)
+    self.norm1 = _group_norm(in_width, param_dtype, rngs, norm_group_size)
     self.conv1 = _conv(in_width, out_width, 3, **kw)
     # The embedding projection runs in float32 (IDDPM keeps its Linear layers in fp32 under
     # fp16 training); it is a [B, D] matmul, so the cost is negligible.
@@ -175,10 +184,16 @@ class ResBlock(nnx.Module):
       param_dtype=param_dtype,
       rngs=rngs,
     )
-    self.norm2 = _group_norm(out_width, param_dtype, rngs)
+    self.norm2 = _group_norm(out_width, param_dtype, rngs, norm_group_size)
     self.dropout = nnx.Dropout(dropout)
     self.conv2 = _conv(out_width, out_width, 3, zero=True, **kw)
-    self.skip = _conv(in_width, out_width, 1, **kw) if in_width != out_width else None
+    # ``skip_conv=True`` keeps a 1x1 conv even at equal widths: a network pruned from one whose
+    # widths differed here must keep that learned projection to inherit its weights.
+    if in_width != out_width and skip_conv is False:
+      raise ValueError(f"ResBlock: widths {in_width} -> {out_width} need a skip conv")
+    if skip_conv is None:
+      skip_conv = in_width != out_width
+    self.skip = _conv(in_width, out_width, 1, **kw) if skip_conv else None
 
   def __call__(
     self, x: jax.Array, emb: jax.Array, dropout_rng: jax.Array | None = None
@@ -225,13 +240,22 @@ class AttentionBlock(nnx.Module):
   ``x: [B, H, W, C]`` -> ``[B, H, W, C]`` in the compute dtype.
   """
 
-  def __init__(self, width: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    num_heads: int,
+    *,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    norm_group_size: int = 0,
+  ):
     if num_heads < 1 or width % num_heads:
       raise ValueError(f"AttentionBlock: width {width} is not divisible into {num_heads} heads")
     self.width = width
     self.num_heads = num_heads
     self.dtype = dtype
-    self.norm = _group_norm(width, param_dtype, rngs)
+    self.norm = _group_norm(width, param_dtype, rngs, norm_group_size)
     # A 1x1 conv over positions is a Dense layer on the token axis; same parameters.
     self.qkv = _linear(width, 3 * width, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.proj = _linear(width, width, dtype=dtype, param_dtype=param_dtype, rngs=rngs, zero=True)
@@ -292,6 +316,15 @@ class UNet(nnx.Module):
       embeddings whose last row (index ``num_classes``) is the null label for CFG.
     use_scale_shift_norm: condition via ``norm(h) * (1 + scale) + shift`` (IDDPM default).
     resblock_updown: resample with up/down ResBlocks (ADM) instead of conv resampling (IDDPM).
+    norm_group_size: 0 for ``gcd(32, width)`` GroupNorm groups (IDDPM's 32 where possible);
+      > 0 for groups of exactly this many channels (every width must be divisible), so a
+      network pruned by whole groups normalises its surviving channels as the original did.
+    time_embed_channels: width of the sinusoidal timestep features, IDDPM's
+      ``model_channels``; the embedding width is 4x this. 0 means ``channels[0]``. A pruned
+      network pins it to the unpruned ``channels[0]`` to keep the conditioning path intact.
+    base_channels: widths of the network this one was pruned from (``None``: itself). A
+      level-entry ResBlock whose base widths differ keeps its 1x1 skip conv even where the
+      pruned widths coincide, so every pruned layer has a counterpart in the base.
     dtype: compute dtype (float32 or bfloat16); norms and softmax stay float32.
     param_dtype: parameter dtype.
     rngs: initialisation keys (``params`` stream).
@@ -312,6 +345,9 @@ class UNet(nnx.Module):
     num_classes: int = 0,
     use_scale_shift_norm: bool = True,
     resblock_updown: bool = True,
+    norm_group_size: int = 0,
+    time_embed_channels: int = 0,
+    base_channels: Sequence[int] | None = None,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -347,6 +383,22 @@ class UNet(nnx.Module):
       raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
     if num_classes < 0:
       raise ValueError(f"UNet: num_classes must be >= 0, got {num_classes}")
+    if norm_group_size < 0:
+      raise ValueError(f"UNet: norm_group_size must be >= 0, got {norm_group_size}")
+    if norm_group_size > 0:
+      bad = [c for c in channels if c % norm_group_size]
+      if bad:
+        raise ValueError(
+          f"UNet: widths {bad} of channels {channels} are not divisible by "
+          f"norm_group_size {norm_group_size}"
+        )
+    if time_embed_channels < 0:
+      raise ValueError(f"UNet: time_embed_channels must be >= 0, got {time_embed_channels}")
+    base_channels = channels if base_channels is None else tuple(int(c) for c in base_channels)
+    if len(base_channels) != num_levels:
+      raise ValueError(
+        f"UNet: base_channels {base_channels} must have one width per level ({num_levels})"
+      )
 
     def heads_for(width: int) -> int:
       if num_head_channels > 0:
@@ -366,13 +418,15 @@ class UNet(nnx.Module):
     self.num_res_blocks = num_res_blocks
     self.attention_resolutions = attention_resolutions
     self.num_classes = num_classes
+    self.norm_group_size = norm_group_size
+    self.time_embed_channels = time_embed_channels or channels[0]
     self.dtype = dtype
 
-    emb_dim = 4 * channels[0]
+    emb_dim = 4 * self.time_embed_channels
     f32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     # The conditioning path stays float32: it is tiny and feeds every scale-shift.
-    self.time_mlp1 = _linear(channels[0], emb_dim, **f32)
+    self.time_mlp1 = _linear(self.time_embed_channels, emb_dim, **f32)
     self.time_mlp2 = _linear(emb_dim, emb_dim, **f32)
     if num_classes > 0:
       self.label_emb = nnx.Embed(
@@ -386,7 +440,7 @@ class UNet(nnx.Module):
 
     counter = itertools.count()
 
-    def res(in_w, out_w, resample=None):
+    def res(in_w, out_w, resample=None, skip_conv=None):
       return ResBlock(
         in_w,
         out_w,
@@ -395,18 +449,21 @@ class UNet(nnx.Module):
         use_scale_shift_norm=use_scale_shift_norm,
         resample=resample,
         dropout_index=next(counter),
+        norm_group_size=norm_group_size,
+        skip_conv=skip_conv,
         **kw,
       )
 
     def attn(width):
-      return AttentionBlock(width, heads_for(width), **kw)
+      return AttentionBlock(width, heads_for(width), norm_group_size=norm_group_size, **kw)
 
     input_blocks = [_EmbedSequential([_conv(in_channels, channels[0], 3, **kw)])]
     skip_widths = [channels[0]]
     ch, res_px = channels[0], image_size
     for level, width in enumerate(channels):
-      for _ in range(num_res_blocks[level]):
-        layers = [res(ch, width)]
+      for b in range(num_res_blocks[level]):
+        entry = level > 0 and b == 0 and base_channels[level - 1] != base_channels[level]
+        layers = [res(ch, width, skip_conv=True if entry else None)]
         ch = width
         if res_px in attention_resolutions:
           layers.append(attn(ch))
@@ -436,7 +493,7 @@ class UNet(nnx.Module):
     self.output_blocks = nnx.List(output_blocks)
     assert not skip_widths and res_px == image_size  # construction invariant
 
-    self.out_norm = _group_norm(ch, param_dtype, rngs)
+    self.out_norm = _group_norm(ch, param_dtype, rngs, norm_group_size)
     self.out_conv = _conv(ch, out_channels, 3, zero=True, **kw)
 
   def __call__(
@@ -463,7 +520,7 @@ class UNet(nnx.Module):
     batch = x.shape[0]
     chex.assert_shape(t, (batch,))
 
-    emb = timestep_embedding(t, self.channels[0])
+    emb = timestep_embedding(t, self.time_embed_channels)
     emb = self.time_mlp2(nnx.silu(self.time_mlp1(emb)))
     if self.label_emb is not None:
       if y is None:

@@ -1,0 +1,177 @@
+"""TDC (arXiv 2312.13307) wired into the shared loop: N group networks, one per contiguous
+timestep group, each trained only on its own timesteps and called only at them when sampling.
+
+The same method is stage 2 (each group's network fine-tuned from weights pruned out of the stage-1
+base model, which ``adaptive.train`` writes as the run's step-0 checkpoint), the single-stage
+ablation E4 (the same networks from a random init) and what ``common.eval`` samples. One step
+trains every group: the global batch holds ``batch_size`` images per group (the base model's batch,
+spec §3.4), split in order, and each group's loss draws t uniformly inside its own interval.
+Group networks may differ in structure (per-level widths, res blocks, attention), so they are a
+dict of separate parameter trees, not a stacked one.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import chex
+import jax
+import ml_collections
+import numpy as np
+
+from adaptive import routing
+from adaptive.grouping import Groups
+from common import data
+from common.diffusion import sampling
+from common.train.method import DDPM
+from common.train.validate import ConfigError
+
+
+def group_key(g: int) -> str:
+  return f"group{g}"
+
+
+class GroupNetwork(DDPM):
+  """One group's network: a DDPM whose t is drawn from [t_lo, t_hi] only."""
+
+  name = "adaptive_group"
+
+  def __init__(self, config, data_info, t_range: tuple[int, int]):
+    super().__init__(config, data_info)
+    self.t_range = (int(t_range[0]), int(t_range[1]))
+
+  def timestep_range(self) -> tuple[int, int]:
+    return self.t_range[0], self.t_range[1] + 1
+
+
+def group_model_config(
+  config: ml_collections.ConfigDict, overrides: dict[str, Any] | None
+) -> ml_collections.ConfigDict:
+  """``config`` with ``model.*`` replaced by one group's structure (``None``: the base model)."""
+  c = copy.deepcopy(config)
+  c.unlock()
+  for key, value in (overrides or {}).items():
+    if key not in c.model:
+      raise ConfigError("adaptive.group_models", key, "is not a model.* field")
+    # A structure may turn an int field into a per-level tuple (num_res_blocks).
+    with c.model.ignore_type():
+      c.model[key] = tuple(value) if isinstance(value, list) else value
+  return c
+
+
+def groups_from_config(config: ml_collections.ConfigDict) -> Groups:
+  """The ``Groups`` of ``adaptive.cuts`` (first 0-based timestep of groups 1..N-1)."""
+  cuts = tuple(int(c) for c in config.adaptive.cuts)
+  try:
+    return Groups(cuts=cuts, num_timesteps=int(config.diffusion.num_timesteps))
+  except ValueError as e:
+    raise ConfigError("adaptive.cuts", list(cuts), str(e)) from None
+
+
+class TDC(DDPM):
+  """N group networks routed by timestep; params ``{"group0": tree, ..., "group{N-1}": tree}``."""
+
+  name = "adaptive"
+
+  def __init__(self, config, data_info):
+    super().__init__(config, data_info)
+    self.groups = groups_from_config(config)
+    n = self.groups.num_groups
+    overrides = list(config.adaptive.group_models or [])
+    if overrides and len(overrides) != n:
+      raise ConfigError(
+        "adaptive.group_models",
+        f"{len(overrides)} entries",
+        f"need one structure per group ({n} groups) or none (every group the base model)",
+      )
+    self.members = [
+      GroupNetwork(
+        group_model_config(config, overrides[g] if overrides else None),
+        data_info,
+        self.groups.intervals[g],
+      )
+      for g in range(n)
+    ]
+
+  # --- networks -------------------------------------------------------------------------------
+  def check_networks(self) -> None:
+    for m in self.members:
+      m.check_networks()
+
+  def init_params(self, rng):
+    return {
+      group_key(g): m.init_params(jax.random.fold_in(rng, g)) for g, m in enumerate(self.members)
+    }
+
+  def build_network(self, rng):
+    raise TypeError("TDC has one network per group: use .members[g].build_network")
+
+  # --- training -------------------------------------------------------------------------------
+  def train_iterator(self, *, process_index: int, process_count: int):
+    return data.make_train_iterator(
+      self.config.data,
+      global_batch_size=self.images_per_step(),
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
+
+  def images_per_step(self) -> int:
+    return int(self.config.batch_size) * self.groups.num_groups
+
+  def loss_fn(self, params, batch, rng, step):
+    n, b = self.groups.num_groups, int(self.config.batch_size)
+    chex.assert_shape(batch["image"], (n * b, None, None, None))
+    total, metrics = 0.0, {}
+    for g, m in enumerate(self.members):
+      part = {k: v[g * b : (g + 1) * b] for k, v in batch.items()}
+      loss, aux = m.loss_fn(params[group_key(g)], part, jax.random.fold_in(rng, g), step)
+      # Summed, not averaged: group g's gradient is its own loss's, as if trained alone.
+      total = total + loss
+      metrics[f"loss/{group_key(g)}"] = loss
+      for k, v in aux.items():
+        metrics[f"{k}/{group_key(g)}"] = v
+    return total, metrics
+
+  # --- sampling -------------------------------------------------------------------------------
+  def denoise_fn(self, params):
+    return routing.routed_denoise_fn(
+      self.groups, [m.denoise_fn(params[group_key(g)]) for g, m in enumerate(self.members)]
+    )
+
+  def apply(self, params, x, t, y=None, dropout_rng=None):
+    del dropout_rng
+    return self.denoise_fn(params)(x, t, y)
+
+  def sampler_timesteps(self) -> np.ndarray:
+    """The 0-based model timesteps the configured sampler calls, in calling order."""
+    levels = sampling.make_levels(self.diffusion.num_timesteps, self.config.diffusion.sample_steps)
+    return np.asarray(levels[:-1]) - 1
+
+  def flops_per_call(self, params) -> list[float]:
+    """FLOPs of one call of each group's network at batch 1 (XLA cost analysis)."""
+    return [m.denoiser_call_flops(params[group_key(g)], 1) for g, m in enumerate(self.members)]
+
+  def flops_per_sample(self, params) -> float:
+    per_call = self.flops_per_call(params)
+    steps = self.groups.group_of(self.sampler_timesteps())
+    guided = self.class_conditional and self.config.diffusion.guidance_scale != 1.0
+    return float(sum(per_call[g] for g in steps)) * (2 if guided else 1)
+
+  def cost_description(self, params) -> dict[str, Any]:
+    per_call = self.flops_per_call(params)
+    steps = np.bincount(self.groups.group_of(self.sampler_timesteps()), minlength=len(per_call))
+    out: dict[str, Any] = {
+      "group_t_ranges": [list(iv) for iv in self.groups.intervals],
+      "group_flops_per_call": per_call,
+      "group_sampling_steps": steps.tolist(),
+    }
+    base = float(self.config.adaptive.get("base_flops_per_call", 0.0) or 0.0)
+    if base > 0:
+      out["base_flops_per_call"] = base
+      out["sampling_flops_ratio"] = float(np.dot(steps, per_call) / (base * steps.sum()))
+    return out
+
+
+METHOD = TDC
