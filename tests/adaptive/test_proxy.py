@@ -5,7 +5,7 @@ import numpy as np
 
 from adaptive import heldout, method, proxy, pruning
 from common import data
-from tests.adaptive.test_method import tiny
+from tests.adaptive.test_tdc import tiny
 
 
 def test_proxy_score_is_deterministic_and_fine_tunes_the_candidate():
