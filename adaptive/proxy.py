@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from adaptive import pruning
 from adaptive.heldout import FixedDraws
 from adaptive.method import GroupNetwork, group_model_config
+from common.train import state as state_lib
 
 
 def make_score_fn(
@@ -41,7 +41,7 @@ def make_score_fn(
 
   Args:
     config: the run config (``model.*`` is the base network, ``adaptive.pruner.*`` the proxy's
-      steps, batch and selection rule, ``optimizer.learning_rate`` its step size).
+      steps, batch and selection rule, ``optimizer.*`` its update, as in training).
     data_info: the dataset's ``DatasetInfo``.
     base_params: the base network's parameters (pure dict).
     t_range: the group's inclusive 0-based timestep interval.
@@ -65,7 +65,6 @@ def make_score_fn(
   t_eval = jnp.asarray(draws.t[group])
   n_eval = jnp.asarray(draws.noise[group])
   y_eval = None if heldout_labels is None else jnp.asarray(heldout_labels[h_idx], jnp.int32)
-  tx = optax.adam(float(config.optimizer.learning_rate))
   image_size = int(config.data.resolution)
 
   def score(structure: pruning.Structure) -> float:
@@ -81,11 +80,9 @@ def make_score_fn(
     )
     params = jax.tree.map(jnp.asarray, params)
 
-    @jax.jit
-    def train_step(params, opt_state, x0, y, key):
-      grads = jax.grad(lambda q: net.loss_fn(q, {"image": x0, "label": y}, key, 0)[0])(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
+    # The run's own optimizer and update (EMA unused: decay 0 keeps it equal to the params).
+    tx, lr_schedule = net.make_optimizer()
+    train_step = jax.jit(state_lib.default_train_step(net, tx, lr_schedule, ema_decay=0.0))
 
     @jax.jit
     def heldout_loss(params):
@@ -94,13 +91,19 @@ def make_score_fn(
       )
       return jnp.mean(terms["loss"])
 
-    opt_state = tx.init(params)
+    state = state_lib.TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.key(seed),
+    )
     # A Python loop, not lax.scan: XLA:CPU runs looped weight-gradient convolutions ~40x slower.
     for s in range(steps):
-      y = None if y_batches is None else y_batches[s]
-      params, opt_state = train_step(
-        params, opt_state, x_batches[s], y, jax.random.fold_in(jax.random.key(seed), s)
-      )
-    return float(heldout_loss(params))
+      batch = {"image": x_batches[s]}
+      if y_batches is not None:
+        batch["label"] = y_batches[s]
+      state, _ = train_step(state, batch)
+    return float(heldout_loss(state.params))
 
   return score

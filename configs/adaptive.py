@@ -60,7 +60,7 @@ def _adaptive_fields(c: ml_collections.ConfigDict) -> None:
   # Written by adaptive.train for the stage-2 run (what common.eval reads back from config.json).
   a.cuts = []  # first 0-based timestep of groups 1..N-1
   a.group_models = []  # per group: model.* overrides of its pruned structure
-  a.base_flops_per_call = 0.0
+  a.base_flops_per_step = 0.0  # the base network per sampler step (both CFG passes), batch 1
 
 
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:

@@ -47,6 +47,12 @@ def _table(runs: str, names: list[str]) -> list[str]:
   return lines
 
 
+_SEED_HEADER = (
+  "| config | seeds | digits-FD | KID | precision | recall | FLOPs / sample |\n"
+  "|---|---|---|---|---|---|---|"
+)
+
+
 def _seed_summary(runs: str, prefix: str, seeds=(0, 1, 2)) -> str:
   ms = [m for m in (_load(runs, f"{prefix}_s{s}") for s in seeds) if m]
   if not ms:
@@ -66,17 +72,11 @@ def main(argv):
   del argv
   runs = _RUNS.value
   out = ["## M2: Config I vs II (mean +- sample std over seeds)", ""]
-  out.append(
-    "| config | seeds | digits-FD | KID | precision | recall | FLOPs / sample |\n"
-    "|---|---|---|---|---|---|---|"
-  )
+  out.append(_SEED_HEADER)
   out += [_seed_summary(runs, "c1"), _seed_summary(runs, "c2"), ""]
   out += _table(runs, [f"c{c}_s{s}" for c in (1, 2) for s in (0, 1, 2)]) + [""]
   out += ["## M3: spatial mechanism (Config I; mean +- sample std over seeds)", ""]
-  out += [
-    "| config | seeds | digits-FD | KID | precision | recall | FLOPs / sample |\n"
-    "|---|---|---|---|---|---|---|"
-  ]
+  out.append(_SEED_HEADER)
   out += [_seed_summary(runs, p) for p in ("c1", "c1_nodw", "c1_pos")] + [""]
   out += _table(runs, ["c1_s0", "c1_nodw", "c1_pos"]) + [""]
   out += ["## M4: depth N at D=64 (Config I, seed 0)", ""]

@@ -62,14 +62,21 @@ def test_structures_differ_per_group_and_flops_follow_the_sampler_steps():
   assert (w0, w1) == (8, 4)
   ts = m.sampler_timesteps()
   assert len(ts) == 5 and ts[-1] == 0
-  per_call = m.flops_per_call(params)
-  assert per_call[0] > 2 * per_call[1]
-  expected = sum(per_call[0] if t < 8 else per_call[1] for t in ts)
+  per_step = m.flops_per_step(params)
+  assert per_step[0] > 2 * per_step[1]
+  expected = sum(per_step[0] if t < 8 else per_step[1] for t in ts)
   assert m.flops_per_sample(params) == pytest.approx(expected)
   costs = m.cost_description(params)
   assert costs["group_sampling_steps"] == [int((ts < 8).sum()), int((ts >= 8).sum())]
   images = m.sample(params, jax.random.key(2), 3)
   assert images.shape == (3, 8, 8, 1) and np.isfinite(images).all()
+  # Classifier-free guidance runs each network twice a step, and is counted once.
+  cond = make(tiny(model__class_conditional=True))
+  guided = make(tiny(model__class_conditional=True, diffusion__guidance_scale=2.0))
+  cond_params = cond.init_params(jax.random.key(0))
+  assert guided.flops_per_sample(cond_params) == pytest.approx(
+    2 * cond.flops_per_sample(cond_params)
+  )
 
 
 def test_heldout_losses_are_paired_and_a_single_model_scores_the_same_per_group():
