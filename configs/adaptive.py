@@ -28,6 +28,7 @@ def _adaptive_fields(c: ml_collections.ConfigDict) -> None:
   c.method = "adaptive"
   a = c.adaptive = ml_collections.ConfigDict()
   a.base_workdir = ""  # stage 1 from an existing DDPM run instead of training one
+  a.base_step = -1  # its checkpoint to start from (-1: the latest)
   a.stage1_frac = 0.8  # stage 1 steps = stage1_frac * total_steps
   a.stage2_steps = -1  # -1: as many as the single model's training FLOPs allow (C7)
 
@@ -37,6 +38,7 @@ def _adaptive_fields(c: ml_collections.ConfigDict) -> None:
   a.grouping.clip_lo_db = -20.0
   a.grouping.clip_hi_db = 20.0
   a.grouping.seed = 0  # random partitions only
+  a.grouping.dp_cost = "log_snr"  # task_affinity_dp only: log_snr | timestep
 
   # Progressive scaling: FLOPs_g(i) = (i/N + (N-i)/N k) F (spec §3.3).
   a.scaling = ml_collections.ConfigDict()
@@ -51,6 +53,7 @@ def _adaptive_fields(c: ml_collections.ConfigDict) -> None:
   a.pruner.beam = 2
   a.pruner.tol = 0.02  # accept |FLOPs / target - 1| <= tol
   a.pruner.max_rounds = 20
+  a.pruner.max_evals_per_round = 0  # 0: score every proposal; n: the bank's n most promising
   a.pruner.selection = "l1"  # which channels a pruned layer keeps: l1 | random
   a.pruner.random_candidates = 8  # random pruner: best of M
   a.pruner.proxy_steps = 20  # fine-tune steps on the group's t before scoring a candidate
@@ -60,6 +63,7 @@ def _adaptive_fields(c: ml_collections.ConfigDict) -> None:
   # Written by adaptive.train for the stage-2 run (what common.eval reads back from config.json).
   a.cuts = []  # first 0-based timestep of groups 1..N-1
   a.group_models = []  # per group: model.* overrides of its pruned structure
+  a.budget_steps = 0  # B, the single model's steps (the stage-2 run's total_steps is its own)
   a.base_flops_per_step = 0.0  # the base network per sampler step (both CFG passes), batch 1
 
 
