@@ -1,0 +1,11 @@
+"""Multi-user hybrid (edge + device) inference of personalized diffusion models with DRL-convex
+offloading (arXiv 2411.15781), rebuilt from the paper's official code (spec: hybrid.md).
+
+The scheduler half, named after the paper's parts: ``system`` (the accuracy model A(n), the latency
+model, the per-user utility and the GQAP objective; the paper's tables as the default profile,
+measured profiles from JSON), ``split`` (the closed-form split point of the convex sub-problem),
+``env`` (the user-by-user admission MDP and its scenario generator), ``agent`` (PER-DQN in Flax NNX
++ optax with flashbax prioritized replay), ``baselines`` (exact optima by enumeration, by batch
+size and by OR-Tools; GA, greedy, all-local, admit-all) and ``optimize`` (the binary that trains
+the agent and evaluates every method over a grid of edge sizes and user counts).
+"""
