@@ -126,7 +126,7 @@ def _inside(shape: int, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.nda
   raise ValueError(f"unknown shape id {shape}")
 
 
-def _render(params: list[dict], resolution: int) -> np.ndarray:
+def render(params: list[dict], resolution: int) -> np.ndarray:
   """Renders a list of ``sample_params`` outputs to uint8 [len(params), res, res, 3]."""
   n, res, ss = len(params), resolution, SUPERSAMPLE
   hi = res * ss
@@ -191,7 +191,7 @@ def generate(
   )
   if not params:
     return np.zeros((0, resolution, resolution, 3), np.uint8), attributes[:, 0], attributes
-  return _render(params, resolution), attributes[:, 0].copy(), attributes
+  return render(params, resolution), attributes[:, 0].copy(), attributes
 
 
 def split_size(split: str, num_examples: int = 0) -> int:

@@ -1,0 +1,384 @@
+"""Evaluates CDC-MMPG-style adaptation on the held-out devices, against every baseline.
+
+``python -m cdc.evaluate --workdir=runs/cdc`` (after ``cdc.pretrain`` and ``cdc.train``).
+
+Per held-out device (never seen in meta-training), arms:
+
+* ``static``            the pretrained source head, no adaptation;
+* ``fda/<sel>/K<k>``    the device encodes its unlabeled pool, the ADR selector ``<sel>`` picks K
+                        anchors (``gaussian``: a K-component summary), the cloud's FDA generates the
+                        head, the device installs it: real bytes, timed, through ``cdc.device`` and
+                        ``cdc.cloud``;
+* ``fda/all``           the FDA fed every pool frame (the upper bound of the generation path);
+* ``ft/n<n>``           fine-tuning the same tensors on n labeled device samples (backprop, timed);
+* ``oracle``            fine-tuning on all of the device's labeled videos.
+
+Metrics: QA accuracy, text-to-video R@1 / R@5 (the gallery is the device's test videos), uplink and
+downlink bytes, device FLOPs (XLA) and device seconds per adaptation, cloud seconds, and the
+end-to-end latency at ``cdc.eval.link_mbps`` (device + upload + cloud + download + install). A drift
+demonstration runs the trigger on a stream that switches between two held-out devices.
+
+Writes ``<workdir>/eval/metrics.json`` (per device and means) and ``eval/summary.md``. Toy-scale,
+CDC-MMPG-style figures: never the paper's.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx
+
+from cdc import cloud, device, experiment, finetune, models, objectives, train
+from cdc import data as cdc_data
+from common.metrics import flops as flops_lib
+
+METRICS = ("qa_accuracy", "R@1", "R@5")
+
+
+@jax.jit
+def _score(theta, q_video, question, video, caption):
+  return (
+    models.qa_logits(theta, q_video, question),
+    models.embed_video(theta, video),
+    models.embed_text(theta, caption),
+  )
+
+
+def _metrics(theta, test) -> dict:
+  logits, v_emb, t_emb = _score(
+    theta, test["video"][test["question_video"]], test["question"], test["video"], test["caption"]
+  )
+  return {
+    "qa_accuracy": objectives.qa_accuracy(logits, test["answers"]),
+    **objectives.recall_at_k(t_emb, v_emb, test["caption_video"]),
+  }
+
+
+def _timed(fn, *args, repeats: int = 3):
+  """(result, median seconds) of ``fn(*args)`` after one untimed call (compilation)."""
+  out = fn(*args)
+  jax.block_until_ready(jax.tree.leaves(out))
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(jax.tree.leaves(out))
+    times.append(time.perf_counter() - t)
+  return out, float(np.median(times))
+
+
+def _features(encoders, enc_state, dataset, dev, split):
+  _, video, question, caption, dom = train.device_features(encoders, enc_state, dataset, dev, split)
+  return {
+    "video": video,
+    "question": question,
+    "answers": dom.answers,
+    "question_video": dom.question_video,
+    "caption": caption,
+    "caption_video": dom.caption_video,
+  }, dom
+
+
+def _labeled_subset(feats: dict, n: int | None, rng) -> dict:
+  """n labeled samples (all when ``n`` is None): questions and captions of n drawn videos."""
+  nq, nc = len(feats["answers"]), len(feats["caption_video"])
+  qi = np.arange(nq) if n is None else rng.choice(nq, min(n, nq), replace=False)
+  ci = np.arange(nc) if n is None else rng.choice(nc, min(n, nc), replace=False)
+  videos = np.union1d(feats["question_video"][qi], feats["caption_video"][ci])
+  return {
+    "num_videos": len(videos),
+    "q_video": feats["video"][feats["question_video"][qi]],
+    "question": feats["question"][qi],
+    "answers": feats["answers"][qi],
+    "c_video": feats["video"][feats["caption_video"][ci]],
+    "caption": feats["caption"][ci],
+  }
+
+
+def _uplink(the_device, pool, seed):
+  return the_device.uplink(pool, seed=seed)[0]
+
+
+def _all_frames(pool, dtype):
+  """The upload of the "FDA fed all frames" arm: every pool frame, uniform weights."""
+  m = len(pool)
+  layout = device.uplink_layout(pool.shape[1], m, "anchors", dtype)
+  payload = {"anchors": pool.astype(dtype), "weights": np.full(m, 1.0 / m, np.float32)}
+  return device.Transfer(device.pack(payload, layout), layout)
+
+
+def _fda_arm(ctx, arm, make_uplink, adr_flops):
+  """One adaptation through the real wire: device upload, cloud FDA, download, install; scored."""
+  up, up_seconds = _timed(make_uplink)
+  down, cloud_seconds = _timed(ctx["cloud"].adapt, up)
+  theta, install_seconds = _timed(ctx["device"].install, down)
+  device_seconds = ctx["enc_seconds"] + up_seconds + install_seconds
+  link = ctx["link"]
+  ctx["add"](
+    arm,
+    ctx["dev"],
+    {
+      **_metrics(theta, ctx["test"]),
+      "uplink_bytes": up.nbytes,
+      "downlink_bytes": down.nbytes,
+      "device_flops": ctx["enc_flops"] + adr_flops,
+      "device_seconds": device_seconds,
+      "cloud_seconds": cloud_seconds,
+      "latency_seconds": device_seconds + up.nbytes / link + cloud_seconds + down.nbytes / link,
+      "frames_in_pool": ctx["frames"],
+    },
+  )
+  return theta
+
+
+def evaluate(workdir: str) -> dict:
+  """Runs every arm on every held-out device; returns (and writes) the metrics."""
+  config = experiment.read_config(workdir, "train_config.json")
+  dataset = experiment.build_dataset(config)
+  spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)
+  fspec = experiment.fda_spec(config)
+  fda_graphdef, fda_params = train.load_fda(workdir, config, dataset, spec, head)
+  a, e, meta, ft = config.cdc.adr, config.cdc.eval, config.cdc.meta, config.cdc.finetune
+  the_cloud = cloud.Cloud(
+    fda_graphdef,
+    fda_params,
+    downlink_dtype=a.downlink_dtype,
+    summary_samples=a.summary_samples,
+    seed=config.seed,
+  )
+  encoders = train.make_encoders(graphdef)
+  link = e.link_mbps * 1e6 / 8.0  # bytes per second
+  trainable = fspec.generated_names(spec)
+  rows: dict[str, dict[str, dict]] = {}
+  flops_cache: dict = {}
+
+  def add(arm, dev, rec):
+    rows.setdefault(arm, {})[str(dev)] = rec
+    logging.info("device %s %s %s", dev, arm, {k: round(v, 4) for k, v in rec.items()})
+
+  fda_base = nnx.merge(fda_graphdef, fda_params).base()
+  down_bytes = cloud.generated_nbytes(spec, fspec, a.downlink_dtype)
+  heldout = [int(d) for d in dataset.heldout_devices]
+  for dev in heldout:
+    test, _ = _features(encoders, enc_state, dataset, dev, "test")
+    add("static", dev, _metrics(head, test))
+
+    pdom = dataset.domain(dev, "pool")
+    the_device = device.Device(
+      spec,
+      graphdef,
+      enc_state,
+      head,
+      weighting=a.weighting,
+      kmedoids_iters=a.kmedoids_iters,
+      uplink_dtype=a.uplink_dtype,
+    )
+    pool, enc_seconds = _timed(the_device.pool, pdom.frames, pdom.frame_mask)
+    m = len(pool)
+    key = ("encode", pdom.frames.shape)
+    if key not in flops_cache:
+      flops_cache[key] = flops_lib.count_flops(
+        device.make_encode_frames(graphdef), enc_state, jnp.asarray(pdom.frames)
+      )
+    enc_flops = flops_cache[key]
+
+    ctx = dict(
+      dev=dev,
+      test=test,
+      device=the_device,
+      cloud=the_cloud,
+      link=link,
+      add=add,
+      enc_seconds=enc_seconds,
+      enc_flops=enc_flops,
+      frames=m,
+    )
+    for sel in e.selectors:
+      for k in e.anchor_counts:
+        if k > m:
+          continue
+        the_device.selector, the_device.num_anchors = sel, int(k)
+        key = ("adr", sel, int(k), m)
+        if key not in flops_cache:
+          if sel == "gaussian":
+            fn = functools.partial(device._summary, g=int(k))
+          else:
+            fn = functools.partial(
+              device._anchors, k=int(k), method=sel, weighting=a.weighting, iters=a.kmedoids_iters
+            )
+          flops_cache[key] = flops_lib.count_flops(fn, jnp.asarray(pool), jax.random.key(0))
+        make = functools.partial(_uplink, the_device, pool, config.seed)
+        _fda_arm(ctx, f"fda/{sel}/K{k}", make, flops_cache[key])
+        if sel == a.selector and k == a.num_anchors:
+          # The scores above use precomputed features; the device's own jitted forward must agree.
+          tdom = dataset.domain(dev, "test")
+          out = the_device.forward(tdom)
+          acc = objectives.qa_accuracy(out["qa_logits"], tdom.answers)
+          if abs(acc - rows[f"fda/{sel}/K{k}"][str(dev)]["qa_accuracy"]) > 1e-6:
+            raise AssertionError("device_forward disagrees with the precomputed-feature scoring")
+
+    _fda_arm(ctx, "fda/all", functools.partial(_all_frames, pool, a.uplink_dtype), 0.0)
+
+    # Ablations of the conditioning: the meta-trained base weights alone (what meta-training
+    # gives without looking at the device), and the anchors of another held-out device.
+    base = models.merge_head(head, fda_base)
+    add("fda/base", dev, {**_metrics(base, test), "uplink_bytes": 0, "downlink_bytes": down_bytes})
+    other = int(heldout[(heldout.index(dev) + 1) % len(heldout)])
+    odom = dataset.domain(other, "pool")
+    other_pool = the_device.pool(odom.frames, odom.frame_mask)
+    the_device.selector, the_device.num_anchors = a.selector, a.num_anchors
+    theta = the_device.install(the_cloud.adapt(the_device.uplink(other_pool, seed=config.seed)[0]))
+    add("fda/mismatched", dev, {**_metrics(theta, test), "anchors_from": other})
+
+    labeled, _ = _features(encoders, enc_state, dataset, dev, "train")
+    weights = dict(
+      qa_weight=meta.qa_weight, retrieval_weight=meta.retrieval_weight, temperature=meta.temperature
+    )
+    for n in list(ft.shots) + [None]:
+      rng = np.random.default_rng([config.seed, dev, 0 if n is None else n])
+      sub = _labeled_subset(labeled, n, rng)
+      # The device also encodes its labeled videos once (the frozen encoder's frame FLOPs).
+      encode_flops = enc_flops / m * sub.pop("num_videos") * pdom.frames.shape[1]
+      res = finetune.finetune(
+        head,
+        trainable,
+        sub,
+        steps=ft.oracle_steps if n is None else ft.steps,
+        batch_size=ft.batch_size,
+        learning_rate=ft.learning_rate,
+        seed=config.seed,
+        **weights,
+      )
+      add(
+        "oracle" if n is None else f"ft/n{n}",
+        dev,
+        {
+          **_metrics(res.head, test),
+          "labels": len(sub["answers"]) + len(sub["caption"]),
+          "device_flops": res.flops + encode_flops,
+          "device_seconds": res.seconds,
+          "latency_seconds": res.seconds,
+          "uplink_bytes": 0,
+          "downlink_bytes": 0,
+        },
+      )
+
+  summary = {arm: _mean(per_dev) for arm, per_dev in rows.items()}
+  result = {
+    "note": "toy-scale, CDC-MMPG-style reference design (spec section 5); not the paper's figures",
+    "heldout_devices": [int(d) for d in dataset.heldout_devices],
+    "link_mbps": e.link_mbps,
+    "generated_params": int(
+      sum(np.prod(s) for n, s in spec.head_shapes().items() if n in trainable)
+    ),
+    "per_device": rows,
+    "mean": summary,
+  }
+  if isinstance(dataset, cdc_data.MovingShapes):
+    result["drift"] = drift_demo(
+      config, dataset, spec, graphdef, enc_state, head, the_cloud, encoders
+    )
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "metrics.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write(summary_table(result))
+  return result
+
+
+def _mean(per_dev: dict) -> dict:
+  keys = next(iter(per_dev.values())).keys()
+  out = {}
+  for k in keys:
+    vals = np.array([r[k] for r in per_dev.values()], np.float64)
+    out[k] = float(np.nanmean(vals))
+    out[k + "_std"] = float(np.nanstd(vals))
+  return out
+
+
+def summary_table(result: dict) -> str:
+  """A markdown table of the per-arm means over the held-out devices."""
+  lines = [
+    "Toy-scale CDC-MMPG-style results (reference design, not the paper's figures); means over "
+    f"held-out devices {result['heldout_devices']}, link {result['link_mbps']} Mbit/s.",
+    "",
+    "| arm | QA acc | R@1 | R@5 | uplink B | downlink B | device MFLOPs | device ms | latency ms |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for arm, m in result["mean"].items():
+    lines.append(
+      f"| {arm} | {m['qa_accuracy']:.3f} | {m['R@1']:.3f} | {m['R@5']:.3f} | "
+      f"{m.get('uplink_bytes', 0):.0f} | {m.get('downlink_bytes', 0):.0f} | "
+      f"{m.get('device_flops', 0) / 1e6:.2f} | {1e3 * m.get('device_seconds', 0):.1f} | "
+      f"{1e3 * m.get('latency_seconds', 0):.1f} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+def drift_demo(config, dataset, spec, graphdef, enc_state, head, the_cloud, encoders) -> dict:
+  """The drift trigger on a stream that switches from one held-out device to another.
+
+  Window by window the device pools its recent frames, computes MMD^2 against its last upload and
+  re-requests parameters when it exceeds ``cdc.eval.drift_threshold``. Recorded per window: the
+  statistic, whether it triggered, and the QA accuracy on the test set of the device the window
+  came from of the head installed before and after the window's check.
+  """
+  e, a = config.cdc.eval, config.cdc.adr
+  first, second = (int(d) for d in dataset.heldout_devices[:2])
+  frames, source = dataset.drift_stream(
+    first, second, e.drift_windows, e.drift_switch_at, e.drift_window_videos
+  )
+  tests = {d: _features(encoders, enc_state, dataset, d, "test")[0] for d in (first, second)}
+  the_device = device.Device(
+    spec, graphdef, enc_state, head, selector=a.selector, num_anchors=a.num_anchors
+  )
+  monitor = device.DriftMonitor(threshold=e.drift_threshold)
+  mask = np.ones(frames.shape[1:3], bool)
+  trace = []
+  for w in range(len(frames)):
+    pool = the_device.pool(frames[w], mask)
+    test = tests[int(source[w])]
+    before = _metrics(the_device.head, test)["qa_accuracy"] if w else None
+    trigger, stat = monitor.check(pool)
+    if trigger:
+      up, _ = the_device.uplink(pool, seed=config.seed)
+      the_device.install(the_cloud.adapt(up))
+      sent = device.unpack(up.payload, up.layout)
+      monitor.uploaded(pool, sent["anchors"], sent["weights"])
+    trace.append(
+      {
+        "window": w,
+        "device": int(source[w]),
+        "mmd2": stat if np.isfinite(stat) else None,
+        "triggered": bool(trigger),
+        "qa_before": before,
+        "qa_after": _metrics(the_device.head, test)["qa_accuracy"],
+      }
+    )
+  return {
+    "first": first,
+    "second": second,
+    "switch_at": e.drift_switch_at,
+    "threshold": e.drift_threshold,
+    "trace": trace,
+  }
+
+
+def main(argv):
+  del argv
+  result = evaluate(flags.FLAGS.workdir)
+  print(summary_table(result))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "workdir of cdc.pretrain and cdc.train")
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)
