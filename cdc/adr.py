@@ -138,14 +138,14 @@ def assignment_weights(pool: jax.Array, indices: jax.Array) -> jax.Array:
 # Selectors, [M, d] -> int32 [K]. K is static; all are jit- and vmap-compatible.
 
 
-def k_center_jax(pool: jax.Array, k: int, first: jax.Array) -> jax.Array:
-  """Greedy farthest-point traversal from pool position ``first``."""
+def _traverse(pool: jax.Array, k: int, first: jax.Array, choose) -> jax.Array:
+  """int32 [K]: ``first``, then K-1 positions, each ``choose(i, mind, taken)`` given every
+  point's squared distance to its nearest pick so far ([M]) and the picks so far (bool [M])."""
   m = pool.shape[0]
 
   def body(i, carry):
     idx, mind, taken = carry
-    # Taken points have distance 0 already; masking them keeps indices distinct with duplicates.
-    j = jnp.argmax(jnp.where(taken, -1.0, mind))
+    j = choose(i, mind, taken)
     mind = jnp.minimum(mind, sq_dists(pool, pool[j][None])[:, 0])
     return idx.at[i].set(j), mind, taken.at[j].set(True)
 
@@ -154,6 +154,17 @@ def k_center_jax(pool: jax.Array, k: int, first: jax.Array) -> jax.Array:
   taken = jnp.zeros(m, bool).at[first].set(True)
   idx, _, _ = jax.lax.fori_loop(1, k, body, (idx, mind, taken))
   return idx
+
+
+def k_center_jax(pool: jax.Array, k: int, first: jax.Array) -> jax.Array:
+  """Greedy farthest-point traversal from pool position ``first``."""
+
+  def farthest(i, mind, taken):
+    del i
+    # Taken points have distance 0 already; masking them keeps indices distinct with duplicates.
+    return jnp.argmax(jnp.where(taken, -1.0, mind))
+
+  return _traverse(pool, k, first, farthest)
 
 
 def kmeanspp_jax(pool: jax.Array, k: int, key: jax.Array) -> jax.Array:
@@ -162,20 +173,13 @@ def kmeanspp_jax(pool: jax.Array, k: int, key: jax.Array) -> jax.Array:
   key0, key = jax.random.split(key)
   first = jax.random.randint(key0, (), 0, m)
 
-  def body(i, carry):
-    idx, mind, taken = carry
+  def draw(i, mind, taken):
     p = jnp.where(taken, 0.0, mind)
     # All remaining points may coincide with taken ones (duplicates): fall back to uniform.
     p = jnp.where(jnp.sum(p) > 0, p, jnp.where(taken, 0.0, 1.0))
-    j = jax.random.choice(jax.random.fold_in(key, i), m, p=p / jnp.sum(p))
-    mind = jnp.minimum(mind, sq_dists(pool, pool[j][None])[:, 0])
-    return idx.at[i].set(j), mind, taken.at[j].set(True)
+    return jax.random.choice(jax.random.fold_in(key, i), m, p=p / jnp.sum(p))
 
-  idx = jnp.zeros(k, jnp.int32).at[0].set(first)
-  mind = sq_dists(pool, pool[first][None])[:, 0]
-  taken = jnp.zeros(m, bool).at[first].set(True)
-  idx, _, _ = jax.lax.fori_loop(1, k, body, (idx, mind, taken))
-  return idx
+  return _traverse(pool, k, first, draw)
 
 
 def k_medoids_jax(pool: jax.Array, k: int, key: jax.Array, iters: int = 10) -> jax.Array:
