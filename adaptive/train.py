@@ -531,8 +531,11 @@ def run(
   return summary
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and preset.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (stage 2; stage 1 in stage1/).")
+def _define_flags() -> None:
+  """Defined only when this module runs as a binary: importing it next to another binary
+  (tests, quickstart) must not register a second ``--config``."""
+  config_flags.DEFINE_config_file("config", None, "Config file and preset.")
+  flags.DEFINE_string("workdir", None, "Run directory (stage 2; stage 1 in stage1/).")
 
 
 def main(argv):
@@ -541,12 +544,13 @@ def main(argv):
 
   logger.quiet_library_logs()
   try:
-    run(_CONFIG.value, _WORKDIR.value)
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
   except ConfigError as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -33,16 +33,21 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "CollaFuse config and preset.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
-_CUTS = flags.DEFINE_list(
-  "cut_points", [], "Cut points t_cut in [0, T] (default: 0, 0.1T, 0.2T, 0.4T, 0.7T, T)."
-)
-_SAMPLES = flags.DEFINE_integer("samples_per_client", 200, "Generated images per client and arm.")
-_CENTRALIZED = flags.DEFINE_bool("centralized", True, "Also train the centralized upper bound.")
-_FEATURE_NET = flags.DEFINE_string("feature_net", "auto", "auto | digits | shapes | inception_v3.")
-_INCEPTION = flags.DEFINE_string("inception_weights", "", "Local FID InceptionV3 .npz file.")
+
+def _define_flags() -> None:
+  """Defined only when this module runs as a binary: importing it next to another binary
+  (tests, quickstart) must not register a second ``--config``."""
+  config_flags.DEFINE_config_file("config", None, "CollaFuse config and preset.")
+  flags.DEFINE_string("workdir", None, "Sweep directory.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
+  flags.DEFINE_list(
+    "cut_points", [], "Cut points t_cut in [0, T] (default: 0, 0.1T, 0.2T, 0.4T, 0.7T, T)."
+  )
+  flags.DEFINE_integer("samples_per_client", 200, "Generated images per client and arm.")
+  flags.DEFINE_bool("centralized", True, "Also train the centralized upper bound.")
+  flags.DEFINE_string("feature_net", "auto", "auto | digits | shapes | inception_v3.")
+  flags.DEFINE_string("inception_weights", "", "Local FID InceptionV3 .npz file.")
+
 
 EVAL_VERSION = 2  # bump when the evaluation below changes, to re-evaluate finished runs
 
@@ -598,14 +603,14 @@ def main(argv):
   jax.config.update("jax_compilation_cache_dir", os.path.join(reference.cache_root(), "jax"))
   try:
     run_sweep(
-      _CONFIG.value,
-      _WORKDIR.value,
-      seeds=[int(s) for s in _SEEDS.value],
-      cuts=[int(c) for c in _CUTS.value],
-      samples_per_client=_SAMPLES.value,
-      centralized=_CENTRALIZED.value,
-      feature_net=_FEATURE_NET.value,
-      inception_weights=_INCEPTION.value,
+      flags.FLAGS.config,
+      flags.FLAGS.workdir,
+      seeds=[int(s) for s in flags.FLAGS.seeds],
+      cuts=[int(c) for c in flags.FLAGS.cut_points],
+      samples_per_client=flags.FLAGS.samples_per_client,
+      centralized=flags.FLAGS.centralized,
+      feature_net=flags.FLAGS.feature_net,
+      inception_weights=flags.FLAGS.inception_weights,
       command="python -m collab.sweep " + " ".join(sys.argv[1:]),
     )
   except (ConfigError, ValueError, FileNotFoundError) as e:
@@ -614,5 +619,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)

@@ -39,8 +39,13 @@ from ml_collections import config_flags
 from hybrid import agent as agent_lib
 from hybrid import baselines, env, system
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Hybrid config and preset.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (resumable).")
+
+def _define_flags() -> None:
+  """Defined only when this module runs as a binary: importing it next to another binary
+  (tests, quickstart) must not register a second ``--config``."""
+  config_flags.DEFINE_config_file("config", None, "Hybrid config and preset.")
+  flags.DEFINE_string("workdir", None, "Output directory (resumable).")
+
 
 # Methods in table order; "optimum" is the reference.
 EXACT = ("optimum", "optimum_enumeration", "optimum_ortools")
@@ -550,9 +555,10 @@ def main(argv):
     stop.flag = True
 
   signal.signal(signal.SIGTERM, on_term)
-  run(_CONFIG.value, _WORKDIR.value, stop)
+  run(flags.FLAGS.config, flags.FLAGS.workdir, stop)
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
