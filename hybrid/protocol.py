@@ -1,0 +1,231 @@
+"""The edge loop's wire format: length-prefixed frames of a JSON header and raw array bytes.
+
+A frame is ``MAGIC | header length (uint32) | payload length (uint32) | header | payload``, the
+lengths big-endian, the header a UTF-8 JSON object, the payload raw little-endian bytes of at most
+one array (C order) whose ``shape`` and ``dtype`` the header names. Lengths are checked against
+the receiver's caps *before* anything else is read, so a peer cannot make it buffer an
+oversized payload; after such a refusal the rest of the stream cannot be trusted and the
+connection is closed (``FramingError``). A frame that was read whole but says something wrong
+(``RequestError``: a bad shape, an unknown user) leaves the stream in sync.
+
+Messages (``header["type"]``):
+
+* ``request`` (device -> edge): ``user`` (int, the personalized model's id in the cluster),
+  ``tau`` (the device's per-step latency in seconds, its capability), ``alpha`` (its
+  accuracy-vs-latency preference), ``key`` (the request's PRNG key data, uint32 list), ``id``
+  (free text), and ``x_T`` [H, W, C] float32 as the payload: the prompt stand-in.
+* ``latent`` (edge -> device): the request was admitted; ``split`` n (local steps left), ``batch``
+  B, the payload x_n [H, W, C] float32.
+* ``local`` (edge -> device): denied; run all ``split`` = T steps on the device.
+* ``error``: ``code`` (one of ``ERROR_CODES``) and ``message``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import select
+import socket
+import struct
+import time
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"HYB1"
+_PREFIX = struct.Struct("!4sII")
+PREFIX_BYTES = _PREFIX.size
+MAX_HEADER_BYTES = 16 * 1024
+
+# Why a request was refused; the client sees exactly one of these.
+MALFORMED = "malformed"  # not a frame, bad JSON, a header that is not an object, a truncated frame
+OVERSIZED = "oversized"  # a length prefix over the receiver's cap
+BAD_TYPE = "bad_type"  # a message type the receiver does not take
+BAD_FIELD = "bad_field"  # a missing or out-of-range header field
+BAD_SHAPE = "bad_shape"  # the array's shape, or a payload size that does not match it
+BAD_DTYPE = "bad_dtype"
+BAD_VALUE = "bad_value"  # non-finite array values
+UNKNOWN_USER = "unknown_user"
+BUSY = "busy"  # the server is shutting down or at its connection cap
+INTERNAL = "internal"  # the edge failed on this window's batch
+ERROR_CODES = (
+  MALFORMED,
+  OVERSIZED,
+  BAD_TYPE,
+  BAD_FIELD,
+  BAD_SHAPE,
+  BAD_DTYPE,
+  BAD_VALUE,
+  UNKNOWN_USER,
+  BUSY,
+  INTERNAL,
+)
+
+
+class ProtocolError(Exception):
+  """A refused frame; ``code`` is one of ``ERROR_CODES``."""
+
+  def __init__(self, code: str, message: str):
+    assert code in ERROR_CODES, code
+    self.code = code
+    super().__init__(f"{code}: {message}")
+    self.message = message
+
+
+class FramingError(ProtocolError):
+  """The byte stream itself is broken or over a cap: reply, then close the connection."""
+
+
+class RequestError(ProtocolError):
+  """A whole frame with bad contents: reply; the stream is still in sync."""
+
+
+class ConnectionClosed(Exception):
+  """The peer closed the connection (``partial``: in the middle of a frame)."""
+
+  def __init__(self, partial: bool = False):
+    self.partial = partial
+    super().__init__("connection closed" + (" mid-frame" if partial else ""))
+
+
+def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+  """One frame's bytes."""
+  head = json.dumps(header, separators=(",", ":")).encode()
+  return _PREFIX.pack(MAGIC, len(head), len(payload)) + head + payload
+
+
+def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b"") -> None:
+  sock.sendall(encode_frame(header, payload))
+
+
+def _recv_exact(sock: socket.socket, n: int, deadline: float, started: bool) -> bytes:
+  buf = bytearray()
+  while len(buf) < n:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+      raise FramingError(
+        MALFORMED, f"frame incomplete: {len(buf)} of {n} bytes before the deadline"
+      )
+    sock.settimeout(remaining)
+    try:
+      chunk = sock.recv(min(n - len(buf), 1 << 20))
+    except TimeoutError:
+      continue
+    if not chunk:
+      raise ConnectionClosed(partial=started or bool(buf))
+    buf += chunk
+  return bytes(buf)
+
+
+def recv_frame(
+  sock: socket.socket,
+  *,
+  max_payload: int,
+  timeout_s: float = 10.0,
+  max_header: int = MAX_HEADER_BYTES,
+) -> tuple[dict[str, Any], bytes]:
+  """Reads one frame; the whole frame must arrive within ``timeout_s``.
+
+  Raises:
+    ConnectionClosed: EOF (before or inside the frame).
+    FramingError: bad magic, a length over ``max_header`` / ``max_payload`` (raised before the
+      body is read), bad JSON, a truncated frame.
+  """
+  deadline = time.monotonic() + timeout_s
+  prefix = _recv_exact(sock, PREFIX_BYTES, deadline, started=False)
+  magic, head_len, payload_len = _PREFIX.unpack(prefix)
+  if magic != MAGIC:
+    raise FramingError(MALFORMED, f"bad frame magic {magic!r} (expected {MAGIC!r})")
+  if head_len > max_header:
+    raise FramingError(OVERSIZED, f"header of {head_len} bytes exceeds the cap of {max_header}")
+  if payload_len > max_payload:
+    raise FramingError(
+      OVERSIZED, f"payload of {payload_len} bytes exceeds the cap of {max_payload}"
+    )
+  head = _recv_exact(sock, head_len, deadline, started=True)
+  payload = _recv_exact(sock, payload_len, deadline, started=True) if payload_len else b""
+  try:
+    header = json.loads(head.decode())
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise FramingError(MALFORMED, f"header is not UTF-8 JSON ({e})") from None
+  if not isinstance(header, dict):
+    raise FramingError(MALFORMED, f"header must be a JSON object, got {type(header).__name__}")
+  return header, payload
+
+
+def wait_readable(sock: socket.socket, timeout_s: float) -> bool:
+  """True once ``sock`` has bytes (or EOF) to read, False after ``timeout_s``."""
+  readable, _, _ = select.select([sock], [], [], timeout_s)
+  return bool(readable)
+
+
+# ------------------------------------------------------------------------------------------------
+# Arrays and fields.
+
+
+def array_header(x: np.ndarray) -> dict[str, Any]:
+  return {"shape": list(x.shape), "dtype": str(x.dtype)}
+
+
+def array_bytes(x: np.ndarray) -> bytes:
+  """Little-endian C-order bytes of a float32 array."""
+  return np.ascontiguousarray(x, dtype="<f4").tobytes()
+
+
+def decode_array(header: dict[str, Any], payload: bytes, shape: tuple[int, ...]) -> np.ndarray:
+  """The float32 array of a frame, checked against the expected ``shape``.
+
+  Raises:
+    RequestError: BAD_DTYPE, BAD_SHAPE (the header's shape, or a payload size that does not match
+      it) or BAD_VALUE (NaN / inf).
+  """
+  if header.get("dtype") != "float32":
+    raise RequestError(BAD_DTYPE, f"array dtype must be 'float32', got {header.get('dtype')!r}")
+  got = header.get("shape")
+  if not isinstance(got, list) or got != list(shape):
+    raise RequestError(BAD_SHAPE, f"array shape must be {list(shape)}, got {got!r}")
+  want = math.prod(shape) * 4
+  if len(payload) != want:
+    raise RequestError(
+      BAD_SHAPE, f"payload of {len(payload)} bytes does not hold a float32 {list(shape)} ({want})"
+    )
+  x = np.frombuffer(payload, dtype="<f4").reshape(shape).astype(np.float32)
+  if not np.all(np.isfinite(x)):
+    raise RequestError(BAD_VALUE, "array holds NaN or inf")
+  return x
+
+
+def get_int(header: dict[str, Any], name: str, lo: int, hi: int) -> int:
+  """An integer field in [lo, hi) (bools are not integers here)."""
+  v = header.get(name)
+  if not isinstance(v, int) or isinstance(v, bool):
+    raise RequestError(BAD_FIELD, f"field {name!r} must be an integer, got {v!r}")
+  if not lo <= v < hi:
+    raise RequestError(BAD_FIELD, f"field {name!r} must lie in [{lo}, {hi}), got {v}")
+  return v
+
+
+def get_float(header: dict[str, Any], name: str, lo: float, hi: float) -> float:
+  """A finite number in [lo, hi]."""
+  v = header.get(name)
+  if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+    raise RequestError(BAD_FIELD, f"field {name!r} must be a finite number, got {v!r}")
+  if not lo <= v <= hi:
+    raise RequestError(BAD_FIELD, f"field {name!r} must lie in [{lo}, {hi}], got {v}")
+  return float(v)
+
+
+def get_key(header: dict[str, Any], words: int) -> np.ndarray:
+  """The request's PRNG key data: ``words`` uint32 values."""
+  v = header.get("key")
+  if (
+    not isinstance(v, list)
+    or len(v) != words
+    or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 2**32 for w in v)
+  ):
+    raise RequestError(BAD_FIELD, f"field 'key' must be a list of {words} uint32 values, got {v!r}")
+  return np.asarray(v, np.uint32)
+
+
+def error_header(err: ProtocolError, **extra) -> dict[str, Any]:
+  return {"type": "error", "code": err.code, "message": err.message, **extra}
