@@ -67,11 +67,29 @@ def _adaptive_fields(c: ml_collections.ConfigDict) -> None:
   a.base_flops_per_step = 0.0  # the base network per sampler step (both CFG passes), batch 1
 
 
+def _experiment_fields(c: ml_collections.ConfigDict) -> None:
+  """The arms of ``adaptive.experiments`` (spec §8.3); the reference TDC run is this config's."""
+  e = c.experiments = ml_collections.ConfigDict()
+  e.ks = (0.3, 0.5, 0.7)  # E2: k at the config's N
+  e.num_groups = (2, 5)  # E2: other N at the config's k (the config's N is E2's reference)
+  e.reversed = True  # E2: also the full model at the low-SNR end
+  e.groupings = ("uniform_t", "task_affinity_dp", "random")  # E3, against the config's grouping
+  e.e3_prune = True  # E3 at E2's scaling (True) or at full width like E1 (False)
+  # E5 on the proxy alone: proxy_search(det) with / without the memory bank, uniform width,
+  # best-of-M random, L1 one-shot (magnitude greedy, no proxy in the loop).
+  e.pruners = ("proxy_memory", "proxy_no_memory", "uniform", "random", "l1_oneshot")
+  e.search_seeds = (0, 1, 2)  # E5: proxy seeds per training seed (the spread with / without memory)
+  e.num_samples = 1000  # samples per arm for FID / KID (common.eval)
+  e.sample_batch = 250
+  e.heldout_per_group = 512  # fixed (x0, t, eps) test draws per reference group
+
+
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   """Returns the config for ``preset``; see the module docstring for the list."""
   if preset in ("cifar10", "imagenet64"):
     c = ddpm.get_config(preset)
     _adaptive_fields(c)
+    _experiment_fields(c)
     c.total_steps = 500_000 if preset == "cifar10" else 1_500_000
     c.adaptive.pruner.proxy_steps = 200
     # IDDPM's 32 groups at width 128 are 4 channels each; a fixed group size keeps GroupNorm
@@ -80,6 +98,7 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
     return c
   c = ddpm.base_config()
   _adaptive_fields(c)
+  _experiment_fields(c)
   c.diffusion.num_timesteps = 1000
   c.diffusion.schedule = "cosine"
   c.diffusion.loss = "hybrid"

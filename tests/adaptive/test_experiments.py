@@ -1,0 +1,203 @@
+"""adaptive.experiments on a tiny config: arm workdirs, the shared stage 1, resume, claims, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from adaptive import experiments, heldout
+from common import eval as eval_lib
+from common.train.validate import ConfigError
+from tests.adaptive.test_adaptive_train import pipeline_config
+
+
+def campaign_config():
+  c = pipeline_config()
+  c.total_steps = 6
+  c.adaptive.stage1_frac = 0.5  # S1 = 3; E1's stage 2: floor(3 / 2) = 1 step of 2 networks
+  e = c.experiments
+  e.ks = (0.5,)
+  e.num_groups = ()
+  e.reversed = False
+  e.groupings = ()
+  e.pruners = ("proxy_memory", "uniform", "l1_oneshot")
+  e.search_seeds = (0,)
+  e.num_samples = 16
+  e.sample_batch = 16
+  e.heldout_per_group = 8
+  return c
+
+
+def _steps(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch):
+  wd = str(tmp_path / "arms")
+  config = campaign_config()
+  one = jax.devices()[:1]
+  summary = experiments.run_experiments(
+    config, wd, seeds=[0], arms=["E0+", "E2", "E5"], devices=one
+  )
+  seed = os.path.join(wd, "seed0")
+  assert sorted(os.listdir(seed)) == ["E0", "E0plus", "E2_k0.5", "E5", "stage1"]
+
+  # Stage 1 was trained once, to S1 = 3; E0 continued it (its first 3 logged steps are stage 1's
+  # own lines), E0+ continued E0 by E1's stage-2 cost (1 step x 2 networks).
+  stage1 = _steps(os.path.join(seed, "stage1"))
+  e0 = _steps(os.path.join(seed, "E0"))
+  assert [r["step"] for r in stage1] == [1, 2, 3]
+  assert [r["step"] for r in e0] == [1, 2, 3, 4, 5, 6] and e0[:3] == stage1
+  assert [r["step"] for r in _steps(os.path.join(seed, "E0plus"))][-1] == 8
+  runs = summary["runs"]
+  assert runs["seed0/E0plus"]["training_cost"]["ratio"] == pytest.approx(8 / 6)
+  tdc_dir = os.path.join(seed, "E2_k0.5")
+  assert not os.path.exists(os.path.join(tdc_dir, "stage1"))
+  with open(os.path.join(tdc_dir, "summary.json")) as f:
+    s = json.load(f)
+  assert s["base"]["workdir"] == os.path.join(seed, "stage1") and s["base"]["step"] == 3
+  assert runs["seed0/E2_k0.5"]["training_cost"]["ratio"] <= 1.0
+  assert runs["seed0/E2_k0.5"]["sampling_flops_ratio"] < 0.95  # XLA's count of the pruned chain
+  assert np.isfinite(runs["seed0/E2_k0.5"]["samples"]["fid"])
+
+  # Every arm is scored on the same draws: for a single model the routed evaluation is the plain
+  # held-out loss of that network in every group.
+  ref = experiments.make_reference(experiments.seed_config(config, 0))
+  _, ddpm, params, _ = eval_lib.load_params(os.path.join(seed, "E0"))
+  fn = heldout.make_terms_fn(ref.diffusion, ddpm.apply)
+  direct = heldout.heldout_losses(ref.diffusion, ref.groups, [(fn, params)] * 2, ref.x_test,
+                                  ref.draws)  # fmt: skip
+  assert runs["seed0/E0"]["heldout"]["l_simple"] == pytest.approx(direct["l_simple"], rel=1e-5)
+  # and for a TDC arm on the reference grouping, each draw goes to its own group's network.
+  _, tdc, tdc_params, _ = eval_lib.load_params(tdc_dir)
+  nets = [
+    (heldout.make_terms_fn(ref.diffusion, m.apply), tdc_params[f"group{g}"])
+    for g, m in enumerate(tdc.members)
+  ]
+  direct = heldout.heldout_losses(ref.diffusion, ref.groups, nets, ref.x_test, ref.draws)
+  got = runs["seed0/E2_k0.5"]["heldout"]
+  for a, b in zip(got["groups"], direct["groups"], strict=True):
+    assert a["l_simple"] == pytest.approx(b["l_simple"], rel=1e-5)
+    assert a["vlb_bpd_per_step"] == pytest.approx(b["vlb_bpd_per_step"], rel=1e-4)
+
+  # E5 reused the reference arm's search for proxy_memory at proxy seed 0 (group 1 is pruned).
+  e5 = runs["seed0/E5"]["pruners"]
+  assert e5["groups"] == [1]
+  with open(os.path.join(seed, "E2_k0.5", "pruning", "group1.json")) as f:
+    searched = json.load(f)["search"]
+  assert e5["variants"]["proxy_memory"]["0"]["1"]["structure"] == searched["structure"]
+  assert e5["variants"]["uniform"]["0"]["1"]["evaluations"] == 1
+  l1 = e5["variants"]["l1_oneshot"]["0"]["1"]
+  assert l1["evaluations"] == 1 and abs(l1["flops_ratio"] / 0.75 - 1) <= 0.02
+
+  with open(os.path.join(wd, "experiments.md")) as f:
+    md = f.read()
+  for heading in ("## C1", "## C2", "## C3", "## C4", "## C5", "## C6", "## C7"):
+    assert heading in md
+  assert "| FID | E2_k0.5 | E0plus |" in md and "| proxy_memory |" in md
+  assert os.path.exists(os.path.join(wd, "experiments.png"))
+
+  # Resume: every arm has its record, so nothing trains, searches or evaluates again.
+  mtimes = {a: os.path.getmtime(os.path.join(seed, a, "experiment.json")) for a in runs_arms(runs)}
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished arm was run again")
+
+  monkeypatch.setattr(experiments, "train_single", refuse)
+  monkeypatch.setattr(experiments, "train_tdc_arm", refuse)
+  monkeypatch.setattr(experiments, "run_pruners", refuse)
+  monkeypatch.setattr(eval_lib, "evaluate", refuse)
+  again = experiments.run_experiments(config, wd, seeds=[0], arms=["E0+", "E2", "E5"], devices=one)
+  assert again["runs"] == runs
+  for a, m in mtimes.items():
+    assert os.path.getmtime(os.path.join(seed, a, "experiment.json")) == m
+
+
+def runs_arms(runs):
+  return [k.split("/")[1] for k in runs]
+
+
+def _record(arm, l_simple, fid, groups, ratio=1.0, cost=1.0):
+  return {
+    "arm": arm,
+    "heldout": {
+      "l_simple": l_simple,
+      "vlb_bpd": 10 * l_simple,
+      "groups": [{"l_simple": v, "vlb_bpd_per_step": v} for v in groups],
+    },
+    "samples": {"fid": fid, "kid_mean": fid / 100},
+    "sampling_flops_ratio": ratio,
+    "training_cost": {"stage1": 3, "stage2": 3 * cost, "single_model": 6, "ratio": cost},
+  }
+
+
+def test_claims_tables_have_a_row_per_claim_and_paired_verdicts(tmp_path):
+  config = campaign_config()
+  results = {}
+  for s in range(3):
+    jitter = 0.01 * s
+    results[f"seed{s}/E0"] = _record("E0", 0.30 + jitter, 20 + s, [0.5, 0.1 + jitter])
+    results[f"seed{s}/E0plus"] = _record("E0plus", 0.29 + jitter, 19 + s, [0.5, 0.09 + jitter])
+    # E1 is lower than E0+ in group 1 every seed, equal in group 0.
+    results[f"seed{s}/E1"] = _record("E1", 0.28 + jitter, 18 + s, [0.5, 0.05], cost=0.99)
+    # The reference E2 is better than E0 on loss every seed but worse on FID in one.
+    fid = 25.0 if s == 2 else 19.0 + s
+    results[f"seed{s}/E2_k0.5"] = _record(
+      "E2_k0.5", 0.25 + jitter, fid, [0.45, 0.05], ratio=0.8, cost=0.98
+    )
+  summary = experiments.summarize(results, config)
+  c = summary["claims"]
+  c1 = c["C1"]["vs"]["E0"]
+  assert c1["L_simple"]["wins"] == 3 and c1["L_simple"]["verdict"] == "better"
+  assert c1["FID"]["wins"] == 2 and c1["FID"]["verdict"] == "within noise"
+  assert c["C1"]["sampling_flops_ratio"]["mean"] == pytest.approx(0.8)
+  assert c["C2"]["groups_won_vs_E0plus_on_seed_mean"] == 1
+  assert c["C2"]["per_group"]["E0plus"][0]["l_simple"]["verdict"] == "within noise"
+  assert c["C2"]["per_group"]["E0plus"][1]["l_simple"]["wins"] == 3
+  assert c["C4"]["vs"]["E4"]["L_simple"]["verdict"] == "not run"
+  assert set(c["C7"]["arms"]) == {"E1", "E2_k0.5"} and all(
+    v["holds"] for v in c["C7"]["arms"].values()
+  )
+  path = str(tmp_path / "experiments.md")
+  experiments.write_markdown(path, summary, "cmd")
+  with open(path) as f:
+    md = f.read()
+  assert (
+    "| L_simple | E2_k0.5 | E0 | 0.2600 ± 0.0100 | 0.3100 ± 0.0100 | -0.0500 ± 0.0000 | 3/3 |" in md
+  )
+  assert "| 1 | E0plus |" in md and "| E1 | TDC, N=2, full width |" in md
+
+
+def test_bad_arms_are_refused_with_the_valid_names():
+  config = campaign_config()
+  with pytest.raises(ConfigError, match=r"--arms='E9'.*E2_k0.5"):
+    experiments.select_arms(config, ["E1", "E9"])
+  # E0+ continues E0; a family expands to its arms.
+  names = [a.name for a in experiments.select_arms(config, ["E0+", "E2"])]
+  assert names == ["E0", "E0plus", "E2_k0.5"]
+  full = campaign_config()
+  full.experiments.ks = (0.3, 0.7)
+  full.experiments.num_groups = (4,)
+  full.experiments.reversed = True
+  full.experiments.groupings = ("uniform_t", "random")
+  names = [a.name for a in experiments.select_arms(full, ["E2", "E3"])]
+  # The config's own grouping (uniform_t here) is E2's reference, not an E3 arm.
+  assert names == ["E2_k0.3", "E2_k0.5", "E2_k0.7", "E2_N4", "E2_rev", "E3_random"]
+
+
+def test_binary_reports_a_bad_arm_in_one_line(tmp_path):
+  out = subprocess.run(
+    [sys.executable, "-m", "adaptive.experiments", "--config=configs/adaptive.py:digits",
+     f"--workdir={tmp_path / 'x'}", "--arms=E1,E7"],
+    capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__)))), timeout=120,
+  )  # fmt: skip
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1].startswith("error: config error: --arms='E7'")
+  assert not os.path.exists(tmp_path / "x")
