@@ -2,7 +2,10 @@
 
 ``python -m hybrid.serve --workdir=runs/hybrid --users=12``
 
-Pieces, in the order a request meets them:
+The binary starts the edge server in its own process (``--server_process``) and runs the
+``--users`` devices as threads of a second process with a lower CPU priority (``--device_nice``):
+the emulated devices share this machine's cores with the edge, and real devices would not slow
+the edge down. Pieces, in the order a request meets them:
 
 * ``EdgeServer`` listens on 127.0.0.1 (``--host`` to change it) and reads framed requests
   (``hybrid.protocol``) from any number of device connections, one thread per connection. A frame
@@ -31,7 +34,10 @@ Pieces, in the order a request meets them:
   then sleeps for the rest (if the computation takes longer, e.g. under CPU contention, the
   measured latency shows it).
 
-Measured end-to-end latency (request sent -> x_0 ready, on the device's clock) is reported next to
+Each device gets its own seed's x_T and key, alpha and tau from a scenario drawn as the simulator
+draws one (``system.sample_scenario``: device types by the profile's weights, arrivals
+r_i ~ U(0, K), which the devices keep), for ``--rounds`` windows. Measured end-to-end latency
+(request sent -> x_0 ready, on the device's clock) is reported next to
 the latency model's prediction for the same decisions (``system.user_latency``: the measured
 wait, ``(T - n) tau_e(B) + L^tx(B) + n tau_i`` admitted, ``T tau_i`` denied). The prediction uses
 the run's measured profile (``WORKDIR/profile.json`` from ``hybrid.profile``) when present, else
@@ -41,9 +47,12 @@ real frame sizes and the config's W and eta (microseconds). Not in the model, so
 measurement only: the decision itself, Python and socket overheads, and the CPU the emulated
 devices and the edge share.
 
+Both are split at the answer: until it (wait, decision, edge steps, link) and after it (the n
+local steps). Served x_0 is checked against ``hybrid_sample`` with the same keys and splits.
+
 Writes ``OUT/serve.json`` (every request with its decision, measured and predicted latency and
-their parts), ``OUT/serve.md`` (the table) and ``OUT/serve.png`` (measured vs predicted), with
-``OUT = WORKDIR/serve`` by default.
+their parts, every window), ``OUT/serve.md`` (the table) and ``OUT/serve.png`` (measured vs
+predicted), with ``OUT = WORKDIR/serve`` by default.
 """
 
 from __future__ import annotations
@@ -63,6 +72,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
 from hybrid import agent as agent_lib
 from hybrid import baselines, env, protocol, system
@@ -90,7 +100,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("agent", "", "Agent name under agents/ ('': dynamic, else the nearest G, N).")
   flags.DEFINE_enum("fallback", "optimum", list(FALLBACKS), "Policy when no trained agent is used.")
   flags.DEFINE_string(
-    "profile", "", "Latency/accuracy profile JSON ('': WORKDIR/profile.json or paper)."
+    "profile",
+    "",
+    "Latency/accuracy profile JSON ('': the policy's training profile, else "
+    "WORKDIR/profile.json, else the paper's).",
   )
   flags.DEFINE_float("num_gpus", 1.0, "G of the latency model's edge (the profile's k, h / G).")
   flags.DEFINE_float(
@@ -103,7 +116,11 @@ def _define_flags() -> None:
     "staged: each latent leaves after its own T - n_i batched steps; one_shot: one "
     "edge_denoise call, every latent leaves after T - min n.",
   )
-  flags.DEFINE_integer("rounds", 2, "Measured windows, each with a freshly drawn scenario.")
+  flags.DEFINE_integer("rounds", 3, "Measured windows, each with a freshly drawn scenario.")
+  flags.DEFINE_bool("server_process", True, "The edge server in its own process (else a thread).")
+  flags.DEFINE_integer(
+    "device_nice", 5, "CPU priority the device side gives up after starting the server process."
+  )
   flags.DEFINE_integer("seed", 0, "Scenario, noise and key seed.")
   flags.DEFINE_string("host", DEFAULT_HOST, "Address the server binds.")
   flags.DEFINE_integer("port", 0, "Port (0: any free one).")
@@ -273,8 +290,6 @@ def load_agent(
   meta = _read_json(os.path.join(agents_dir, name, "agent.json"))
   cfg = agent_lib.AgentConfig(**meta["agent"])
   ag = agent_lib.PerDQN(cfg, max_users)
-  from flax import nnx
-
   _, template = nnx.split(
     agent_lib.QNetwork(max_users, cfg.hidden, cfg.depth, cfg.embed_dim, rngs=nnx.Rngs(0))
   )
@@ -776,7 +791,9 @@ def run_client(
     x_n = x_T
   else:
     raise protocol.RequestError(protocol.BAD_TYPE, f"unexpected answer type {kind!r}")
-  n = int(header["split"])
+  n = header.get("split")
+  if not isinstance(n, int) or not 0 <= n <= num_steps:
+    raise protocol.RequestError(protocol.BAD_FIELD, f"answer's split {n!r} not in [0, {num_steps}]")
   res.kind, res.split, res.batch = kind, n, header.get("batch")
   start = time.monotonic()
   x0 = np.asarray(jax.block_until_ready(device_fn(x_n, n, key)))
@@ -860,23 +877,38 @@ def device_fn_for(models, user: int) -> DeviceFn:
   return lambda x_n, n, key: models_lib.device_denoise(own, 0, x_n, n, key)
 
 
+def _ratio(rows, meas: str, pred: str) -> float | None:
+  vals = [r[meas] / r[pred] for r in rows if r.get(pred)]
+  return float(np.mean(vals)) if vals else None
+
+
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean measured / predicted over answered requests: total, and the two halves of a request
+  (until the answer: wait, decision, edge steps, link; after it: the device's local steps)."""
   ok = [r for r in rows if r["kind"] in ("latent", "local")]
   meas = np.array([r["measured"] for r in ok])
   pred = np.array([r["predicted"] for r in ok])
   out: dict[str, Any] = {"answered": len(ok), "requests": len(rows)}
-  if len(ok):
-    out.update(
-      mean_measured=float(meas.mean()),
-      mean_predicted=float(pred.mean()),
-      mean_abs_error=float(np.abs(meas - pred).mean()),
-      mean_ratio=float(np.mean(meas / pred)),
-      correlation=float(np.corrcoef(meas, pred)[0, 1]) if len(ok) > 2 else None,
-    )
+  if not ok:
+    return out
+  out.update(
+    mean_measured=float(meas.mean()),
+    mean_predicted=float(pred.mean()),
+    mean_abs_error=float(np.abs(meas - pred).mean()),
+    mean_ratio=float(np.mean(meas / pred)),
+    correlation=float(np.corrcoef(meas, pred)[0, 1]) if len(ok) > 2 else None,
+  )
   for kind in ("latent", "local"):
     sub = [r for r in ok if r["kind"] == kind]
     if sub:
-      out[f"{kind}_mean_ratio"] = float(np.mean([r["measured"] / r["predicted"] for r in sub]))
+      out[f"{kind}_count"] = len(sub)
+      out[f"{kind}_mean_ratio"] = _ratio(sub, "measured", "predicted")
+      out[f"{kind}_answer_mean_ratio"] = _ratio(sub, "measured_answer", "predicted_answer")
+      out[f"{kind}_local_mean_ratio"] = _ratio(sub, "measured_local", "predicted_local")
+  per_round: dict[int, set] = {}
+  for r in ok:
+    per_round.setdefault(r["round"], set()).add(r.get("window"))
+  out["windows_per_round"] = float(np.mean([len(v) for v in per_round.values()]))
   return out
 
 
@@ -898,17 +930,24 @@ def write_report(out: str, result: dict[str, Any]) -> None:
     "n local steps take at least n tau_i); the link is loopback. Served x_0 vs `hybrid_sample` "
     f"with the same keys and decisions: max |diff| {_fmt(result.get('max_abs_diff_vs_hybrid_sample'), '.2e')}.",
     "",
+    "Each request in two halves, predicted / measured: until the answer (wait, decision, edge "
+    "steps, link; `edge` is the edge's own time to this latent) and after it (the n local "
+    "steps; `compute` is the device's real computation inside them).",
+    "",
     "| round | client | user | tau (ms/step) | alpha | decision | n | B | wait (s) | edge (s) "
-    "| local compute (s) | predicted (s) | measured (s) | measured / predicted |",
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    "| answer pred / meas (s) | local pred / meas (s) | compute (s) | total pred / meas (s) "
+    "| meas / pred |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
     lines.append(
       f"| {r['round']} | {r['id']} | {r['user']} | {1e3 * r['tau']:.2f} | {r['alpha']:.3g} | "
       f"{r['kind']} | {_fmt(r.get('split'), 'd')} | {_fmt(r.get('batch'), 'd')} | "
       f"{_fmt(r.get('wait'), '.3f')} | {_fmt(r.get('edge_seconds'), '.3f')} | "
-      f"{_fmt(r.get('local_compute'), '.3f')} | {_fmt(r.get('predicted'), '.3f')} | "
-      f"{_fmt(r.get('measured'), '.3f')} | "
+      f"{_fmt(r.get('predicted_answer'), '.3f')} / {_fmt(r.get('measured_answer'), '.3f')} | "
+      f"{_fmt(r.get('predicted_local'), '.3f')} / {_fmt(r.get('measured_local'), '.3f')} | "
+      f"{_fmt(r.get('local_compute'), '.3f')} | "
+      f"{_fmt(r.get('predicted'), '.3f')} / {_fmt(r.get('measured'), '.3f')} | "
       f"{_fmt(r['measured'] / r['predicted'] if r.get('predicted') else None, '.3f')} |"
     )
   lines += ["", "```", json.dumps(s, indent=2), "```", ""]
@@ -919,25 +958,29 @@ def write_report(out: str, result: dict[str, Any]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(4.8, 4.4))
-  for kind, marker in (("latent", "o"), ("local", "s")):
-    sub = [r for r in rows if r["kind"] == kind]
-    if sub:
-      ax.scatter(
-        [r["predicted"] for r in sub],
-        [r["measured"] for r in sub],
-        marker=marker,
-        label="admitted" if kind == "latent" else "denied (local)",
-      )
-  vals = [v for r in rows for v in (r.get("predicted"), r.get("measured")) if v]
-  if vals:
-    lo, hi = 0.0, 1.05 * max(vals)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = predicted")
-  ax.set_xlabel("latency model's prediction (s)")
-  ax.set_ylabel("measured end-to-end latency (s)")
-  ax.set_title(f"hybrid.serve, {result['users']} devices")
-  ax.legend(fontsize=7)
-  ax.grid(alpha=0.3)
+  fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
+  panels = (
+    ("predicted", "measured", "end to end"),
+    ("predicted_answer", "measured_answer", "until the answer (wait, edge, link)"),
+    ("predicted_local", "measured_local", "the device's local steps"),
+  )
+  for ax, (pk, mk, title) in zip(axes, panels, strict=True):
+    vals = []
+    for kind, marker in (("latent", "o"), ("local", "s")):
+      sub = [r for r in rows if r["kind"] == kind and r.get(pk) is not None]
+      if sub:
+        xs, ys = [r[pk] for r in sub], [r[mk] for r in sub]
+        vals += xs + ys
+        ax.scatter(xs, ys, marker=marker, s=18, label="admitted" if kind == "latent" else "denied")
+    if vals:
+      hi = 1.05 * max(vals)
+      ax.plot([0, hi], [0, hi], "k--", lw=0.8, label="measured = predicted")
+    ax.set_xlabel("latency model (s)")
+    ax.set_ylabel("measured (s)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"hybrid.serve: {result['users']} devices x {result['rounds']} rounds", fontsize=10)
   fig.tight_layout()
   fig.savefig(os.path.join(out, "serve.png"), dpi=110)
   plt.close(fig)
@@ -977,6 +1020,144 @@ def make_scheduler(
   return Scheduler(sysp, profile, num_gpus, policy, f"drl_convex ({found}/agents/{name})")
 
 
+def _policy_dir(workdir: str, policy_workdir: str) -> str | None:
+  if policy_workdir == "none":
+    return None
+  return policy_workdir or find_policy_workdir(workdir)
+
+
+def resolve_profile(workdir: str, profile_path: str, policy_dir: str | None) -> str:
+  """The profile the decisions and predictions use: ``--profile``; else the one the policy was
+  trained on (its ``scheduler.profile``); else ``WORKDIR/profile.json``; else the paper's."""
+  if profile_path:
+    return profile_path
+  if policy_dir is not None:
+    trained = _read_json(os.path.join(policy_dir, "config.json"))["scheduler"]["profile"]
+    if trained == "paper" or os.path.exists(trained):
+      return trained
+  candidate = os.path.join(workdir, "profile.json")
+  return candidate if os.path.exists(candidate) else "paper"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSpec:
+  """What both sides of the binary derive their system from (picklable for the server process)."""
+
+  workdir: str
+  users: int
+  policy_workdir: str = ""
+  agent_name: str = ""
+  fallback: str = "optimum"
+  profile_path: str = ""
+  num_gpus: float = 1.0
+  window: float = -1.0
+  edge: str = "staged"
+  host: str = DEFAULT_HOST
+  port: int = 0
+
+  def system(self, models) -> tuple[system.SystemParams, system.Profile, str]:
+    """(serving SystemParams, profile, profile path) for ``models``."""
+    big_t = models.num_timesteps
+    sysp = serving_system(models.config, big_t, models.image_shape)
+    if self.window > 0:
+      sysp = dataclasses.replace(sysp, window=float(self.window))
+    path = resolve_profile(
+      self.workdir, self.profile_path, _policy_dir(self.workdir, self.policy_workdir)
+    )
+    return sysp, system.load_profile(path, big_t), path
+
+
+def _edge_side(models, spec: ServeSpec) -> EdgeServer:
+  """The edge of the binary: scheduler, compiled programs, a started server."""
+  from hybrid import models as models_lib
+
+  sysp, profile, _ = spec.system(models)
+  scheduler = make_scheduler(
+    spec.workdir,
+    sysp,
+    profile,
+    spec.num_gpus,
+    spec.users,
+    spec.policy_workdir,
+    spec.agent_name,
+    spec.fallback,
+  )
+  edge_fn = lambda x, s, k: models_lib.edge_denoise(models, x, s, k)  # noqa: E731
+  # Compile outside the measurement: one edge program per batch size.
+  t0 = time.perf_counter()
+  top = min(scheduler.sysp.capacity, spec.users)
+  for b in range(1, top + 1):
+    keys = jax.random.split(jax.random.key(0), b)
+    x = np.zeros((b, *models.image_shape), np.float32)
+    jax.block_until_ready(edge_fn(x, np.full((b,), models.num_timesteps - 1, np.int32), keys))
+  logging.info("compiled the edge programs (B = 1..%d) in %.1f s", top, time.perf_counter() - t0)
+  return EdgeServer(
+    staged(models) if spec.edge == "staged" else one_shot(edge_fn),
+    scheduler,
+    image_shape=models.image_shape,
+    num_users=models.num_users,
+    window=scheduler.sysp.window,
+    host=spec.host,
+    port=spec.port,
+  ).start()
+
+
+def _server_state(server: EdgeServer) -> dict[str, Any]:
+  return {"windows": server.windows, "errors": server.errors, "lost": server.lost}
+
+
+def _server_process(conn, models_factory, spec: ServeSpec) -> None:
+  """The edge server as its own process: ready -> (address, scheduler), then serve until told
+  to stop, then send back every window's record."""
+  try:
+    server = _edge_side(models_factory(), spec)
+  except Exception as e:  # noqa: BLE001 -- reported to the parent, which raises
+    conn.send({"error": f"{type(e).__name__}: {e}"})
+    return
+  conn.send({"address": server.address, "scheduler": server.scheduler.name})
+  conn.recv()
+  server.close()
+  conn.send(_server_state(server))
+
+
+class _ServerHandle:
+  """The binary's view of its server, in this process (a thread) or in its own process."""
+
+  def __init__(self, models_factory, spec: ServeSpec, in_process_models=None):
+    self.server, self.proc, self.conn = None, None, None
+    if in_process_models is not None:
+      self.server = _edge_side(in_process_models, spec)
+      self.info = {"address": self.server.address, "scheduler": self.server.scheduler.name}
+      return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # a fork of an initialized JAX is unsafe
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_server_process, args=(child, models_factory, spec), daemon=True)
+    self.proc.start()
+    self.info = None
+
+  def ready(self, timeout: float = 900.0) -> dict[str, Any]:
+    if self.info is None:
+      if not self.conn.poll(timeout):
+        raise TimeoutError("the edge server process did not start")
+      self.info = self.conn.recv()
+      if "error" in self.info:
+        raise RuntimeError(f"the edge server process failed: {self.info['error']}")
+    return self.info
+
+  def finish(self) -> dict[str, Any]:
+    if self.server is not None:
+      self.server.close()
+      return _server_state(self.server)
+    self.conn.send("stop")
+    if not self.conn.poll(60.0):
+      raise TimeoutError("the edge server process did not report back")
+    state = self.conn.recv()
+    self.proc.join(30.0)
+    return state
+
+
 def run(
   workdir: str,
   *,
@@ -987,21 +1168,33 @@ def run(
   profile_path: str = "",
   num_gpus: float = 1.0,
   window: float = -1.0,
-  rounds: int = 2,
+  rounds: int = 3,
   seed: int = 0,
   host: str = DEFAULT_HOST,
   port: int = 0,
   out: str = "",
-  command: str = "",
   edge: str = "staged",
-  models=None,
+  server_process: bool = True,
+  device_nice: int = 5,
   pace: bool = True,
+  models_factory=None,
+  models=None,
+  command: str = "",
 ) -> dict[str, Any]:
   """The whole binary; returns what ``serve.json`` holds.
 
-  ``models``: a loaded ``HybridModels`` instead of ``load_run(workdir)`` (tests); ``pace``: emulate
-  the devices' speed (off only to test the plumbing fast).
+  Args:
+    server_process: run the edge server in its own process (the binary); else in a thread of
+      this one.
+    device_nice: with a server process, the device side lowers its CPU priority by this much
+      after starting the server (the emulated devices share this machine's cores with the edge;
+      without it their computation slows the edge, which real devices would not).
+    pace: emulate the devices' speed (off only to test the plumbing fast).
+    models_factory: a picklable ``() -> HybridModels`` instead of ``load_run(workdir)``.
+    models: this side's models if already loaded (else ``models_factory()``).
   """
+  import functools
+
   from hybrid import models as models_lib
 
   if users < 1:
@@ -1010,141 +1203,136 @@ def run(
     raise ValueError(f"--rounds must be >= 1, got {rounds}")
   if edge not in EDGE_MODES:
     raise ValueError(f"--edge must be one of {EDGE_MODES}, got {edge!r}")
-  models = models_lib.load_run(workdir) if models is None else models
-  big_t = models.num_timesteps
-  sysp = serving_system(models.config, big_t, models.image_shape)
-  if window > 0:
-    sysp = dataclasses.replace(sysp, window=float(window))
-  if users > sysp.max_users:
-    raise ValueError(
-      f"--users={users} exceeds the policy's state rows (max_users={sysp.max_users})"
-    )
-  if not profile_path:
-    candidate = os.path.join(workdir, "profile.json")
-    profile_path = candidate if os.path.exists(candidate) else "paper"
-  profile = system.load_profile(profile_path, big_t)
-  scheduler = make_scheduler(
-    workdir, sysp, profile, num_gpus, users, policy_workdir, agent_name, fallback
-  )
-  sysp = scheduler.sysp
-  edge_fn = lambda x, s, k: models_lib.edge_denoise(models, x, s, k)  # noqa: E731
-  edge_stages = staged(models) if edge == "staged" else one_shot(edge_fn)
-  devices = [device_fn_for(models, c % models.num_users) for c in range(users)]
-  base = jax.random.key(seed)
-
-  # Compile outside the measurement: the edge program per batch size, the device program once.
-  t0 = time.perf_counter()
-  warm = np.zeros((1, *models.image_shape), np.float32)
-  for b in range(1, min(sysp.capacity, users) + 1):
-    jax.block_until_ready(
-      edge_fn(np.repeat(warm, b, 0), np.full((b,), big_t - 1, np.int32), jax.random.split(base, b))
-    )
-  jax.block_until_ready(devices[0](warm[0], 1, base))
-  logging.info(
-    "compiled the edge (B = 1..%d) and device programs in %.1f s", b, time.perf_counter() - t0
-  )
-
-  rng = np.random.default_rng(seed)
-  rows: list[dict[str, Any]] = []
-  served: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-  with EdgeServer(
-    edge_stages,
-    scheduler,
-    image_shape=models.image_shape,
-    num_users=models.num_users,
-    window=sysp.window,
+  factory = models_factory or functools.partial(models_lib.load_run, workdir)
+  spec = ServeSpec(
+    workdir=workdir,
+    users=users,
+    policy_workdir=policy_workdir,
+    agent_name=agent_name,
+    fallback=fallback,
+    profile_path=profile_path,
+    num_gpus=float(num_gpus),
+    window=float(window),
+    edge=edge,
     host=host,
     port=port,
-  ) as server:
-    address = server.address
-    for rnd in range(rounds):
-      scn = system.sample_scenario(rng, profile, sysp, users, num_gpus)
-      keys = jax.random.split(jax.random.fold_in(base, rnd + 1), users)
-      x_T = np.asarray(models_lib.initial_noise(models, keys))
-      arrival = sysp.window - scn.wait  # r_i ~ U(0, K), sorted
-      results = run_clients(
-        address,
-        [
-          dict(
-            request_id=f"r{rnd}c{c}",
-            user=c % models.num_users,
-            tau=float(scn.tau[c]),
-            alpha=float(scn.alpha[c]),
-            key=keys[c],
-            x_T=x_T[c],
-            device_fn=devices[c],
-            delay=float(arrival[c]),
-          )
-          for c in range(users)
-        ],
-        num_steps=big_t,
-        pace=pace,
-        timeout=max(120.0, 4 * big_t * float(scn.tau.max())),
-      )
-      decided = {u["id"]: (w, u) for w in server.windows for u in w["users"]}
-      for c, res in enumerate(results):
-        w, u = decided.get(res.id, (None, {}))
-        rows.append(
-          {
-            "round": rnd,
-            "id": res.id,
-            "user": res.user,
-            "tau": float(scn.tau[c]),
-            "alpha": float(scn.alpha[c]),
-            "device_type": int(scn.device_type[c]),
-            "kind": res.kind,
-            "split": res.split,
-            "batch": res.batch,
-            "wait": u.get("wait"),
-            "edge_seconds": u.get("edge_ready") if res.kind == "latent" else None,
-            "decision_seconds": w["decision_seconds"] if w else None,
-            "local_compute": res.local_compute,
-            "predicted": u.get("predicted"),
-            "measured": res.latency,
-          }
-        )
-      ok = [c for c, r in enumerate(results) if r.kind in ("latent", "local")]
-      served.append(
-        (
-          np.array([results[c].user for c in ok]),
-          np.array([results[c].split for c in ok]),
-          np.asarray(jax.random.key_data(keys))[ok],
-          np.stack([results[c].x0 for c in ok]) if ok else np.zeros((0,)),
-          np.array(ok),
-        )
-      )
-      logging.info(
-        "round %d: %d/%d answered, windows so far %d", rnd, len(ok), users, len(server.windows)
-      )
-    windows = list(server.windows)
-    errors, lost = list(server.errors), list(server.lost)
+  )
+  # The server process starts before this process touches JAX, so that the nice below reaches
+  # every XLA thread of the device side and none of the edge's.
+  handle = None if not server_process else _ServerHandle(factory, spec)
+  if handle is not None and device_nice:
+    os.nice(device_nice)
+  models = factory() if models is None else models
+  sysp, profile, path = spec.system(models)
+  if users > sysp.max_users:
+    raise ValueError(f"--users={users} exceeds the state rows (max_users={sysp.max_users})")
+  if handle is None:
+    handle = _ServerHandle(None, spec, in_process_models=models)
+  big_t = models.num_timesteps
+  devices = [device_fn_for(models, c % models.num_users) for c in range(users)]
+  base = jax.random.key(seed)
+  jax.block_until_ready(devices[0](np.zeros(models.image_shape, np.float32), 1, base))
+  info = handle.ready()
+  address = tuple(info["address"])
+  logging.info("edge server on %s:%d, scheduler %s", *address, info["scheduler"])
 
-  # The network path changes nothing: the same keys and decisions through hybrid_sample.
-  diffs = []
-  for users_r, splits_r, keys_r, x0_r, _ in served:
-    if len(users_r):
-      ref = models_lib.hybrid_sample(
-        models, users_r, splits_r.astype(np.int32), jax.random.wrap_key_data(keys_r)
+  rng = np.random.default_rng(seed)
+  rounds_out = []
+  for rnd in range(rounds):
+    scn = system.sample_scenario(rng, profile, sysp, users, num_gpus)
+    keys = jax.random.split(jax.random.fold_in(base, rnd + 1), users)
+    x_T = np.asarray(models_lib.initial_noise(models, keys))
+    arrival = sysp.window - scn.wait  # r_i ~ U(0, K), sorted
+    specs = [
+      dict(
+        request_id=f"r{rnd}c{c}",
+        user=c % models.num_users,
+        tau=float(scn.tau[c]),
+        alpha=float(scn.alpha[c]),
+        key=keys[c],
+        x_T=x_T[c],
+        device_fn=devices[c],
+        delay=float(arrival[c]),
       )
-      diffs.append(float(np.max(np.abs(np.asarray(ref) - x0_r))))
+      for c in range(users)
+    ]
+    results = run_clients(
+      address,
+      specs,
+      num_steps=big_t,
+      pace=pace,
+      timeout=max(120.0, 4 * big_t * float(scn.tau.max())),
+    )
+    rounds_out.append((scn, keys, results))
+    answered = sum(r.kind in ("latent", "local") for r in results)
+    logging.info("round %d: %d/%d answered", rnd, answered, users)
+  state = handle.finish()
+
+  decided = {u["id"]: (i, u) for i, w in enumerate(state["windows"]) for u in w["users"]}
+  rows, diffs = [], []
+  for rnd, (scn, keys, results) in enumerate(rounds_out):
+    for c, res in enumerate(results):
+      wi, u = decided.get(res.id, (None, {}))
+      w = state["windows"][wi] if wi is not None else None
+      rows.append(
+        {
+          "round": rnd,
+          "window": wi,
+          "id": res.id,
+          "user": res.user,
+          "tau": float(scn.tau[c]),
+          "alpha": float(scn.alpha[c]),
+          "device_type": int(scn.device_type[c]),
+          "kind": res.kind,
+          "split": res.split,
+          "batch": res.batch,
+          "wait": u.get("wait"),
+          "edge_seconds": u.get("edge_ready") if res.kind == "latent" else None,
+          "decision_seconds": w["decision_seconds"] if w else None,
+          "local_compute": res.local_compute,
+          "predicted": u.get("predicted"),
+          "measured": res.latency,
+          # The halves: until the answer arrives (wait, decision, edge, link), then local.
+          "predicted_answer": (
+            u["predicted"] - res.split * float(scn.tau[c]) if u and res.split is not None else None
+          ),
+          "measured_answer": res.answered - res.sent,
+          "predicted_local": res.split * float(scn.tau[c]) if res.split is not None else None,
+          "measured_local": res.done - res.answered,
+        }
+      )
+    # The network path changes nothing: the same keys and decisions through hybrid_sample.
+    ok = [c for c, r in enumerate(results) if r.kind in ("latent", "local")]
+    if ok:
+      ref = models_lib.hybrid_sample(
+        models,
+        np.array([results[c].user for c in ok]),
+        np.array([results[c].split for c in ok], np.int32),
+        keys[np.array(ok)],
+      )
+      served = np.stack([results[c].x0 for c in ok])
+      diffs.append(float(np.max(np.abs(np.asarray(ref) - served))))
   result = {
     "command": command or f"python -m hybrid.serve --workdir={workdir} --users={users}",
     "workdir": workdir,
-    "scheduler": scheduler.name,
-    "profile": profile_path,
+    "scheduler": info["scheduler"],
+    "profile": path,
     "num_gpus": float(num_gpus),
     "num_steps": big_t,
     "min_split": sysp.min_split,
     "window": sysp.window,
     "rounds": rounds,
     "users": users,
+    "edge": edge,
+    "server_process": server_process,
+    "device_nice": device_nice if server_process else 0,
     "address": f"{address[0]}:{address[1]}",
     "system": dataclasses.asdict(sysp),
     "max_abs_diff_vs_hybrid_sample": max(diffs) if diffs else None,
     "rows": rows,
-    "windows": windows,
-    "errors": errors,
-    "lost": lost,
+    "windows": state["windows"],
+    "errors": state["errors"],
+    "lost": state["lost"],
     "summary": _summary(rows),
   }
   write_report(out or os.path.join(workdir, "serve"), result)
@@ -1171,6 +1359,8 @@ def main(argv):
     port=f.port,
     out=f.out,
     edge=f.edge,
+    server_process=f.server_process,
+    device_nice=f.device_nice,
     command="python -m hybrid.serve " + " ".join(sys.argv[1:]),
   )
 
