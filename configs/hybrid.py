@@ -11,13 +11,24 @@ Presets (``--config=configs/hybrid.py:<preset>``):
                  evaluated on 30 held-out scenarios per (G, N).
 * ``sim_static`` one agent per (G, N) cell of the grid (the code's ``SCOM_SUN_SUC`` layout),
                  3,000 episodes each: 20 agents, hours on a CPU.
-* ``tiny``       a seconds-long run for the tests: a small network, a 2 x 2 grid.
+* ``digits``     the model half (spec §11 A/B) on sklearn's 8x8 digits: U = 4 users, user i's subject
+                 is digit class ``hybrid.user_classes[i]`` with ``hybrid.shots`` = 8 images of it
+                 (DreamBooth's few-shot set); the cluster-wide model is a DDPM on the generic digits
+                 (the other classes) plus the union of the users' shots; each personalized model is
+                 fine-tuned from it on its user's shots; T = 200, linear betas, full ancestral chain.
+                 About 10 minutes on 2 CPU cores (``python -m hybrid.train``).
+* ``tiny``       a seconds-long run for the tests: a small network, a 2 x 2 grid, 2 users, T = 24.
 
 The scheduler's fields live under ``scheduler.*``; the rest of the file is ``ddpm.base_config()``
 so that the model half of hybrid (cluster-wide and personalized models, T = 200) shares it.
 ``scheduler.profile`` is ``paper`` or the path of a measured profile JSON (the layout is in
-``hybrid/system.py``). The physical transmission formula: ``--config.scheduler.system.
-transmission=physical``.
+``hybrid/system.py``; ``hybrid.profile`` writes one). The physical transmission formula:
+``--config.scheduler.system.transmission=physical``.
+
+The model half's fields live under ``hybrid.*`` (``_models``). Stage 1 (the cluster-wide model)
+uses the top-level ``total_steps``, ``batch_size``, ``optimizer`` and ``ema_decay``; stage 2 (the
+personalized models) ``hybrid.personal_*``. ``hybrid.cluster_workdir`` takes an existing
+``common.train`` run (or a collab run's server) as the cluster-wide model instead of stage 1.
 """
 
 import ml_collections
@@ -95,6 +106,43 @@ def _scheduler() -> ml_collections.ConfigDict:
   return s
 
 
+def _models() -> ml_collections.ConfigDict:
+  h = ml_collections.ConfigDict()
+  h.num_users = 4  # U: personalized models, one stacked parameter tree
+  h.user_classes = (0, 1, 2, 3)  # user i's subject: this digit class (len == num_users)
+  h.shots = 8  # few-shot images per user (DreamBooth: 5-10), drawn from the train split
+  # Generic data of the cluster-wide model besides the users' shots: other_classes (every train
+  # image of a class no user has) | all (every train image, the users' classes included).
+  h.generic = "other_classes"
+  h.union_repeats = 5  # the union of the shots is repeated this often in the cluster's data
+  h.cluster_workdir = ""  # an existing common.train / collab run as the cluster-wide model
+  h.cluster_step = -1  # its checkpoint (-1: the latest)
+  # Stage 2: every user's model fine-tuned from the cluster-wide EMA weights on its own shots.
+  h.personal_steps = 300
+  h.personal_batch_size = 16  # per user
+  h.personal_learning_rate = 5e-4
+  h.personal_warmup_steps = 20
+  h.personal_ema_decay = 0.98
+  # DreamBooth's prior preservation: + prior_weight * the same loss on a batch of generic images
+  # (real generic data stands in for the frozen model's class-prior samples). 0 disables it.
+  h.prior_weight = 0.0
+  # vmap: all users in one batched step (accelerators); unroll: the U steps written out in one
+  # program (XLA:CPU runs vmapped weight-gradient convs ~40x slower, see collab).
+  h.user_loop = "unroll"
+  h.eval_split = 100  # split point n of the samples common.eval and the training grid draw
+  # hybrid.profile: the personalized-accuracy index at these split points, the latency fit.
+  p = h.profile = ml_collections.ConfigDict()
+  p.splits = tuple(range(0, 201, 20))
+  p.seeds_per_user = 32  # samples per (user, split); seed s is shared by every user
+  p.pai_scale = 1.0  # the paper's 3 maps CLIP cosine (~0.33) to ~1; our Sim is a probability
+  p.diff_sharpness = 30.0  # PAI_raw = scale Sim sigmoid(sharpness (Diff - d0))
+  p.d0 = "midrange"  # midrange (of Diff over the splits) | median (spec §11 A) | a number
+  p.batch_sizes = tuple(range(1, 21))
+  p.latency_repeats = 30
+  p.batch_size = 128  # rows per edge call of the accuracy sweep
+  return h
+
+
 def get_config(preset: str = "sim") -> ml_collections.ConfigDict:
   """Returns the config for ``preset``; see the module docstring for the list."""
   c = ddpm.base_config()
@@ -104,8 +152,31 @@ def get_config(preset: str = "sim") -> ml_collections.ConfigDict:
   c.diffusion.num_timesteps = 200
   c.diffusion.sample_steps = 200
   c.scheduler = _scheduler()
+  c.hybrid = _models()
   s = c.scheduler
-  if preset == "sim":
+  # The model half: the ddpm digits network without attention (the cluster model and U
+  # personalized copies train in one process), T = 200 linear (spec §11 A), full ancestral chain.
+  c.data.name = "digits"
+  c.data.resolution = 8
+  c.model.channels = (32, 64)
+  c.model.num_res_blocks = 1
+  c.model.attention_resolutions = ()
+  c.diffusion.schedule = "linear"
+  c.diffusion.sampler = "ddpm"
+  c.total_steps = 1500  # stage 1, the cluster-wide model
+  c.batch_size = 64
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.ema_decay = 0.995
+  c.log_every_steps = 100
+  c.ckpt_every_steps = 500
+  c.sample_every_steps = 0
+  c.num_sample_images = 32
+  # One device: the stacked users' batch is not split over a mesh (XLA:CPU mis-sharded vmapped
+  # convs in collab; on 2 cores more devices buy nothing).
+  c.mesh.data = 1
+  if preset in ("digits", "sim"):
+    # digits keeps sim's scheduler so that its measured profile.json plugs into the same run.
     # ~50 ms an episode on 2 CPU cores (one learner step per environment step).
     s.agent.episodes = 8000
     s.agent.eps_decay_episodes = 5000
@@ -135,8 +206,31 @@ def get_config(preset: str = "sim") -> ml_collections.ConfigDict:
     s.eval.ga_population = 20
     s.eval.ga_generations = 10
     s.eval.enum_max_users = 8
+    # A seconds-long model half: 2 users, T = 24 (the linear schedule needs T > 20).
+    c.diffusion.num_timesteps = 24
+    c.diffusion.sample_steps = 24
+    c.model.channels = (8,)  # one level: half the compile time of two
+    c.model.num_heads = 1
+    c.total_steps = 4
+    c.batch_size = 8
+    c.ckpt_every_steps = 4
+    c.log_every_steps = 2
+    c.optimizer.warmup_steps = 0
+    c.num_sample_images = 4
+    h = c.hybrid
+    h.num_users = 2
+    h.user_classes = (0, 1)
+    h.shots = 3
+    h.personal_steps = 2
+    h.personal_batch_size = 4
+    h.personal_warmup_steps = 0
+    h.eval_split = 12
+    h.profile.splits = (0, 6, 12, 18, 24)
+    h.profile.seeds_per_user = 4
+    h.profile.batch_sizes = (1, 2, 3, 4)
+    h.profile.latency_repeats = 3
   else:
     raise ValueError(
-      f"configs/hybrid.py: unknown preset {preset!r}; allowed: sim, sim_static, tiny"
+      f"configs/hybrid.py: unknown preset {preset!r}; allowed: digits, sim, sim_static, tiny"
     )
   return c

@@ -1,0 +1,351 @@
+"""The trained models of a hybrid run and the hybrid sampler: edge (cluster-wide) then device.
+
+A request of user i with split point n_i runs the reverse chain from level T to level n_i on the
+edge with the cluster-wide model, batched with every other admitted request, then levels n_i..1 on
+the device with the user's personalized model (spec §1, §11 A). ``n = 0`` is the cluster-wide model
+alone, ``n = T`` the personalized model alone.
+
+Every row of a batch carries its own PRNG key, and the noise of the step leaving level k of a row
+is ``normal(fold_in(key_i, k), (1, H, W, C))``, the convention of ``common.diffusion.sampling`` for a
+one-row chain. So a row's result does not depend on which other rows share its batch, and
+``n = 0`` / ``n = T`` reproduce ``sampling.sample`` of the cluster / personalized model with that
+key (``tests/hybrid/test_hybrid_models.py``). The chain is always the full one (every level), as
+the paper's 200 inference steps with T = 200.
+
+The edge runs as one ``lax.while_loop`` over levels with a per-row mask: row i is updated while
+its level is above n_i and frozen after, so the batch shares one network call per level (what
+the latency model charges every admitted user for) and the loop stops at the smallest split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from common.diffusion import GaussianDiffusion, sampling
+
+
+def row_keys(rng: jax.Array, batch: int) -> jax.Array:
+  """Per-row keys: ``rng`` itself when it already holds ``batch`` keys, else ``split(rng, batch)``.
+
+  Accepts typed keys (``jax.random.key``) and raw uint32 keys (``jax.random.PRNGKey``).
+  """
+  rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim == (1 if typed else 2):
+    if rng.shape[0] != batch:
+      raise ValueError(f"got {rng.shape[0]} row keys for a batch of {batch}")
+    return rng
+  if rng.ndim != (0 if typed else 1):
+    raise ValueError(f"rng must be one key or [B] keys, got shape {rng.shape}")
+  return jax.random.split(rng, batch)
+
+
+class Programs:
+  """The jitted reverse chain shared by the edge and the device, for one network architecture.
+
+  ``chain(params, x [B, H, W, C], k_start [B], k_end [B], keys [B]) -> x`` runs row i from level
+  ``k_start[i]`` down to ``k_end[i]``; ``step(params, x, k, keys)`` is one batched step leaving
+  level k (what ``hybrid.profile`` times). Compiled once per batch shape.
+  """
+
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    diffusion: GaussianDiffusion,
+    apply: Callable[[Any, jax.Array, jax.Array], jax.Array],
+  ):
+    d = config.diffusion
+    if d.sampler not in sampling.SAMPLERS:
+      raise ValueError(f"unknown sampler {d.sampler!r}; allowed: {', '.join(sampling.SAMPLERS)}")
+    self.diffusion = diffusion
+    self.apply = apply
+    self.sampler = str(d.sampler)
+    self.eta = float(d.ddim_eta) if self.sampler == "ddim" else 0.0
+    self.clip_denoised = bool(d.clip_denoised)
+    self.num_timesteps = int(diffusion.num_timesteps)
+    big_t = self.num_timesteps
+    # Row j of the table is the step leaving level T - j (every level: the full chain).
+    coefs = sampling.step_coefficients(diffusion, np.arange(big_t, -1, -1), self.eta)
+    self._coefs = {
+      name: np.asarray(v, np.int32 if v.dtype.kind == "i" else np.float32)
+      for name, v in coefs.items()
+    }
+    self.chain = jax.jit(self._chain)
+    self.step = jax.jit(self._step_at)
+    self.device_chain = jax.jit(self._device_chain)
+
+  def _coef(self, k: jax.Array) -> dict[str, jax.Array]:
+    j = self.num_timesteps - k
+    return {name: jnp.asarray(v)[j] for name, v in self._coefs.items()}
+
+  def _step(self, params, x, k, keys):
+    """``sample_segment``'s step leaving level k for every row, with per-row noise."""
+    diffusion = self.diffusion
+    c = self._coef(k)
+    b = x.shape[0]
+    t = jnp.full((b,), k - 1, jnp.int32)
+    x0, eps, var_values = diffusion.model_output_to_x0_eps(self.apply(params, x, t), x, t)
+    if self.clip_denoised:
+      x0 = jnp.clip(x0, -1.0, 1.0)
+      eps = diffusion.eps_from_x0(x, t, x0)
+    if self.sampler == "ddpm":
+      x_next = c["coef1"] * x0 + c["coef2"] * x
+      if diffusion.learn_sigma:
+        frac = (var_values + 1.0) / 2.0
+        log_var = frac * c["log_beta"] + (1.0 - frac) * c["post_log_var"]
+      elif diffusion.fixed_variance == "small":
+        log_var = c["post_log_var"]
+      else:
+        log_var = c["log_beta"]
+      std = jnp.exp(0.5 * log_var)
+    else:
+      x_next = c["sqrt_abar_next"] * x0 + c["ddim_eps_coef"] * eps
+      std = c["ddim_sigma"]
+    if self.sampler == "ddpm" or self.eta > 0:
+      row_shape = (1, *x.shape[1:])
+      noise = jax.vmap(
+        lambda key: jax.random.normal(jax.random.fold_in(key, k), row_shape, jnp.float32)[0]
+      )(keys)
+      x_next = jnp.where(c["k_next"] > 0, x_next + std * noise, x_next)
+    return x_next.astype(x.dtype)
+
+  def _step_at(self, params, x, k, keys):
+    return self._step(params, x, jnp.asarray(k, jnp.int32), keys)
+
+  def _chain(self, params, x, k_start, k_end, keys):
+    def body(carry):
+      k, x = carry
+      x_next = self._step(params, x, k, keys)
+      active = (k <= k_start) & (k > k_end)
+      return k - 1, jnp.where(active[:, None, None, None], x_next, x)
+
+    hi = jnp.max(k_start).astype(jnp.int32)
+    lo = jnp.min(k_end).astype(jnp.int32)
+    _, x = jax.lax.while_loop(lambda carry: carry[0] > lo, body, (hi, x))
+    return x
+
+  def _device_chain(self, personal_params, user, x, k_start, keys):
+    params = jax.tree.map(lambda a: a[user], personal_params)
+    return self._chain(params, x, k_start, jnp.zeros_like(k_start), keys)
+
+
+@dataclasses.dataclass
+class HybridModels:
+  """A hybrid run's networks (EMA weights) and the compiled sampler over them."""
+
+  config: ml_collections.ConfigDict  # the run's resolved config
+  diffusion: GaussianDiffusion
+  cluster_params: Any  # pytree, the cluster-wide network's (EMA) params
+  personal_params: Any  # pytree, stacked: every leaf has leading axis U
+  num_users: int  # U (number of personalized models)
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  programs: Programs | None = None  # built from config when not given (a method shares its own)
+  step: int = -1  # the checkpoint step the params come from
+
+  def __post_init__(self):
+    if self.programs is None:
+      self.programs = programs_for(self.config)
+    for leaf in jax.tree.leaves(self.personal_params):
+      if leaf.shape[0] != self.num_users:
+        raise ValueError(
+          f"personal_params leaves need a leading axis of {self.num_users} users, got {leaf.shape}"
+        )
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.diffusion.num_timesteps)
+
+  def denoise_fn(self, params):
+    """``(x, t, y) -> output`` of one network (the form ``common.diffusion.sampling`` takes)."""
+    return lambda x, t, y: self.programs.apply(params, x, t)
+
+  def personal(self, user: int):
+    """The personalized network of ``user``: its slice of the stacked tree."""
+    return jax.tree.map(lambda a: a[user], self.personal_params)
+
+
+_PROGRAMS: dict[str, Programs] = {}
+
+
+def programs_for(config: ml_collections.ConfigDict) -> Programs:
+  """The compiled chain of ``config``'s network and sampler, shared by every run with the same
+  ``model``, ``data`` and ``diffusion`` fields in this process (so a loop over runs or a
+  reloaded run compiles nothing twice)."""
+  from common.train import method as method_lib
+
+  key = json.dumps(
+    {k: json.loads(config[k].to_json()) for k in ("model", "data", "diffusion")}, sort_keys=True
+  )
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = Programs(config, method_lib.make_diffusion(config), _network_apply(config))
+  return _PROGRAMS[key]
+
+
+def _network_apply(config):
+  """The U-Net's ``apply(params, x, t)`` of ``config.model`` (unconditional)."""
+  from common import data
+  from common.train.method import DDPM
+
+  net = DDPM(config, data.get_info(config.data))
+  return lambda params, x, t: net.apply(params, x, t, None)
+
+
+def _check_splits(splits, batch: int, big_t: int) -> jax.Array:
+  if not isinstance(splits, jax.core.Tracer):
+    s = np.asarray(splits)
+    if s.shape != (batch,) or s.dtype.kind not in "iu":
+      raise ValueError(f"splits must be [{batch}] integers, got {s.dtype} {s.shape}")
+    if s.min() < 0 or s.max() > big_t:
+      raise ValueError(f"split points must lie in [0, T={big_t}], got [{s.min()}, {s.max()}]")
+  return jnp.asarray(splits, jnp.int32)
+
+
+def edge_denoise(models: HybridModels, x_T, splits, rng) -> jax.Array:
+  """Cluster-wide model, one batch for all admitted users: level T down to n_i per row.
+
+  Args:
+    models: the run's models.
+    x_T: [B, H, W, C] float32 noise.
+    splits: [B] int32 split points n_i in [0, T] (row i is frozen once it reaches n_i).
+    rng: one key (split into B row keys) or [B] per-request keys.
+
+  Returns:
+    [B, H, W, C] float32: x_{n_i} per row.
+  """
+  x_T = jnp.asarray(x_T, jnp.float32)
+  chex.assert_rank(x_T, 4)
+  chex.assert_shape(x_T, (None, *models.image_shape))
+  b = x_T.shape[0]
+  big_t = models.num_timesteps
+  n = _check_splits(splits, b, big_t)
+  keys = row_keys(rng, b)
+  return models.programs.chain(
+    models.cluster_params, x_T, jnp.full((b,), big_t, jnp.int32), n, keys
+  )
+
+
+def device_denoise(models: HybridModels, user, x_n, split, rng) -> jax.Array:
+  """Personalized model of ``user`` runs levels n..1 on x_n and returns x_0 in [-1, 1].
+
+  Args:
+    models: the run's models.
+    user: int in [0, U).
+    x_n: [H, W, C] (one request; ``rng`` is then its key) or [b, H, W, C].
+    split: the level x_n is at: an int or [b] ints in [0, T]; n = 0 returns x_n unchanged.
+    rng: one key or [b] per-request keys (as for ``edge_denoise``).
+
+  Returns:
+    x_0 with x_n's shape, float32.
+  """
+  if not 0 <= int(user) < models.num_users:
+    raise ValueError(f"user must be in [0, {models.num_users}), got {user}")
+  x = jnp.asarray(x_n, jnp.float32)
+  single = x.ndim == 3
+  if single:
+    x = x[None]
+    rng = jnp.asarray(rng)
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    if rng.ndim == (0 if typed else 1):
+      rng = rng[None]
+  chex.assert_shape(x, (None, *models.image_shape))
+  b = x.shape[0]
+  n = np.broadcast_to(np.asarray(split), (b,)) if np.ndim(split) == 0 else split
+  n = _check_splits(n, b, models.num_timesteps)
+  out = models.programs.device_chain(
+    models.personal_params, jnp.int32(user), x, n, row_keys(rng, b)
+  )
+  return out[0] if single else out
+
+
+def initial_noise(models: HybridModels, keys: jax.Array) -> jax.Array:
+  """x_T of each request: ``sampling.initial_noise(key_i, (1, H, W, C))``. [B, H, W, C]."""
+  shape = (1, *models.image_shape)
+  return jax.vmap(lambda k: sampling.initial_noise(k, shape)[0])(keys)
+
+
+def hybrid_sample(models: HybridModels, users, splits, rng) -> jax.Array:
+  """``edge_denoise`` then ``device_denoise`` per user.
+
+  Args:
+    models: the run's models.
+    users: [B] ints in [0, U).
+    splits: [B] ints in [0, T].
+    rng: one key (split into B request keys) or [B] request keys; x_T of request i is
+      ``sampling.initial_noise(key_i, (1, H, W, C))``.
+
+  Returns:
+    x_0: [B, H, W, C] float32 in [-1, 1].
+  """
+  users = np.asarray(users)
+  splits = np.asarray(splits)
+  b = len(users)
+  if users.shape != (b,) or splits.shape != (b,):
+    raise ValueError(f"users and splits must both be [B], got {users.shape} and {splits.shape}")
+  keys = row_keys(rng, b)
+  x_n = edge_denoise(models, initial_noise(models, keys), splits, keys)
+  out = x_n
+  for u in np.unique(users):
+    idx = np.flatnonzero(users == u)
+    x0 = device_denoise(models, int(u), x_n[idx], splits[idx], keys[idx])
+    out = out.at[idx].set(x0)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading a run.
+
+
+def from_params(config, params, *, programs: Programs | None = None, step: int = -1):
+  """``HybridModels`` over a hybrid params tree ``{'cluster': tree, 'users': stacked tree}``."""
+  from common import data
+  from common.train import method as method_lib
+
+  info = data.get_info(config.data)
+  leaves = jax.tree.leaves(params["users"])
+  return HybridModels(
+    config=config,
+    diffusion=method_lib.make_diffusion(config),
+    cluster_params=params["cluster"],
+    personal_params=params["users"],
+    num_users=int(leaves[0].shape[0]),
+    image_shape=(int(info.resolution), int(info.resolution), int(info.channels)),
+    programs=programs,
+    step=step,
+  )
+
+
+def load_run(workdir: str, *, require_finished: bool = True) -> HybridModels:
+  """Loads a finished ``hybrid.train`` workdir (latest checkpoint, EMA weights).
+
+  Raises:
+    FileNotFoundError: no ``config.json`` or no checkpoint in ``workdir``.
+    ValueError: the workdir is another method's run, or (``require_finished``) stage 2 has not
+      reached its last step.
+  """
+  from common import eval as eval_lib
+  from common.train import loop
+
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    raise FileNotFoundError(f"{workdir}: no config.json (not a hybrid.train workdir)")
+  config = loop.load_config(workdir)
+  if config.method != "hybrid":
+    raise ValueError(
+      f"{workdir} is a {config.method!r} run, not a hybrid.train workdir (method 'hybrid')"
+    )
+  config, method, params, step = eval_lib.load_params(workdir)
+  if require_finished and step < int(config.total_steps):
+    raise ValueError(
+      f"{workdir}: the personalized models are at step {step} of {config.total_steps}; "
+      "resume `python -m hybrid.train` to finish them"
+    )
+  return from_params(config, jax.device_get(params), programs=method.programs, step=step)

@@ -1,0 +1,231 @@
+"""The cluster-wide and personalized models: ``python -m hybrid.train --config=configs/hybrid.py:digits
+--workdir=DIR``.
+
+Stage 1 trains the cluster-wide model, a plain DDPM on the generic data plus the union of the
+users' shots (``hybrid.data``), in ``DIR/cluster`` with the config's ``total_steps``,
+``batch_size``, ``optimizer`` and ``ema_decay``; or takes an existing run's checkpoint given by
+``hybrid.cluster_workdir`` (a ``common.train`` run, or a collab run's server network), which must
+have this config's ``model.*``, ``data.*`` and diffusion schedule.
+
+Stage 2 fine-tunes the U personalized models, one stacked tree initialised with U copies of the
+cluster model's EMA weights (DreamBooth-style, optional prior preservation), in ``DIR`` itself
+for ``hybrid.personal_steps`` steps of ``hybrid.personal_batch_size`` images per user. The
+initial weights are written as the run's step-0 checkpoint, so stage 2 is an ordinary run of the
+shared loop: both stages resume, and ``python -m common.eval --workdir=DIR`` samples the hybrid
+chain at ``hybrid.eval_split`` per user.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from common import data
+from common.train.validate import ConfigError
+
+CLUSTER_DIR = "cluster"
+
+
+def cluster_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Stage 1: the DDPM method on the cluster's data, the top-level training fields."""
+  c = copy.deepcopy(config)
+  c.unlock()
+  c.method = "ddpm"
+  return c
+
+
+def personal_config(config, cluster_source: str, cluster_step: int) -> ml_collections.ConfigDict:
+  """Stage 2: the hybrid method with the ``hybrid.personal_*`` training fields."""
+  h = config.hybrid
+  c = copy.deepcopy(config)
+  c.unlock()
+  c.method = "hybrid"
+  c.hybrid.cluster_steps = int(config.total_steps)
+  c.hybrid.cluster_source = str(cluster_source)
+  c.hybrid.cluster_source_step = int(cluster_step)
+  c.total_steps = int(h.personal_steps)
+  c.batch_size = int(h.personal_batch_size)
+  c.optimizer.learning_rate = float(h.personal_learning_rate)
+  c.optimizer.warmup_steps = int(h.personal_warmup_steps)
+  c.ema_decay = float(h.personal_ema_decay)
+  c.ckpt_every_steps = max(1, min(int(c.ckpt_every_steps), int(h.personal_steps)))
+  c.log_every_steps = max(1, min(int(c.log_every_steps), int(h.personal_steps)))
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Every check that needs no training, so a bad config fails before stage 1 starts."""
+  from common.train import loop
+  from common.train.validate import require
+
+  require(config, "hybrid.personal_steps", lambda v: isinstance(v, int) and v >= 1, "must be >= 1")
+  require(
+    config, "hybrid.personal_batch_size", lambda v: isinstance(v, int) and v >= 1, "must be >= 1"
+  )
+  require(config, "hybrid.personal_learning_rate", lambda v: v > 0, "must be > 0")
+  require(config, "hybrid.personal_ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
+  loop.setup(personal_config(config, "", -1), devices=jax.devices()[:1])
+
+
+def _same(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
+  return json.loads(a.to_json()) == json.loads(b.to_json())
+
+
+def load_cluster(config, workdir: str):
+  """The cluster-wide network's EMA params (host arrays), where they came from and the step."""
+  from common import eval as eval_lib
+  from common.train import loop
+
+  h = config.hybrid
+  source = str(h.cluster_workdir)
+  if not source:
+    source = os.path.join(workdir, CLUSTER_DIR)
+    step = int(config.total_steps)
+  else:
+    step = int(h.cluster_step)
+    if not os.path.exists(os.path.join(source, "config.json")):
+      raise ConfigError("hybrid.cluster_workdir", source, "holds no config.json (not a run)")
+  if h.cluster_workdir:
+    # The saved config first: a mismatch is refused before anything is restored.
+    base_config = loop.load_config(source)
+    if not _same(base_config.model, config.model):
+      raise ConfigError(
+        "hybrid.cluster_workdir", source, "was trained with another model.* than this config's"
+      )
+    for field in ("name", "resolution"):
+      if base_config.data[field] != config.data[field]:
+        raise ConfigError(
+          "hybrid.cluster_workdir",
+          source,
+          f"was trained on data.{field}={base_config.data[field]!r}, this config has "
+          f"{config.data[field]!r}",
+        )
+    for field in ("num_timesteps", "schedule", "parameterization", "loss"):
+      if base_config.diffusion[field] != config.diffusion[field]:
+        raise ConfigError(
+          "hybrid.cluster_workdir",
+          source,
+          f"was trained with diffusion.{field}={base_config.diffusion[field]!r}, this config has "
+          f"{config.diffusion[field]!r}",
+        )
+  try:
+    _, _, params, step = eval_lib.load_params(source, step=step)
+  except FileNotFoundError as e:
+    raise ConfigError("hybrid.cluster_workdir", source, str(e)) from None
+  if isinstance(params, dict) and "server" in params and "clients" in params:
+    params = params["server"]  # a collab run: its server is the shared network
+  return jax.device_get(params), source, step
+
+
+def write_personal_start(config, workdir: str, cluster_params) -> None:
+  """Stage 2's step-0 checkpoint: the cluster network and U copies of it, fresh optimizers.
+
+  The EMA starts from the same weights. Nothing is written when the run already has a
+  checkpoint (a resumed stage 2).
+  """
+  from common import checkpoint
+  from common.train import loop
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    if ckpt.latest_step() is not None:
+      return
+    mesh, method = loop.setup(config, devices=jax.devices()[:1])
+    fns = loop.build(config, method, mesh)
+    abstract = fns["abstract_state"]
+    users = jax.tree.map(
+      lambda a: np.broadcast_to(np.asarray(a), (method.num_users, *np.shape(a))).copy(),
+      cluster_params,
+    )
+    params = {"cluster": jax.tree.map(np.asarray, cluster_params), "users": users}
+    shard = fns["state_shardings"].params
+    params = jax.tree.map(lambda a, s: jax.device_put(a, s), params, shard)
+    # Same tree and shapes as the loop's own init: its restore checks this.
+    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params, abstract.params)
+    # The loop's own init would compile a random init of U + 1 networks only to overwrite it.
+    rng = jax.random.PRNGKey(int(config.seed))
+    state = loop.TrainState(
+      step=jax.numpy.zeros((), jax.numpy.int32),
+      params=params,
+      ema_params=jax.tree.map(lambda a: a.copy(), params),
+      opt_state=method.init_opt_state(method.make_optimizer()[0], params),
+      rng=jax.random.fold_in(rng, 1),
+    )
+    data_iter = method.train_iterator(process_index=0, process_count=1)
+    ckpt.save(0, state, data_iter, config.to_json_best_effort(sort_keys=True, indent=2), force=True)
+  finally:
+    ckpt.close()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Stage 1 (or the given cluster run), then stage 2; returns a summary (also written)."""
+  from common.train import loop
+  from hybrid import data as hdata
+  from hybrid import method as hmethod
+
+  os.makedirs(workdir, exist_ok=True)
+  validate(config)
+  info = data.get_info(config.data)
+  if not config.hybrid.cluster_workdir:
+    c1 = cluster_config(config)
+    cluster_dir = os.path.join(workdir, CLUSTER_DIR)
+    logging.info("stage 1: cluster-wide model, %d steps in %s", c1.total_steps, cluster_dir)
+    loop.train(c1, cluster_dir, method=hmethod.ClusterDDPM(c1, info), devices=jax.devices()[:1])
+  cluster_params, source, step = load_cluster(config, workdir)
+  logging.info("cluster-wide model: %s step %d", source, step)
+
+  c2 = personal_config(config, source, step)
+  write_personal_start(c2, workdir, cluster_params)
+  logging.info(
+    "stage 2: %d personalized models, %d steps in %s",
+    config.hybrid.num_users,
+    c2.total_steps,
+    workdir,
+  )
+  loop.train(c2, workdir, devices=jax.devices()[:1])
+  summary = {
+    "cluster": {"source": source, "step": step, "examples": len(hdata.cluster_indices(config))},
+    "users": [
+      {"user": u, "class": int(c), "shots": [int(i) for i in idx]}
+      for u, (c, idx) in enumerate(
+        zip(config.hybrid.user_classes, hdata.user_shot_indices(config), strict=True)
+      )
+    ],
+    "personal_steps": int(c2.total_steps),
+    "prior_weight": float(config.hybrid.prior_weight),
+  }
+  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def _define_flags() -> None:
+  """Defined only when this module runs as a binary (see ``common.eval``)."""
+  config_flags.DEFINE_config_file("config", None, "Config file and preset.")
+  flags.DEFINE_string("workdir", None, "Run directory (stage 2; stage 1 in cluster/).")
+
+
+def main(argv):
+  del argv
+  from common.train import logger
+
+  logger.quiet_library_logs()
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except ConfigError as e:
+    print(str(e), file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

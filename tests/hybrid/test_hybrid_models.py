@@ -1,0 +1,261 @@
+"""The hybrid sampler against the core's sampler, batching invariance, the data split, and
+hybrid.train end to end (stages, frozen cluster network, resume, load_run, errors)."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from common import data
+from common.diffusion import sampling
+from common.train import method as method_lib
+from common.train.validate import ConfigError
+from configs import hybrid as hybrid_configs
+from hybrid import data as hdata
+from hybrid import method as hmethod
+from hybrid import models, train
+
+
+def _tiny(**overrides):
+  c = hybrid_configs.get_config("tiny")
+  with c.unlocked():
+    for k, v in overrides.items():
+      node = c
+      *path, last = k.split(".")
+      for p in path:
+        node = node[p]
+      node[last] = v
+  return c
+
+
+def random_params(method, seed: int):
+  """Random values in every leaf (the U-Net's zero-initialised output layer would make every
+  network output 0, and every comparison below trivially true)."""
+  abstract = jax.eval_shape(method.init_params, jax.random.PRNGKey(0))
+  leaves, tree = jax.tree.flatten(abstract)
+  rng = np.random.default_rng(seed)
+  return jax.tree.unflatten(
+    tree, [0.2 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
+  )
+
+
+@pytest.fixture(scope="module")
+def random_models():
+  """Untrained networks: the cluster and each user get their own random weights."""
+  config = _tiny()
+  method = hmethod.Hybrid(config, data.get_info(config.data))
+  return method, models.from_params(config, random_params(method, 3), programs=method.programs)
+
+
+_ALONE = {}
+
+
+def _alone(m, params, key):
+  """One request sampled by the core's own sampler with one network over the whole chain."""
+  if "fn" not in _ALONE:
+
+    def run(params, key):
+      return sampling.sample(
+        m.diffusion,
+        m.denoise_fn(params),
+        (1, *m.image_shape),
+        key,
+        num_steps=m.num_timesteps,
+        sampler=m.config.diffusion.sampler,
+      )[0]
+
+    _ALONE["fn"] = jax.jit(run)
+  return _ALONE["fn"](params, key)
+
+
+def test_split_zero_is_the_cluster_model_and_split_t_the_personal_model(random_models):
+  _, m = random_models
+  big_t = m.num_timesteps
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  users = np.array([0, 1, 1, 0])
+  out = np.asarray(models.hybrid_sample(m, users, np.array([0, 0, big_t, big_t]), keys))
+  np.testing.assert_allclose(out[0], _alone(m, m.cluster_params, keys[0]), atol=2e-5)
+  np.testing.assert_allclose(out[1], _alone(m, m.cluster_params, keys[1]), atol=2e-5)
+  np.testing.assert_allclose(out[2], _alone(m, m.personal(1), keys[2]), atol=2e-5)
+  np.testing.assert_allclose(out[3], _alone(m, m.personal(0), keys[3]), atol=2e-5)
+  # The two ends really differ (else the checks above could not tell the networks apart).
+  assert np.abs(out[2] - np.asarray(_alone(m, m.cluster_params, keys[2]))).max() > 1e-2
+
+
+def test_intermediate_split_is_the_core_two_segment_chain(random_models):
+  _, m = random_models
+  big_t, n = m.num_timesteps, 9
+  key = jax.random.PRNGKey(5)
+  out = models.hybrid_sample(m, np.array([1]), np.array([n]), key[None])[0]
+  segments = [
+    sampling.Segment(m.denoise_fn(m.cluster_params), big_t, n),
+    sampling.Segment(m.denoise_fn(m.personal(1)), n, 0),
+  ]
+  want = jax.jit(
+    lambda key: sampling.sample_segmented(
+      m.diffusion,
+      segments,
+      (1, *m.image_shape),
+      key,
+      steps_per_segment=[big_t - n, n],
+      sampler=m.config.diffusion.sampler,
+    )[0]
+  )(key)
+  np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+def test_batched_edge_segment_equals_users_one_by_one(random_models):
+  _, m = random_models
+  big_t = m.num_timesteps
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  x_t = models.initial_noise(m, keys)
+  splits = np.array([0, 7, big_t, 3], np.int32)
+  batched = np.asarray(models.edge_denoise(m, x_t, splits, keys))
+  for i in range(4):
+    one = np.asarray(models.edge_denoise(m, x_t[i : i + 1], splits[i : i + 1], keys[i : i + 1]))
+    np.testing.assert_allclose(batched[i], one[0], atol=1e-5)
+  # A row with n = T never leaves x_T; the device half of another row matches one by one too.
+  np.testing.assert_array_equal(batched[2], np.asarray(x_t[2]))
+  pick = np.array([1, 3])
+  dev = np.asarray(models.device_denoise(m, 1, batched[pick], splits[pick], keys[pick]))
+  np.testing.assert_allclose(
+    dev[1], np.asarray(models.device_denoise(m, 1, batched[3], 3, keys[3])), atol=1e-5
+  )
+  # The edge really stops at each row's split: x_7 is not x_3.
+  assert np.abs(batched[1] - batched[3]).max() > 1e-3
+
+
+def test_sampler_input_errors(random_models):
+  _, m = random_models
+  keys = jax.random.split(jax.random.PRNGKey(0), 2)
+  x = models.initial_noise(m, keys)
+  with pytest.raises(ValueError, match="split points must lie in"):
+    models.edge_denoise(m, x, np.array([0, m.num_timesteps + 1]), keys)
+  with pytest.raises(ValueError, match="row keys"):
+    models.edge_denoise(m, x, np.array([0, 1]), keys[:1])
+  with pytest.raises(ValueError, match="user must be in"):
+    models.device_denoise(m, 2, x, 0, keys)
+
+
+def test_users_hold_few_shots_of_their_class_and_the_cluster_sees_their_union():
+  config = _tiny(**{"hybrid.shots": 5})
+  labels = data.load_labels(config.data, "train")
+  shots = hdata.user_shot_indices(config)
+  for c, idx in zip(config.hybrid.user_classes, shots, strict=True):
+    assert len(set(idx.tolist())) == 5 and np.all(labels[idx] == c)
+  generic = hdata.generic_indices(config)
+  assert not np.isin(labels[generic], config.hybrid.user_classes).any()
+  cluster = hdata.cluster_indices(config)
+  union = np.concatenate(shots)
+  assert np.isin(union, cluster).all() and np.isin(generic, cluster).all()
+  assert len(cluster) == len(generic) + config.hybrid.union_repeats * len(union)
+  everything = hdata.generic_indices(_tiny(**{"hybrid.generic": "all", "hybrid.shots": 5}))
+  assert np.isin(labels[everything], config.hybrid.user_classes).any()
+  assert not np.isin(union, everything).any()
+
+
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
+    ({"hybrid.user_classes": (0,)}, "hybrid.user_classes"),
+    ({"hybrid.user_classes": (0, 0)}, "hybrid.user_classes"),
+    ({"hybrid.generic": "some"}, "hybrid.generic"),
+    ({"hybrid.user_loop": "scan"}, "hybrid.user_loop"),
+    ({"hybrid.eval_split": 99}, "hybrid.eval_split"),
+    ({"model.class_conditional": True}, "model.class_conditional"),
+    ({"hybrid.personal_steps": 0}, "hybrid.personal_steps"),
+  ],
+)
+def test_config_errors_name_the_field(tmp_path, overrides, match):
+  with pytest.raises(ConfigError, match=match):
+    train.run(_tiny(**overrides), str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "cluster")
+
+
+def test_prior_preservation_adds_a_generic_batch():
+  config = _tiny(**{"hybrid.prior_weight": 1.0})
+  method = hmethod.Hybrid(config, data.get_info(config.data))
+  assert method.images_per_step() == 3 * config.batch_size
+  batch = next(method.train_iterator(process_index=0, process_count=1))
+  labels = batch["label"].reshape(3, -1)
+  assert np.all(labels[0] == 0) and np.all(labels[1] == 1)
+  assert not np.isin(labels[2], (0, 1)).any()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("hybrid") / "run")
+  summary = train.run(_tiny(), workdir)
+  return workdir, summary
+
+
+def test_train_runs_both_stages_and_freezes_the_cluster_network(trained):
+  workdir, summary = trained
+  config = _tiny()
+  assert summary["cluster"]["source"] == os.path.join(workdir, "cluster")
+  assert summary["cluster"]["step"] == config.total_steps
+  assert len(summary["users"]) == 2 and summary["users"][1]["class"] == 1
+  with open(os.path.join(workdir, "train_summary.json")) as f:
+    assert json.load(f) == summary
+  m = models.load_run(workdir)
+  assert m.step == config.hybrid.personal_steps and m.num_users == 2
+  # The cluster network in the hybrid run is stage 1's EMA, untouched by stage 2.
+  from common import eval as eval_lib
+
+  _, _, cluster_ema, _ = eval_lib.load_params(os.path.join(workdir, "cluster"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(cluster_ema), m.cluster_params)
+  # Every user's network moved away from the cluster's, each its own way.
+  deltas = [
+    jax.tree.map(lambda a, b, u=u: np.abs(a[u] - b).max(), m.personal_params, m.cluster_params)
+    for u in range(2)
+  ]
+  assert all(max(jax.tree.leaves(d)) > 0 for d in deltas)
+  assert max(jax.tree.leaves(jax.tree.map(lambda a: np.abs(a[0] - a[1]).max(), m.personal_params)))
+  # A second run resumes both stages at their end: nothing retrains, nothing is written.
+  ckpts = {d: sorted(os.listdir(os.path.join(workdir, d, "checkpoints"))) for d in ("", "cluster")}
+  again = train.run(_tiny(), workdir)
+  assert again == summary
+  assert ckpts == {
+    d: sorted(os.listdir(os.path.join(workdir, d, "checkpoints"))) for d in ("", "cluster")
+  }
+  assert os.path.exists(os.path.join(workdir, "samples", f"step_{m.step:07d}.png"))
+
+
+def test_cluster_workdir_reuses_a_run_and_refuses_another_model(trained, tmp_path):
+  workdir, _ = trained
+  cluster_dir = os.path.join(workdir, "cluster")
+  other = _tiny(**{"hybrid.cluster_workdir": cluster_dir, "model.channels": (16,)})
+  with pytest.raises(ConfigError, match="another model"):
+    train.run(other, str(tmp_path / "other"))
+  with pytest.raises(ConfigError, match="hybrid.cluster_workdir"):
+    train.run(_tiny(**{"hybrid.cluster_workdir": str(tmp_path)}), str(tmp_path / "x"))
+  # The same network and data: stage 2 starts from that run, no stage 1 of its own.
+  reuse = str(tmp_path / "reuse")
+  summary = train.run(_tiny(**{"hybrid.cluster_workdir": cluster_dir}), reuse)
+  assert summary["cluster"] == {**summary["cluster"], "source": cluster_dir, "step": 4}
+  assert not os.path.exists(os.path.join(reuse, "cluster"))
+  assert models.load_run(reuse).step == 2
+  # load_run refuses what is not a finished hybrid run.
+  with pytest.raises(ValueError, match="not a hybrid.train workdir"):
+    models.load_run(cluster_dir)
+  with pytest.raises(FileNotFoundError):
+    models.load_run(str(tmp_path))
+
+
+def test_eval_hooks_group_by_user(trained):
+  workdir, _ = trained
+  from common import eval as eval_lib
+
+  _, method, params, _ = eval_lib.load_params(workdir)
+  assert isinstance(method, hmethod.Hybrid)
+  assert method_lib.load_method(method.config, method.data_info).name == "hybrid"
+  # The training grid's shapes (2 images per user), so nothing new compiles.
+  batches = list(method.eval_batches(params, jax.random.PRNGKey(0), 4, 2))
+  groups = np.concatenate([g for _, _, g in batches])
+  np.testing.assert_array_equal(groups, [0, 0, 1, 1])
+  images = np.concatenate([x for x, _, _ in batches])
+  assert images.shape == (4, 8, 8, 1) and np.abs(images).max() <= 1.0
+  ref_labels = data.load_labels(method.config.data, "train")
+  assert np.all(ref_labels[method.eval_group_reference(1, ref_labels, "train")] == 1)
