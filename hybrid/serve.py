@@ -117,6 +117,7 @@ def _define_flags() -> None:
     "edge_denoise call, every latent leaves after T - min n.",
   )
   flags.DEFINE_integer("rounds", 3, "Measured windows, each with a freshly drawn scenario.")
+  flags.DEFINE_integer("warmup_rounds", 1, "Rounds run first and not reported.")
   flags.DEFINE_bool("server_process", True, "The edge server in its own process (else a thread).")
   flags.DEFINE_integer(
     "device_nice", 5, "CPU priority the device side gives up after starting the server process."
@@ -896,6 +897,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     mean_predicted=float(pred.mean()),
     mean_abs_error=float(np.abs(meas - pred).mean()),
     mean_ratio=float(np.mean(meas / pred)),
+    median_ratio=float(np.median(meas / pred)),
     correlation=float(np.corrcoef(meas, pred)[0, 1]) if len(ok) > 2 else None,
   )
   for kind in ("latent", "local"):
@@ -1169,6 +1171,7 @@ def run(
   num_gpus: float = 1.0,
   window: float = -1.0,
   rounds: int = 3,
+  warmup_rounds: int = 1,
   seed: int = 0,
   host: str = DEFAULT_HOST,
   port: int = 0,
@@ -1199,8 +1202,10 @@ def run(
 
   if users < 1:
     raise ValueError(f"--users must be >= 1, got {users}")
-  if rounds < 1:
-    raise ValueError(f"--rounds must be >= 1, got {rounds}")
+  if rounds < 1 or warmup_rounds < 0:
+    raise ValueError(
+      f"--rounds must be >= 1 and --warmup_rounds >= 0, got {rounds}, {warmup_rounds}"
+    )
   if edge not in EDGE_MODES:
     raise ValueError(f"--edge must be one of {EDGE_MODES}, got {edge!r}")
   factory = models_factory or functools.partial(models_lib.load_run, workdir)
@@ -1238,14 +1243,15 @@ def run(
 
   rng = np.random.default_rng(seed)
   rounds_out = []
-  for rnd in range(rounds):
+  # Round -1 warms both sides up (first calls, thread pools, caches) and is not reported.
+  for rnd in range(-warmup_rounds, rounds):
     scn = system.sample_scenario(rng, profile, sysp, users, num_gpus)
     keys = jax.random.split(jax.random.fold_in(base, rnd + 1), users)
     x_T = np.asarray(models_lib.initial_noise(models, keys))
     arrival = sysp.window - scn.wait  # r_i ~ U(0, K), sorted
     specs = [
       dict(
-        request_id=f"r{rnd}c{c}",
+        request_id=f"r{rnd}c{c}" if rnd >= 0 else f"warmup{-rnd}c{c}",
         user=c % models.num_users,
         tau=float(scn.tau[c]),
         alpha=float(scn.alpha[c]),
@@ -1263,11 +1269,14 @@ def run(
       pace=pace,
       timeout=max(120.0, 4 * big_t * float(scn.tau.max())),
     )
-    rounds_out.append((scn, keys, results))
+    if rnd >= 0:
+      rounds_out.append((scn, keys, results))
     answered = sum(r.kind in ("latent", "local") for r in results)
     logging.info("round %d: %d/%d answered", rnd, answered, users)
   state = handle.finish()
-
+  state["windows"] = [
+    w for w in state["windows"] if not all(u["id"].startswith("warmup") for u in w["users"])
+  ]
   decided = {u["id"]: (i, u) for i, w in enumerate(state["windows"]) for u in w["users"]}
   rows, diffs = [], []
   for rnd, (scn, keys, results) in enumerate(rounds_out):
@@ -1322,6 +1331,7 @@ def run(
     "min_split": sysp.min_split,
     "window": sysp.window,
     "rounds": rounds,
+    "warmup_rounds": warmup_rounds,
     "users": users,
     "edge": edge,
     "server_process": server_process,
@@ -1354,6 +1364,7 @@ def main(argv):
     num_gpus=f.num_gpus,
     window=f.window,
     rounds=f.rounds,
+    warmup_rounds=f.warmup_rounds,
     seed=f.seed,
     host=f.host,
     port=f.port,
