@@ -140,6 +140,7 @@ def _fda_arm(ctx, arm, make_uplink, adr_flops):
 
 def evaluate(workdir: str) -> dict:
   """Runs every arm on every held-out device; returns (and writes) the metrics."""
+  t_start = time.perf_counter()
   config = experiment.read_config(workdir, "train_config.json")
   dataset = experiment.build_dataset(config)
   spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)
@@ -291,7 +292,50 @@ def evaluate(workdir: str) -> dict:
     json.dump(result, f, indent=2)
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write(summary_table(result))
+  write_headline(workdir, config, result, time.perf_counter() - t_start)
   return result
+
+
+HEADLINE_KEYS = (
+  "qa_accuracy",
+  "R@1",
+  "R@5",
+  "device_flops",
+  "device_seconds",
+  "uplink_bytes",
+  "latency_seconds",
+)
+
+
+def write_headline(workdir: str, config, result: dict, wall_time_s: float) -> str:
+  """``workdir/headline.json`` (``common.headline``): the configured FDA arm (selector, K) against
+  the static model, few-shot fine-tuning and the oracle, means over the held-out devices."""
+  from common import headline
+
+  mean = result["mean"]
+  a = config.cdc.adr
+  arm = f"fda/{a.selector}/K{a.num_anchors}"
+  if arm not in mean:  # the configured K was not among cdc.eval.anchor_counts
+    arm = next(k for k in mean if k.startswith("fda/") and k.count("/") == 2)
+
+  def pick(name):
+    return {k: mean[name][k] for k in HEADLINE_KEYS if k in mean[name]}
+
+  baselines = [n for n in mean if n == "static" or n.startswith("ft/") or n == "oracle"]
+  return headline.write(
+    workdir,
+    method="cdc",
+    kind="adaptation",
+    arm=arm,
+    metrics=pick(arm),
+    primary="qa_accuracy",
+    higher_is_better=True,
+    baselines={n: pick(n) for n in [*baselines, "fda/all"] if n in mean},
+    flops=mean[arm].get("device_flops"),
+    flops_what="device FLOPs per adaptation",
+    wall_time_s=wall_time_s,
+    note=f"means over held-out devices {result['heldout_devices']}; {result['note']}",
+  )
 
 
 def _mean(per_dev: dict) -> dict:

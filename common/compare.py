@@ -1,11 +1,24 @@
-"""Compares evaluated runs: ``python -m common.compare --workdirs=runs/a,runs/b --out=runs/report``.
+"""Compares finished runs: ``python -m common.compare --workdirs=runs/a,runs/b --out=runs/report``.
 
-Reads each workdir's ``eval/metrics.json`` (written by ``common.eval``) and writes
+Reads each workdir's result in one of two shapes:
 
-* ``report.md``: one row per run, plus a warning when runs were scored against different
-  reference statistics or feature networks (their numbers are then not comparable);
-* ``report.csv``: the same rows, every scalar field;
-* ``pareto.png``: FID against FLOPs per sample (log scale), one labelled point per run.
+* a generative run: ``eval/metrics.json`` (written by ``common.eval``);
+* any other run: ``headline.json`` (``common.headline``: hybrid's scheduler, cdc's adaptation),
+  whose arms (the method and its baselines) become a table of their own.
+
+A workdir may be named ``name=path`` (default name: its basename). Writes
+
+* ``report.md``: a headline table (every run's primary figure, FLOPs, wall time), the generative
+  runs' table (with a warning when they were scored against different reference statistics or
+  feature networks: their numbers are then not comparable), one table per non-generative run and,
+  with ``--plan``, the comparisons it names and the runs that failed;
+* ``report.csv``: one row per run and per baseline arm, every scalar field;
+* ``pareto.png``: FID against sampling FLOPs per sample (log scale), generative runs only.
+
+``--plan`` is a JSON file (``common.quickstart`` writes one) with optional keys ``title``,
+``command``, ``wall_time_s``, ``runs`` (name -> ``section``, ``label``, ``baseline``: another run's
+name, ``baseline_arm``: an arm of the run's own headline, ``wall_time_s``, ``status``) and
+``failures`` (list of ``name``, ``command``, ``rc``, ``log``, ``error``).
 """
 
 from __future__ import annotations
@@ -14,11 +27,11 @@ import csv
 import json
 import os
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 
-_WORKDIRS = flags.DEFINE_list("workdirs", None, "Comma-separated evaluated workdirs.")
-_OUT = flags.DEFINE_string("out", None, "Directory for report.md, report.csv, pareto.png.")
+from common import headline as headline_lib
 
 TABLE_COLUMNS = (
   ("run", "{}"),
@@ -38,18 +51,47 @@ TABLE_COLUMNS = (
 )
 
 
+def _define_flags() -> dict[str, Any]:
+  """The binary's flags, defined only when it runs (quickstart and tests import this module)."""
+  return {
+    "workdirs": flags.DEFINE_list(
+      "workdirs", None, "Comma-separated finished workdirs, each `path` or `name=path`."
+    ),
+    "out": flags.DEFINE_string("out", None, "Directory for report.md, report.csv, pareto.png."),
+    "plan": flags.DEFINE_string(
+      "plan", "", "Optional JSON: sections, labels, baselines, wall times, failures."
+    ),
+  }
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+  if "=" in spec:
+    name, path = spec.split("=", 1)
+    return name, path
+  return os.path.basename(os.path.normpath(spec)), spec
+
+
 def load_runs(workdirs: list[str]) -> list[dict]:
-  """The ``eval/metrics.json`` of each workdir, with a ``run`` name (the workdir's basename)."""
+  """One record per workdir (``path`` or ``name=path``), each with ``run`` (its name) and ``kind``.
+
+  Generative records are ``eval/metrics.json``; the others are ``headline.json`` records. A
+  workdir's ``headline.json`` of kind ``generative`` is ignored in favour of its eval metrics.
+  """
   runs = []
-  for wd in workdirs:
-    path = os.path.join(wd, "eval", "metrics.json")
-    if not os.path.exists(path):
-      raise FileNotFoundError(
-        f"{path} does not exist: run `python -m common.eval --workdir={wd}` first"
-      )
-    with open(path) as f:
-      record = json.load(f)
-    record["run"] = os.path.basename(os.path.normpath(wd))
+  for spec in workdirs:
+    name, wd = _split_spec(spec)
+    record = headline_lib.read(wd)
+    if record is None or record["kind"] == "generative":
+      path = os.path.join(wd, "eval", "metrics.json")
+      if not os.path.exists(path):
+        raise FileNotFoundError(
+          f"{path} does not exist: run `python -m common.eval --workdir={wd}` first "
+          f"(or the method's own binary that writes {wd}/{headline_lib.FILENAME})"
+        )
+      with open(path) as f:
+        record = json.load(f)
+      record["kind"] = "generative"
+    record["run"] = name
     runs.append(record)
   return runs
 
@@ -64,93 +106,272 @@ def _cell(record: dict, key: str, fmt: str) -> str:
     return str(value)
 
 
-def write_report(runs: list[dict], out_dir: str) -> dict[str, str]:
-  """Writes report.md, report.csv and pareto.png; returns their paths."""
+def _num(value: Any, spec: str = ".4g") -> str:
+  if value is None:
+    return "-"
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return str(value)
+  return format(value, spec)
+
+
+def primary_of(record: dict) -> dict[str, Any]:
+  """``{"name", "value", "higher_is_better"}`` of any record (generative: FID, lower is better)."""
+  if record["kind"] == "generative":
+    return {"name": "fid", "value": record.get("fid"), "higher_is_better": False}
+  return record["primary"]
+
+
+def flops_of(record: dict) -> tuple[float | None, str]:
+  if record["kind"] == "generative":
+    return record.get("flops_per_sample"), "per sample"
+  return record.get("flops"), record.get("flops_what", "")
+
+
+def _summary_rows(runs: list[dict], plan: dict) -> list[dict[str, Any]]:
+  """One row per run of the headline table, with its comparison against its baseline."""
+  by_name = {r["run"]: r for r in runs}
+  meta = plan.get("runs", {})
+  rows = []
+  names = list(by_name) + [n for n in meta if n not in by_name]
+  for name in names:
+    m = meta.get(name, {})
+    r = by_name.get(name)
+    row: dict[str, Any] = {
+      "run": name,
+      "section": m.get("section", ""),
+      "label": m.get("label", ""),
+      "status": m.get("status", "ok" if r else "missing"),
+      "wall_time_s": m.get("wall_time_s", None if r is None else r.get("wall_time_s")),
+    }
+    if r is None:
+      rows.append(row)
+      continue
+    p = primary_of(r)
+    flops, flops_what = flops_of(r)
+    row.update(kind=r["kind"], primary=p["name"], value=p["value"], flops=flops)
+    row["higher_is_better"] = bool(p["higher_is_better"])
+    row["flops_what"] = flops_what
+    ref_value, ref_name = None, ""
+    if m.get("baseline") in by_name:
+      ref_name = m["baseline"]
+      ref_value = primary_of(by_name[ref_name]).get("value")
+    elif r["kind"] != "generative" and r.get("baselines"):
+      ref_name = m.get("baseline_arm") or next(iter(r["baselines"]))
+      ref_value = r["baselines"].get(ref_name, {}).get(p["name"])
+    row["versus"] = ref_name
+    if ref_value is not None and p["value"] is not None:
+      row["delta"] = p["value"] - ref_value
+      better = row["delta"] > 0 if p["higher_is_better"] else row["delta"] < 0
+      row["better"] = "yes" if better else ("tie" if row["delta"] == 0 else "no")
+    rows.append(row)
+  order = {s: i for i, s in enumerate(dict.fromkeys(r["section"] for r in rows))}
+  return sorted(rows, key=lambda r: order[r["section"]])
+
+
+def _headline_table(rows: list[dict[str, Any]]) -> list[str]:
+  lines = [
+    "| section | run | what | primary | value | versus | delta | better | FLOPs | wall s | status |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    arrow = {True: " (higher better)", False: " (lower better)"}.get(r.get("higher_is_better"), "")
+    flops = "-" if r.get("flops") is None else f"{r['flops']:.3g} {r.get('flops_what', '')}"
+    lines.append(
+      f"| {r['section'] or '-'} | {r['run']} | {r['label'] or r.get('kind', '-')} | "
+      f"{r.get('primary', '-')}{arrow} | {_num(r.get('value'))} | {r.get('versus') or '-'} | "
+      f"{_num(r.get('delta'), '+.4g')} | {r.get('better', '-')} | {flops} | "
+      f"{_num(r.get('wall_time_s'), '.0f')} | {r['status']} |"
+    )
+  return lines
+
+
+def _arm_table(record: dict) -> list[str]:
+  """The method's arm and its baselines, one row each, over the union of their metric keys."""
+  arms = {f"**{record['arm']}**": record["metrics"], **record.get("baselines", {})}
+  keys = list(dict.fromkeys(k for v in arms.values() for k in v))
+  lines = ["| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+  for arm, metrics in arms.items():
+    lines.append(f"| {arm} | " + " | ".join(_num(metrics.get(k)) for k in keys) + " |")
+  return lines
+
+
+def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> dict[str, str]:
+  """Writes report.md, report.csv and pareto.png; returns their paths.
+
+  Args:
+    runs: records from :func:`load_runs`.
+    out_dir: created if missing.
+    plan: optional sections, labels, baselines, wall times and failures (module docstring).
+  """
+  plan = plan or {}
   os.makedirs(out_dir, exist_ok=True)
   paths = {
     "md": os.path.join(out_dir, "report.md"),
     "csv": os.path.join(out_dir, "report.csv"),
     "png": os.path.join(out_dir, "pareto.png"),
   }
-  header = [name for name, _ in TABLE_COLUMNS]
-  lines = ["# Comparison", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r in runs:
-    lines.append("| " + " | ".join(_cell(r, k, fmt) for k, fmt in TABLE_COLUMNS) + " |")
-  refs = {
-    (r.get("feature_net"), r.get("feature_net_sha256"), r.get("reference_statistics")) for r in runs
-  }
-  lines.append("")
-  if len(refs) > 1:
-    lines.append(
-      "**Warning:** these runs were scored with different feature networks or reference "
-      "statistics; their FID/KID/precision/recall are not comparable."
-    )
-  else:
-    ((net, sha, ref),) = refs
-    lines.append(f"Feature network `{net}` (sha256 `{str(sha)[:16]}...`), reference `{ref}`.")
-  for r in runs:
-    if r.get("groups"):
+  meta = plan.get("runs", {})
+  generative = [r for r in runs if r["kind"] == "generative"]
+  others = [r for r in runs if r["kind"] != "generative"]
+  lines = [f"# {plan.get('title', 'Comparison')}", ""]
+  if plan.get("command"):
+    lines += [f"`{plan['command']}`" + (f" ({plan['note']})" if plan.get("note") else ""), ""]
+  if plan.get("wall_time_s") is not None:
+    lines += [f"Total wall time {plan['wall_time_s']:.0f} s.", ""]
+  summary = _summary_rows(runs, plan)
+  lines += ["## Headline", ""]
+  lines += _headline_table(summary)
+  lines += [
+    "",
+    "`delta` is the primary figure minus the same figure of `versus` (another run, or an arm of "
+    "the run's own baselines). Generative FLOPs are per sample over the whole sampling chain.",
+  ]
+
+  if generative:
+    header = [name for name, _ in TABLE_COLUMNS]
+    lines += ["", "## Generative runs", "", "| " + " | ".join(header) + " |"]
+    lines.append("|" + "---|" * len(header))
+    for r in generative:
+      lines.append("| " + " | ".join(_cell(r, k, fmt) for k, fmt in TABLE_COLUMNS) + " |")
+    refs = {
+      (r.get("feature_net"), r.get("feature_net_sha256"), r.get("reference_statistics"))
+      for r in generative
+    }
+    lines.append("")
+    if len(refs) > 1:
+      lines.append(
+        "**Warning:** these runs were scored with different feature networks or reference "
+        "statistics; their FID/KID/precision/recall are not comparable."
+      )
+    else:
+      ((net, sha, ref),) = refs
+      lines.append(f"Feature network `{net}` (sha256 `{str(sha)[:16]}...`), reference `{ref}`.")
+    lines += ["", "![quality against sampling FLOPs](pareto.png)"]
+    for r in generative:
+      if r.get("groups"):
+        lines += [
+          "",
+          f"### {r['run']}: per group",
+          "",
+          "| group | n | fid | label_accuracy |",
+          "|---|---|---|---|",
+        ]
+        for g in r["groups"]:
+          lines.append(
+            f"| {g['group']} | {g['num_samples']} | {_cell(g, 'fid', '{:.3f}')} | "
+            f"{_cell(g, 'label_accuracy', '{:.3f}')} |"
+          )
+
+  for r in others:
+    title = meta.get(r["run"], {}).get("label") or f"{r['method']} ({r['kind']})"
+    lines += ["", f"## {r['run']}: {title}", ""]
+    lines += _arm_table(r)
+    extra = []
+    if r.get("flops") is not None:
+      extra.append(f"FLOPs {r['flops']:.3g} ({r.get('flops_what', '')})")
+    if r.get("wall_time_s") is not None:
+      extra.append(f"binary wall time {r['wall_time_s']:.1f} s")
+    if r.get("note"):
+      extra.append(r["note"])
+    if extra:
+      lines += ["", "; ".join(extra) + "."]
+
+  failures = plan.get("failures", [])
+  if failures:
+    lines += ["", "## Failed runs", ""]
+    for fl in failures:
       lines += [
+        f"### {fl['name']} (exit code {fl.get('rc')})",
         "",
-        f"## {r['run']}: per group",
+        f"`{fl.get('command', '')}`" + (f", log `{fl['log']}`" if fl.get("log") else ""),
         "",
-        "| group | n | fid | label_accuracy |",
-        "|---|---|---|---|",
+        "```",
+        str(fl.get("error", "")).rstrip(),
+        "```",
+        "",
       ]
-      for g in r["groups"]:
-        lines.append(
-          f"| {g['group']} | {g['num_samples']} | {_cell(g, 'fid', '{:.3f}')} | "
-          f"{_cell(g, 'label_accuracy', '{:.3f}')} |"
-        )
   with open(paths["md"], "w") as f:
-    f.write("\n".join(lines) + "\n")
+    f.write("\n".join(lines).rstrip() + "\n")
 
-  scalar_keys = sorted({k for r in runs for k, v in r.items() if not isinstance(v, (list, dict))})
-  scalar_keys.remove("run")
-  with open(paths["csv"], "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["run", *scalar_keys])
-    for r in runs:
-      writer.writerow([r["run"], *(r.get(k, "") for k in scalar_keys)])
-
-  _pareto_plot(runs, paths["png"])
+  _write_csv(runs, summary, paths["csv"])
+  _pareto_plot(generative, paths["png"], meta)
   return paths
 
 
-def _pareto_plot(runs: list[dict], path: str) -> None:
+def _write_csv(runs: list[dict], summary: list[dict], path: str) -> None:
+  """One row per run (generative: every scalar of metrics.json) and per baseline arm."""
+  extra = {r["run"]: r for r in summary}
+  rows = []
+  for r in runs:
+    s = extra.get(r["run"], {})
+    base = {
+      "run": r["run"],
+      "arm": r.get("arm", r.get("method")),
+      "role": "method",
+      "kind": r["kind"],
+      "section": s.get("section", ""),
+      "wall_time_s": s.get("wall_time_s"),
+    }
+    if r["kind"] == "generative":
+      rows.append({**{k: v for k, v in r.items() if not isinstance(v, (list, dict))}, **base})
+      continue
+    rows.append({**r["metrics"], **base, "flops": r.get("flops"), "method": r["method"]})
+    for arm, metrics in r.get("baselines", {}).items():
+      rows.append({**metrics, **base, "arm": arm, "role": "baseline", "method": r["method"]})
+  first = ["run", "arm", "role", "kind", "section", "method", "wall_time_s"]
+  keys = sorted({k for row in rows for k in row} - set(first))
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow([*first, *keys])
+    for row in rows:
+      writer.writerow([row.get(k, "") if row.get(k) is not None else "" for k in first + keys])
+
+
+def _pareto_plot(runs: list[dict], path: str, meta: dict | None = None) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
+  meta = meta or {}
   fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
   for r in runs:
     x, y = r.get("flops_per_sample"), r.get("fid")
     if x is None or y is None:
       continue
     ax.scatter([x], [y], s=40)
-    ax.annotate(r["run"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+    name = meta.get(r["run"], {}).get("label") or r["run"]
+    ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
   ax.set_xscale("log")
   ax.set_xlabel("FLOPs per sample (whole sampling chain)")
-  ax.set_ylabel(f"FID ({runs[0].get('feature_net', '?')} features)")
-  ax.set_title("Quality against compute (lower left is better)")
+  net = runs[0].get("feature_net", "?") if runs else "?"
+  ax.set_ylabel(f"FID ({net} features)")
+  ax.set_title("Quality against sampling compute (lower left is better)")
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
 
 
-def main(argv):
+def main(argv, flag_values):
   del argv
+  plan = {}
   try:
-    runs = load_runs(_WORKDIRS.value)
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
+    if flag_values["plan"].value:
+      with open(flag_values["plan"].value) as f:
+        plan = json.load(f)
+    runs = load_runs(flag_values["workdirs"].value or [])
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}".splitlines()[0], file=sys.stderr)
     sys.exit(2)
-  paths = write_report(runs, _OUT.value)
+  if not runs and not plan.get("runs"):
+    print("error: no runs to compare (--workdirs is empty)", file=sys.stderr)
+    sys.exit(2)
+  paths = write_report(runs, flag_values["out"].value, plan)
   logging.info("wrote %s", ", ".join(paths.values()))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdirs", "out"])
-  app.run(main)
+  _flags = _define_flags()
+  flags.mark_flags_as_required(["out"])
+  app.run(lambda argv: main(argv, _flags))

@@ -473,6 +473,46 @@ def plot_training(path: str, agents) -> None:
   plt.close(fig)
 
 
+HEADLINE_BASELINES = ("optimum", "ga", "greedy", "admit_all_opt", "random", "all_local")
+HEADLINE_KEYS = (
+  "gain_share",
+  "utility_per_user",
+  "gap_per_user",
+  "optimal_fraction",
+  "decision_ms",
+)
+
+
+def write_headline(workdir: str, config, cells, wall_time_s: float) -> str:
+  """``workdir/headline.json`` (``common.headline``): grid means of DRL-convex and the baselines."""
+  from common import headline
+
+  def grid_mean(m):
+    out = {}
+    for k in HEADLINE_KEYS:
+      vals = [c["summary"][m][k] for c in cells if m in c["summary"]]
+      vals = [v for v in vals if v is not None]
+      out[k] = float(np.mean(vals)) if vals else None
+    return out
+
+  methods = _methods(cells)
+  arm = "drl_convex" if "drl_convex" in methods else "optimum"
+  return headline.write(
+    workdir,
+    method="hybrid",
+    kind="scheduler",
+    arm=arm,
+    metrics=grid_mean(arm),
+    primary="gain_share",
+    higher_is_better=True,
+    baselines={m: grid_mean(m) for m in HEADLINE_BASELINES if m in methods and m != arm},
+    wall_time_s=wall_time_s,
+    note=f"profile {config.scheduler.profile}; means over {len(cells)} (G, N) cells of "
+    f"{config.scheduler.eval.scenarios} held-out scenarios; gain share of the optimum's gain "
+    "over all-local",
+  )
+
+
 def run(config, workdir: str, stop: _Stop | None = None) -> dict[str, Any]:
   """The whole binary; returns what results.json holds."""
   stop = stop or _Stop()
@@ -535,6 +575,7 @@ def run(config, workdir: str, stop: _Stop | None = None) -> dict[str, Any]:
   write_markdown(os.path.join(workdir, "results.md"), config, cells, summary_claims, train_info)
   plot(os.path.join(workdir, "results.png"), cells, config)
   plot_training(os.path.join(workdir, "training.png"), agents)
+  write_headline(workdir, config, cells, train_seconds + eval_seconds)
   logging.info("claims: %s", json.dumps(summary_claims))
   logging.info(
     "wrote %s/results.{json,md,png} (train %.0f s, eval %.0f s)",

@@ -1,0 +1,466 @@
+"""The main job: ``python -m common.quickstart --workdir=runs/quickstart``.
+
+Runs the plan of ``configs/quickstart.py`` (``:default``; ``:tiny`` for the tests): every method's
+binaries launched as a user would launch them (``python -m <module> --config=... --workdir=...
+--config.x=y``, never imported, so ``common`` still imports no method), ``common.eval`` on each
+generative workdir, then ``common.compare`` over every result into ``<workdir>/report.md``,
+``report.csv`` and ``pareto.png``.
+
+* Progress: one line per run start and end (``[i/n] name``), the binary's own progress lines
+  passed through (at most one every ``progress_every_s``), elapsed time and the total ETA (the
+  plan's per-run estimates, rescaled by how the runs so far compared with theirs).
+* Logs: each run's stdout and stderr in ``<workdir>/logs/<name>.log``.
+* Resume: a run that exited 0 with the same command and whose ``done`` file exists is skipped;
+  any other is launched again with the same command (the binaries resume from their checkpoints).
+  A run whose inputs were re-made in this invocation runs again.
+* Failures: a failing run's error tail goes in the report, the runs that need it are marked
+  blocked, the others go on, and the command exits 1 at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STATE_DIR = ".quickstart"  # one record per finished run: its command, status, wall time
+PLAN_FILE = "runs.json"  # what common.compare reads with --plan
+ERROR_TAIL_LINES = 25
+
+
+class PlanError(ValueError):
+  """A plan that cannot run (unknown entry, missing field, a need that comes later)."""
+
+
+def _define_flags() -> dict[str, Any]:
+  """Defined only when this module runs as a binary (the tests import it)."""
+  from ml_collections import config_flags
+
+  return {
+    "config": config_flags.DEFINE_config_file(
+      "config",
+      os.path.join(REPO, "configs", "quickstart.py"),
+      "The plan of runs and its preset (configs/quickstart.py:default | tiny).",
+      lock_config=True,
+    ),
+    "workdir": flags.DEFINE_string("workdir", None, "Where every run and the report go."),
+    "dry_run": flags.DEFINE_bool("dry_run", False, "Print the commands and estimates, run none."),
+  }
+
+
+@dataclasses.dataclass
+class Outcome:
+  """What became of one entry of the plan."""
+
+  name: str
+  status: str  # ok | skipped (finished earlier) | failed | blocked | disabled
+  command: list[str]
+  log: str
+  wall_time_s: float | None = None
+  rc: int | None = None
+  error: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan.
+
+
+def enabled_entries(config) -> list[str]:
+  """The enabled entry names in launch order; PlanError on an inconsistent plan."""
+  order = list(config.order)
+  runs = config.runs
+  unknown = [n for n in order if n not in runs]
+  if unknown:
+    raise PlanError(f"quickstart order names unknown runs {unknown}; runs are {sorted(runs)}")
+  if len(set(order)) != len(order):
+    raise PlanError(f"quickstart order lists a run twice: {order}")
+  missing = sorted(set(runs.keys()) - set(order))
+  if missing:
+    raise PlanError(f"quickstart runs {missing} are not in `order`")
+  names = [n for n in order if runs[n].enabled]
+  seen: set[str] = set()
+  for n in names:
+    e = runs[n]
+    if not e.module or not e.workdir:
+      raise PlanError(f"quickstart run {n!r} needs a module and a workdir")
+    for need in e.needs:
+      if need not in runs:
+        raise PlanError(f"quickstart run {n!r} needs unknown run {need!r}")
+      if runs[need].enabled and need not in seen:
+        raise PlanError(f"quickstart run {n!r} needs {need!r}, which comes later in `order`")
+    seen.add(n)
+  return names
+
+
+def _fill(text: str, workdir: str) -> str:
+  return text.replace("{workdir}", workdir)
+
+
+def command(entry, workdir: str) -> list[str]:
+  """The argv of one entry, as a user would type it (``workdir``: the quickstart's, absolute)."""
+  argv = [sys.executable, "-m", entry.module]
+  if entry.config:
+    # Relative config paths are the repo's (runs start in the repo root, as WORKSPACE.md's do).
+    argv.append(f"--config={entry.config}")
+  argv.append(f"--workdir={os.path.join(workdir, entry.workdir)}")
+  for o in entry.overrides:
+    o = _fill(o, workdir)
+    argv.append(o if o.startswith("--") else f"--config.{o}")
+  argv += [_fill(a, workdir) for a in entry.args]
+  return argv
+
+
+def display(argv: list[str]) -> str:
+  """The command as a shell line, with ``python`` for the interpreter."""
+  return shlex.join(["python", *argv[1:]])
+
+
+def _record_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, STATE_DIR, f"{name}.json")
+
+
+def _read_record(workdir: str, name: str) -> dict | None:
+  try:
+    with open(_record_path(workdir, name)) as f:
+      return json.load(f)
+  except (FileNotFoundError, json.JSONDecodeError):
+    return None
+
+
+def _write_record(workdir: str, name: str, record: dict) -> None:
+  path = _record_path(workdir, name)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+def is_finished(entry, name: str, workdir: str, argv: list[str]) -> dict | None:
+  """The record of an earlier successful run of exactly this command whose output exists."""
+  rec = _read_record(workdir, name)
+  if rec is None or rec.get("status") != "ok" or rec.get("command") != argv[1:]:
+    return None
+  if entry.done and not os.path.exists(os.path.join(workdir, entry.workdir, entry.done)):
+    return None
+  return rec
+
+
+# ------------------------------------------------------------------------------------------------
+# Progress and ETA.
+
+
+def fmt_seconds(seconds: float | None) -> str:
+  if seconds is None:
+    return "?"
+  m, s = divmod(int(round(max(seconds, 0.0))), 60)
+  h, m = divmod(m, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Eta:
+  """The total ETA: the estimates of what is left, rescaled by measured / estimated so far."""
+
+  def __init__(self, estimates: dict[str, float]):
+    self.estimates = dict(estimates)
+    self.pending = list(estimates)
+    self.measured = 0.0
+    self.estimated = 0.0
+
+  def scale(self) -> float:
+    if self.estimated <= 0:
+      return 1.0
+    return min(max(self.measured / self.estimated, 0.25), 4.0)
+
+  def finish(self, name: str, seconds: float | None, ran: bool) -> None:
+    if name in self.pending:
+      self.pending.remove(name)
+    if ran and seconds is not None:
+      self.measured += seconds
+      self.estimated += self.estimates[name]
+
+  def remaining(self, current: str | None = None, current_elapsed: float = 0.0) -> float:
+    k = self.scale()
+    left = sum(self.estimates[n] for n in self.pending if n != current) * k
+    if current is not None:
+      left += max(self.estimates[current] * k - current_elapsed, 0.0)
+    return left
+
+
+_ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ (?:\S+:\d+)\] ")
+
+
+def _launch(
+  argv: list[str],
+  log_path: str,
+  on_line: Callable[[str], None],
+) -> tuple[int, list[str]]:
+  """Runs ``argv`` from the repo root, output to ``log_path``; returns (rc, last lines)."""
+  os.makedirs(os.path.dirname(log_path), exist_ok=True)
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  tail: deque[str] = deque(maxlen=200)
+  with open(log_path, "a") as log:
+    log.write(f"\n$ {display(argv)}\n")
+    log.flush()
+    proc = subprocess.Popen(
+      argv,
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      bufsize=1,
+      errors="replace",
+    )
+    try:
+      assert proc.stdout is not None
+      for line in proc.stdout:
+        log.write(line)
+        log.flush()  # `tail -f logs/<name>.log` follows the run live
+        line = line.rstrip("\n")
+        tail.append(line)
+        on_line(line)
+      rc = proc.wait()
+    except BaseException:
+      proc.terminate()  # Ctrl-C or a kill of the quickstart: leave no orphan behind
+      proc.wait()
+      raise
+  return rc, list(tail)
+
+
+def error_tail(lines: list[str], n: int = ERROR_TAIL_LINES) -> str:
+  """The informative end of a failed run's output: from its last traceback or error line."""
+  start = max(0, len(lines) - n)
+  for i in range(len(lines) - 1, -1, -1):
+    if lines[i].startswith("Traceback") or lines[i].lower().startswith("error"):
+      start = max(i, len(lines) - 4 * n)
+      break
+  return "\n".join(_ABSL_PREFIX.sub("", ln) for ln in lines[start:][-4 * n :])
+
+
+_EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Exit)\b|^error:", re.IGNORECASE)
+
+
+def headline_error(tail: str) -> str:
+  """The one line that says what went wrong: the last exception or ``error:`` line."""
+  lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
+  for ln in reversed(lines):
+    if _EXCEPTION_LINE.match(ln.strip()):
+      return ln.strip()
+  return lines[-1] if lines else ""
+
+
+# ------------------------------------------------------------------------------------------------
+# The run.
+
+
+def run_plan(
+  config, workdir: str, *, echo: Callable[[str], None] | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+  """Runs every enabled entry of the plan, then the comparison.
+
+  Returns:
+    ``{"outcomes": {name: Outcome}, "report": path or None, "ok": bool, "wall_time_s": float}``.
+  """
+  echo = echo or (lambda s: print(s, flush=True))
+  workdir = os.path.abspath(workdir)
+  names = enabled_entries(config)
+  runs = config.runs
+  argvs = {n: command(runs[n], workdir) for n in names}
+  if dry_run:
+    for i, n in enumerate(names, 1):
+      echo(f"[{i}/{len(names)}] {n} (~{fmt_seconds(runs[n].estimate_s)}): {display(argvs[n])}")
+    return {"outcomes": {}, "report": None, "ok": True, "wall_time_s": 0.0}
+  os.makedirs(workdir, exist_ok=True)
+  eta = Eta({n: float(runs[n].estimate_s) for n in names})
+  pattern = re.compile(config.progress_pattern)
+  t_start = time.perf_counter()
+  echo(
+    f"quickstart ({config.preset}): {len(names)} runs in {workdir}, "
+    f"estimated {fmt_seconds(eta.remaining())}"
+  )
+  outcomes: dict[str, Outcome] = {}
+  remade: set[str] = set()  # entries run (not skipped) in this invocation
+  for i, name in enumerate(names, 1):
+    entry, argv = runs[name], argvs[name]
+    log = os.path.join(workdir, "logs", f"{name}.log")
+    head = f"[{i}/{len(names)}] {name}"
+    bad = [
+      nd for nd in entry.needs if nd in outcomes and outcomes[nd].status in ("failed", "blocked")
+    ]
+    if bad:
+      outcomes[name] = Outcome(name, "blocked", argv, log, error=f"needs {', '.join(bad)}")
+      eta.finish(name, None, ran=False)
+      echo(f"{head}: blocked (needs {', '.join(bad)}, which did not finish)")
+      continue
+    rec = is_finished(entry, name, workdir, argv)
+    if rec is not None and not any(nd in remade for nd in entry.needs):
+      outcomes[name] = Outcome(name, "skipped", argv, log, wall_time_s=rec.get("wall_time_s"))
+      eta.finish(name, None, ran=False)
+      echo(f"{head}: finished earlier ({fmt_seconds(rec.get('wall_time_s'))}), skipped")
+      continue
+    echo(
+      f"{head}: {display(argv)}\n    log {log} | estimate {fmt_seconds(entry.estimate_s)} | "
+      f"elapsed {fmt_seconds(time.perf_counter() - t_start)} | "
+      f"total ETA {fmt_seconds(eta.remaining())}"
+    )
+    t0 = time.perf_counter()
+    last_echo = [0.0]
+
+    def on_line(line, name=name, t0=t0, last_echo=last_echo):
+      now = time.perf_counter()
+      if now - last_echo[0] < config.progress_every_s or not pattern.search(line):
+        return
+      last_echo[0] = now
+      msg = _ABSL_PREFIX.sub("", line)[:160]
+      left = eta.remaining(name, now - t0)
+      echo(f"    {name} | {msg} | total ETA {fmt_seconds(left)}")
+
+    rc, tail = _launch(argv, log, on_line)
+    seconds = time.perf_counter() - t0
+    remade.add(name)
+    eta.finish(name, seconds, ran=True)
+    missing_output = entry.done and not os.path.exists(
+      os.path.join(workdir, entry.workdir, entry.done)
+    )
+    if rc == 0 and not missing_output:
+      outcomes[name] = Outcome(name, "ok", argv, log, wall_time_s=seconds, rc=0)
+      _write_record(workdir, name, {"status": "ok", "command": argv[1:], "wall_time_s": seconds})
+      echo(
+        f"{head}: done in {fmt_seconds(seconds)} | elapsed "
+        f"{fmt_seconds(time.perf_counter() - t_start)} | total ETA {fmt_seconds(eta.remaining())}"
+      )
+    else:
+      err = error_tail(tail)
+      if rc == 0:
+        err = f"exited 0 but wrote no {entry.workdir}/{entry.done}\n{err}"
+      outcomes[name] = Outcome(name, "failed", argv, log, wall_time_s=seconds, rc=rc, error=err)
+      _write_record(
+        workdir, name, {"status": "failed", "command": argv[1:], "wall_time_s": seconds, "rc": rc}
+      )
+      last = headline_error(err)
+      echo(f"{head}: FAILED (exit {rc}) after {fmt_seconds(seconds)}: {last}\n    see {log}")
+
+  for name in config.order:
+    if name not in outcomes:
+      outcomes[name] = Outcome(name, "disabled", command(runs[name], workdir), "")
+  total = time.perf_counter() - t_start
+  report = _compare(config, workdir, outcomes, total, echo)
+  ok = report is not None and all(
+    o.status in ("ok", "skipped", "disabled") for o in outcomes.values()
+  )
+  failed = [o.name for o in outcomes.values() if o.status in ("failed", "blocked")]
+  echo(
+    f"quickstart: {'all runs finished' if not failed else 'FAILED: ' + ', '.join(failed)} in "
+    f"{fmt_seconds(total)}; report {report or '(not written)'}"
+  )
+  return {"outcomes": outcomes, "report": report, "ok": ok, "wall_time_s": total}
+
+
+def _cost(name: str, runs, outcomes: dict[str, Outcome]) -> float | None:
+  """Wall time of a run and of everything it needs (what it costs from scratch)."""
+  seen: set[str] = set()
+  stack, total = [name], 0.0
+  while stack:
+    n = stack.pop()
+    if n in seen:
+      continue
+    seen.add(n)
+    t = outcomes[n].wall_time_s if n in outcomes else None
+    if t is None and outcomes.get(n) and outcomes[n].status != "disabled":
+      return None
+    total += t or 0.0
+    stack += list(runs[n].needs)
+  return total
+
+
+def plan_report(config, workdir: str, outcomes: dict[str, Outcome], total: float) -> dict:
+  """What ``common.compare --plan`` reads: rows, their sections, labels, baselines, failures."""
+  runs = config.runs
+  rows = {}
+  for name in config.order:
+    e = runs[name]
+    if not e.report.section or outcomes[name].status == "disabled":
+      continue
+    rows[name] = {
+      "section": e.report.section,
+      "label": e.report.label,
+      "baseline": e.report.baseline,
+      "baseline_arm": e.report.baseline_arm,
+      "status": outcomes[name].status if outcomes[name].status != "skipped" else "ok",
+      "wall_time_s": _cost(name, runs, outcomes),
+      "workdir": os.path.join(workdir, e.workdir),
+    }
+  failures = [
+    {
+      "name": o.name,
+      "command": display(o.command),
+      "rc": o.rc,
+      "log": os.path.relpath(o.log, workdir) if o.log else "",
+      "error": o.error,
+    }
+    for o in outcomes.values()
+    if o.status in ("failed", "blocked")
+  ]
+  return {
+    "title": config.title,
+    "command": f"python -m common.quickstart --workdir={workdir}"
+    + ("" if config.preset == "default" else f" --config=configs/quickstart.py:{config.preset}"),
+    "note": "wall s: the run and every run it needs, on this machine",
+    "wall_time_s": total,
+    "runs": rows,
+    "failures": failures,
+  }
+
+
+def _compare(config, workdir, outcomes, total, echo) -> str | None:
+  plan = plan_report(config, workdir, outcomes, total)
+  with open(os.path.join(workdir, PLAN_FILE), "w") as f:
+    json.dump(plan, f, indent=2)
+  specs = [f"{n}={r['workdir']}" for n, r in plan["runs"].items() if r["status"] == "ok"]
+  argv = [
+    sys.executable,
+    "-m",
+    "common.compare",
+    f"--workdirs={','.join(specs)}",
+    f"--out={workdir}",
+    f"--plan={os.path.join(workdir, PLAN_FILE)}",
+  ]
+  echo(f"compare: {display(argv)}")
+  log = os.path.join(workdir, "logs", "compare.log")
+  rc, tail = _launch(argv, log, lambda line: None)
+  if rc != 0:
+    echo(f"compare FAILED (exit {rc}):\n{error_tail(tail)}\n    see {log}")
+    return None
+  return os.path.join(workdir, "report.md")
+
+
+def main(argv, flag_values):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    result = run_plan(
+      flag_values["config"].value,
+      flag_values["workdir"].value,
+      dry_run=flag_values["dry_run"].value,
+    )
+  except PlanError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  sys.exit(0 if result["ok"] else 1)
+
+
+if __name__ == "__main__":
+  _flags = _define_flags()
+  flags.mark_flags_as_required(["workdir"])
+  app.run(lambda argv: main(argv, _flags))

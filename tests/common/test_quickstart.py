@@ -1,0 +1,167 @@
+"""common.quickstart: the tiny plan end to end through every method's binaries, a failing run
+reported while the others go on, and a re-run that skips finished runs and relaunches the one
+whose output is missing."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from common import compare, headline, quickstart
+from configs import quickstart as plan_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The second arms of collab and mobile launch the same binaries as their first arms with one
+# override changed; the test leaves them out (about 40 s of CPU) and keeps one arm per binary.
+SECOND_ARMS = ("train_collab_local", "collab_local", "train_mobile_config2", "mobile_config2")
+RESULT_ROWS = ("ddpm", "hybrid", "cdc", "mobile_config1", "collab_cut", "adaptive_tdc")
+
+
+def tiny_plan_with_a_failure():
+  c = plan_config.get_config("tiny")
+  for name in SECOND_ARMS:
+    c.runs[name].enabled = False
+  # A run that fails (evaluating a workdir nothing trained) and one that needs it, early in the
+  # order so that the runs after them show that the plan goes on.
+  c.runs.broken = plan_config.entry(
+    "common.eval", "never_trained", done="eval/metrics.json", estimate_s=3, section="broken"
+  )
+  c.runs.after_broken = plan_config.entry(
+    "common.eval", "never_trained", needs=("broken",), estimate_s=3
+  )
+  order = list(c.order)
+  c.order = tuple(order[:2] + ["broken", "after_broken"] + order[2:])
+  return c
+
+
+def _launches(log_path):
+  with open(log_path) as f:
+    return sum(line.startswith("$ python") for line in f)
+
+
+@pytest.mark.slow
+def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
+  config = tiny_plan_with_a_failure()
+  workdir = str(tmp_path / "qs")
+  lines = []
+  result = quickstart.run_plan(config, workdir, echo=lines.append)
+  out = result["outcomes"]
+
+  # The failure is reported, the run that needs it is blocked, every other run finished.
+  assert not result["ok"]
+  assert out["broken"].status == "failed" and out["broken"].rc == 2
+  assert "never_trained" in out["broken"].error
+  assert out["after_broken"].status == "blocked"
+  enabled = quickstart.enabled_entries(config)
+  assert {n for n in enabled if out[n].status == "ok"} == set(enabled) - {"broken", "after_broken"}
+  assert all(out[n].status == "disabled" for n in SECOND_ARMS)
+  for name in enabled:
+    if name != "after_broken":
+      assert os.path.getsize(os.path.join(workdir, "logs", f"{name}.log")) > 0
+
+  # Progress: one start and one end line per run, with the elapsed time and the total ETA.
+  text = "\n".join(lines)
+  n = len(enabled)
+  assert f"[1/{n}] train_ddpm: python -m common.train --config=configs/ddpm.py:digits" in text
+  assert f"[{n}/{n}] adaptive_single: done in" in text and "total ETA" in text
+  assert f"[3/{n}] broken: FAILED (exit 2)" in text
+
+  # The non-generative methods wrote the agreed headline shape.
+  hyb = headline.read(os.path.join(workdir, "hybrid"))
+  assert hyb["kind"] == "scheduler" and hyb["primary"]["name"] == "gain_share"
+  assert {"optimum", "greedy", "all_local"} <= set(hyb["baselines"])
+  assert hyb["baselines"]["optimum"]["gain_share"] == pytest.approx(1.0)
+  cdc = headline.read(os.path.join(workdir, "cdc"))
+  assert cdc["kind"] == "adaptation" and cdc["arm"] == "fda/k_center/K4"
+  assert {"static", "ft/n5", "oracle"} <= set(cdc["baselines"]) and cdc["flops"] > 0
+
+  # One report over every kind of result, the single model of adaptive included.
+  md = open(os.path.join(workdir, "report.md")).read()
+  for row in (*RESULT_ROWS, "adaptive_single"):
+    assert f"| {row} |" in md, row
+  assert "## hybrid: DRL-convex scheduler" in md and "| **drl_convex** |" in md
+  assert "## cdc: generated parameters (FDA)" in md and "| static |" in md
+  assert "## Failed runs" in md and "### broken (exit code 2)" in md
+  assert "| adaptive | adaptive_tdc | TDC groups (stage 2) | fid" in md
+  assert "| broken | broken | - | - | - | - | - | - | - | " in md
+  with open(os.path.join(workdir, "report.csv")) as f:
+    rows = list(csv.DictReader(f))
+  arms = {(r["run"], r["arm"], r["role"]) for r in rows}
+  assert ("hybrid", "optimum", "baseline") in arms and ("cdc", "static", "baseline") in arms
+  assert {r["run"] for r in rows if r["kind"] == "generative"} == {
+    "ddpm", "mobile_config1", "collab_cut", "adaptive_tdc", "adaptive_single",
+  }  # fmt: skip
+  assert os.path.getsize(os.path.join(workdir, "pareto.png")) > 5000
+  with open(os.path.join(workdir, quickstart.PLAN_FILE)) as f:
+    plan = json.load(f)
+  # A row's wall time includes what it needs: the TDC eval row includes adaptive.train.
+  assert plan["runs"]["adaptive_tdc"]["wall_time_s"] > out["train_adaptive"].wall_time_s
+
+  # Re-run after losing one output: finished runs are skipped (their logs see no new launch),
+  # the run without its output is launched again and the failing one is tried again.
+  os.remove(os.path.join(workdir, "ddpm", "eval", "metrics.json"))
+  lines.clear()
+  again = quickstart.run_plan(config, workdir, echo=lines.append)
+  statuses = {k: o.status for k, o in again["outcomes"].items()}
+  assert statuses["ddpm"] == "ok" and statuses["broken"] == "failed"
+  assert statuses["after_broken"] == "blocked"
+  skipped = {n for n in enabled if statuses[n] == "skipped"}
+  assert skipped == set(enabled) - {"ddpm", "broken", "after_broken"}
+  assert _launches(os.path.join(workdir, "logs", "ddpm.log")) == 2
+  assert _launches(os.path.join(workdir, "logs", "hybrid.log")) == 1
+  assert "[1/" in lines[1] and "finished earlier" in lines[1]
+  # The skipped runs keep their measured wall times in the report.
+  runs = {r["run"]: r for r in compare.load_runs([f"hybrid={workdir}/hybrid"])}
+  assert runs["hybrid"]["kind"] == "scheduler"
+  with open(os.path.join(workdir, quickstart.PLAN_FILE)) as f:
+    assert json.load(f)["runs"]["hybrid"]["wall_time_s"] > 0
+
+
+def test_plan_errors_are_named():
+  c = plan_config.get_config("tiny")
+  c.order = (*c.order, "nope")
+  with pytest.raises(quickstart.PlanError, match="unknown runs \\['nope'\\]"):
+    quickstart.enabled_entries(c)
+  c = plan_config.get_config("tiny")
+  c.order = ("ddpm", "train_ddpm", *[n for n in c.order if n not in ("ddpm", "train_ddpm")])
+  with pytest.raises(quickstart.PlanError, match="needs 'train_ddpm', which comes later"):
+    quickstart.enabled_entries(c)
+  with pytest.raises(ValueError, match="unknown preset"):
+    plan_config.get_config("huge")
+
+
+def test_eta_rescales_the_estimates_by_measured_time():
+  eta = quickstart.Eta({"a": 10.0, "b": 20.0, "c": 30.0})
+  assert eta.remaining() == 60.0
+  eta.finish("a", 20.0, ran=True)  # twice as slow as estimated
+  assert eta.remaining() == pytest.approx(100.0)
+  assert eta.remaining("b", 15.0) == pytest.approx(85.0)
+  eta.finish("b", None, ran=False)  # skipped: removed, does not rescale
+  assert eta.remaining() == pytest.approx(60.0)
+
+
+def test_error_tail_starts_at_the_traceback():
+  lines = [f"I1201 07:00:00.000 1 loop.py:1] step {i}" for i in range(100)]
+  lines += ["Traceback (most recent call last):", '  File "x.py"', "ValueError: bad input"]
+  tail = quickstart.error_tail(lines)
+  assert tail.splitlines()[0] == "Traceback (most recent call last):"
+  assert tail.endswith("ValueError: bad input")
+  assert quickstart.error_tail(lines[:30]).splitlines()[0] == "step 5"
+
+
+def test_dry_run_lists_the_commands_without_running_them(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", "common.quickstart", f"--workdir={tmp_path / 'qs'}", "--dry_run",
+     "--config.runs.cdc.enabled=false"],
+    cwd=REPO, capture_output=True, text=True, timeout=60,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert (
+    "[1/" in proc.stdout
+    and "python -m hybrid.optimize --config=configs/hybrid.py:sim" in proc.stdout
+  )
+  assert "cdc.evaluate" not in proc.stdout and not os.path.exists(tmp_path / "qs")
