@@ -413,6 +413,7 @@ class EdgeServer:
     self._stop = threading.Event()
     self._lock = threading.Lock()
     self._threads: list[threading.Thread] = []
+    self._handlers: list[threading.Thread] = []  # one reader per connection
     self._conns: set[_Conn] = set()
     self._next_id = 0
     self.windows: list[dict[str, Any]] = []  # one record per decided window
@@ -448,14 +449,17 @@ class EdgeServer:
       t.join(timeout)
     if self._sock is not None:
       self._sock.close()
+    # Readers poll the stop flag every 0.1 s; a shutdown also ends one inside a frame.
     with self._lock:
-      conns = list(self._conns)
+      handlers, conns = list(self._handlers), list(self._conns)
     for c in conns:
       c.closed.set()
       try:
-        c.sock.close()
+        c.sock.shutdown(socket.SHUT_RDWR)
       except OSError:
         pass
+    for t in handlers:
+      t.join(timeout)
 
   def __enter__(self) -> EdgeServer:
     return self.start()
@@ -485,6 +489,8 @@ class EdgeServer:
         continue
       t = threading.Thread(target=self._handle, args=(conn,), name="edge-conn", daemon=True)
       t.start()
+      with self._lock:
+        self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
 
   def _refuse(self, conn: _Conn, err: protocol.ProtocolError, header=None) -> None:
     rid = header.get("id") if isinstance(header, dict) else None

@@ -262,7 +262,7 @@ def _tiny_policy_workdir(tmp_path, sysp, profile):
   stream = env.ScenarioStream(sysp, profile, "dynamic", (1.0,), (4, 8))
   workdir = tmp_path / "optimize"
   trainer = agent_lib.Trainer(ag, stream, seed=0, ckpt_dir=str(workdir / "agents" / "dynamic"))
-  trainer.run(60, log_every=60, ckpt_every=60)
+  trainer.run(30, log_every=30, ckpt_every=30)
   with open(workdir / "config.json", "w") as f:
     json.dump({"scheduler": {"system": {"max_users": sysp.max_users}}}, f)
   return str(workdir), ag, trainer.ts.params
