@@ -1040,7 +1040,10 @@ def resolve_profile(workdir: str, profile_path: str, policy_dir: str | None) -> 
   if profile_path:
     return profile_path
   if policy_dir is not None:
-    trained = _read_json(os.path.join(policy_dir, "config.json"))["scheduler"]["profile"]
+    cfg = os.path.join(policy_dir, "config.json")
+    if not os.path.exists(cfg):
+      raise FileNotFoundError(f"{policy_dir} is not a hybrid.optimize workdir (no config.json)")
+    trained = _read_json(cfg)["scheduler"]["profile"]
     if trained == "paper" or os.path.exists(trained):
       return trained
   candidate = os.path.join(workdir, "profile.json")
@@ -1360,6 +1363,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  try:
+    _run_from_flags(f)
+  except (ValueError, FileNotFoundError) as e:
+    # A bad flag or workdir: one line, not a traceback.
+    sys.exit(f"hybrid.serve: {e}")
+
+
+def _run_from_flags(f) -> None:
   run(
     f.workdir,
     users=f.users,
