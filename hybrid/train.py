@@ -72,6 +72,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   )
   require(config, "hybrid.personal_learning_rate", lambda v: v > 0, "must be > 0")
   require(config, "hybrid.personal_ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
+  if not config.hybrid.cluster_workdir:
+    loop.setup(cluster_config(config), devices=jax.devices()[:1])
   loop.setup(personal_config(config, "", -1), devices=jax.devices()[:1])
 
 
@@ -171,8 +173,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   from hybrid import data as hdata
   from hybrid import method as hmethod
 
-  os.makedirs(workdir, exist_ok=True)
   validate(config)
+  os.makedirs(workdir, exist_ok=True)
   info = data.get_info(config.data)
   if not config.hybrid.cluster_workdir:
     c1 = cluster_config(config)

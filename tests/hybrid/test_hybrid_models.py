@@ -166,12 +166,13 @@ def test_users_hold_few_shots_of_their_class_and_the_cluster_sees_their_union():
     ({"hybrid.eval_split": 99}, "hybrid.eval_split"),
     ({"model.class_conditional": True}, "model.class_conditional"),
     ({"hybrid.personal_steps": 0}, "hybrid.personal_steps"),
+    ({"total_steps": 0}, "total_steps"),
   ],
 )
 def test_config_errors_name_the_field(tmp_path, overrides, match):
   with pytest.raises(ConfigError, match=match):
     train.run(_tiny(**overrides), str(tmp_path / "run"))
-  assert not os.path.exists(tmp_path / "run" / "cluster")
+  assert not os.path.exists(tmp_path / "run")
 
 
 def test_prior_preservation_adds_a_generic_batch():
@@ -259,3 +260,31 @@ def test_eval_hooks_group_by_user(trained):
   assert images.shape == (4, 8, 8, 1) and np.abs(images).max() <= 1.0
   ref_labels = data.load_labels(method.config.data, "train")
   assert np.all(ref_labels[method.eval_group_reference(1, ref_labels, "train")] == 1)
+
+
+def test_train_step_adds_the_prior_term_and_leaves_the_cluster_network_alone():
+  from common.train.state import TrainState
+
+  config = _tiny(**{"hybrid.prior_weight": 0.5})
+  method = hmethod.Hybrid(config, data.get_info(config.data))
+  params = random_params(method, 4)
+  tx, lr = method.make_optimizer()
+  state = TrainState(
+    step=jax.numpy.zeros((), jax.numpy.int32),
+    params=params,
+    ema_params=params,
+    opt_state=method.init_opt_state(tx, params),
+    rng=jax.random.PRNGKey(0),
+  )
+  batch = next(method.train_iterator(process_index=0, process_count=1))
+  new, metrics = jax.jit(method.make_train_step(tx, lr, 0.9))(state, batch)
+  assert float(metrics["prior_loss"]) > 0
+  np.testing.assert_allclose(
+    float(metrics["loss"]),
+    float(metrics["subject_loss"]) + 0.5 * float(metrics["prior_loss"]),
+    rtol=1e-5,
+  )
+  jax.tree.map(np.testing.assert_array_equal, new.params["cluster"], params["cluster"])
+  jax.tree.map(np.testing.assert_array_equal, new.ema_params["cluster"], params["cluster"])
+  moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), new.params["users"], params["users"])
+  assert max(jax.tree.leaves(moved)) > 0
