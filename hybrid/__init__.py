@@ -8,4 +8,11 @@ measured profiles from JSON), ``split`` (the closed-form split point of the conv
 + optax with flashbax prioritized replay), ``baselines`` (exact optima by enumeration, by batch
 size and by OR-Tools; GA, greedy, all-local, admit-all) and ``optimize`` (the binary that trains
 the agent and evaluates every method over a grid of edge sizes and user counts).
+
+The model half: ``data`` (each user's few-shot subject set and the cluster-wide model's data),
+``method`` (the cluster-wide and U personalized networks in the shared training loop),
+``models`` (a finished run's networks and the hybrid sampler, edge batch then device), ``train``
+and ``profile`` (binaries: the models; the measured accuracy-vs-split and latency-vs-batch
+profiles that ``optimize`` can use instead of the paper's). ``serve`` and ``protocol`` run the
+edge loop over sockets.
 """
