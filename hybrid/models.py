@@ -95,22 +95,17 @@ class Programs:
     b = x.shape[0]
     t = jnp.full((b,), k - 1, jnp.int32)
     x0, eps, var_values = diffusion.model_output_to_x0_eps(self.apply(params, x, t), x, t)
-    if self.clip_denoised:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = diffusion.eps_from_x0(x, t, x0)
-    if self.sampler == "ddpm":
-      x_next = c["coef1"] * x0 + c["coef2"] * x
-      if diffusion.learn_sigma:
-        frac = (var_values + 1.0) / 2.0
-        log_var = frac * c["log_beta"] + (1.0 - frac) * c["post_log_var"]
-      elif diffusion.fixed_variance == "small":
-        log_var = c["post_log_var"]
-      else:
-        log_var = c["log_beta"]
-      std = jnp.exp(0.5 * log_var)
-    else:
-      x_next = c["sqrt_abar_next"] * x0 + c["ddim_eps_coef"] * eps
-      std = c["ddim_sigma"]
+    x_next, std = sampling.reverse_step_mean_std(
+      diffusion,
+      c,
+      x,
+      t,
+      x0,
+      eps,
+      var_values,
+      sampler=self.sampler,
+      clip_denoised=self.clip_denoised,
+    )
     if self.sampler == "ddpm" or self.eta > 0:
       row_shape = (1, *x.shape[1:])
       noise = jax.vmap(

@@ -215,6 +215,50 @@ def _predict(
   return diffusion.x0_from_eps(x, t, eps), eps, var_c
 
 
+def reverse_step_mean_std(
+  diffusion: GaussianDiffusion,
+  c: dict[str, jax.Array],
+  x: jax.Array,
+  t: jax.Array,
+  x0: jax.Array,
+  eps: jax.Array,
+  var_values: jax.Array | None,
+  *,
+  sampler: str,
+  clip_denoised: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """Mean and std of one reverse step leaving level ``c["k"]``, before any noise is added.
+
+  The one place the DDPM / DDIM update lives, so that every sampler over the core (``sample_segment``,
+  hybrid's masked per-row chain) steps alike; noise (and which key draws it) is the caller's.
+
+  Args:
+    diffusion: the schedule.
+    c: one row of ``step_coefficients`` (scalars), as jax values.
+    x: [B, ...] latent at level c["k"]; t: [B] int32 model timestep (k - 1).
+    x0, eps: [B, ...] the network's estimates at x; var_values: learned-sigma output or None.
+    sampler: "ddpm" | "ddim".
+    clip_denoised: clip x0 to [-1, 1] and recompute eps from it (IDDPM).
+
+  Returns:
+    (mean [B, ...], std: scalar or [B, ...]); x_next = mean + std * z on a step into level > 0.
+  """
+  if clip_denoised:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = diffusion.eps_from_x0(x, t, x0)
+  if sampler == "ddpm":
+    mean = c["coef1"] * x0 + c["coef2"] * x
+    if diffusion.learn_sigma:
+      frac = (var_values + 1.0) / 2.0
+      log_var = frac * c["log_beta"] + (1.0 - frac) * c["post_log_var"]
+    elif diffusion.fixed_variance == "small":
+      log_var = c["post_log_var"]
+    else:
+      log_var = c["log_beta"]
+    return mean, jnp.exp(0.5 * log_var)
+  return c["sqrt_abar_next"] * x0 + c["ddim_eps_coef"] * eps, c["ddim_sigma"]
+
+
 def sample_segment(
   diffusion: GaussianDiffusion,
   segment: Segment,
@@ -282,22 +326,9 @@ def sample_segment(
     x0, eps, var_values = _predict(
       diffusion, segment.denoise_fn, x, t, y, guidance_scale, null_label
     )
-    if clip_denoised:
-      x0 = jnp.clip(x0, -1.0, 1.0)
-      eps = diffusion.eps_from_x0(x, t, x0)
-    if sampler == "ddpm":
-      x_next = c["coef1"] * x0 + c["coef2"] * x
-      if diffusion.learn_sigma:
-        frac = (var_values + 1.0) / 2.0
-        log_var = frac * c["log_beta"] + (1.0 - frac) * c["post_log_var"]
-      elif diffusion.fixed_variance == "small":
-        log_var = c["post_log_var"]
-      else:
-        log_var = c["log_beta"]
-      std = jnp.exp(0.5 * log_var)
-    else:
-      x_next = c["sqrt_abar_next"] * x0 + c["ddim_eps_coef"] * eps
-      std = c["ddim_sigma"]
+    x_next, std = reverse_step_mean_std(
+      diffusion, c, x, t, x0, eps, var_values, sampler=sampler, clip_denoised=clip_denoised
+    )
     if needs_noise:
       noise = jax.random.normal(jax.random.fold_in(rng, c["k"]), x.shape, jnp.float32)
       x_next = jnp.where(c["k_next"] > 0, x_next + std * noise, x_next)
