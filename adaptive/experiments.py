@@ -74,6 +74,11 @@ class Arm:
     return self.family in ("E1", "E2", "E3", "E4")
 
 
+# Not an arm of the catalog (nothing selects it): its held-out losses are the start every arm
+# continues from, reported next to them.
+STAGE1_ARM = Arm(STAGE1, "S1", "stage 1 alone: the shared base at S1 steps")
+
+
 def reference_arm_name(config) -> str:
   return f"E2_k{float(config.adaptive.scaling.k):g}"
 
@@ -85,7 +90,7 @@ def arm_catalog(config) -> list[Arm]:
   end = str(a.scaling.full_model_end)
   arms = [
     Arm("E0", "E0", "single model, B steps"),
-    Arm("E0plus", "E0+", "single model, B + E1's stage-2 steps"),
+    Arm("E0plus", "E0+", "single model, B + E1's stage-2 FLOPs"),
     Arm("E1", "E1", f"TDC, N={n_ref}, full width", (("adaptive.scaling.prune", False),)),
   ]
   for k in sorted({float(k) for k in e.ks} | {k_ref}):
@@ -287,6 +292,16 @@ class Reference:
   labels: np.ndarray | None
   draws: Any
   prior_bpd: float
+  # Jitted loss terms per network structure: every arm with the base network shares one program.
+  terms: dict = dataclasses.field(default_factory=dict)
+
+  def terms_fn(self, network):
+    from adaptive import heldout
+
+    key = network.config.model.to_json(sort_keys=True)
+    if key not in self.terms:
+      self.terms[key] = heldout.make_terms_fn(self.diffusion, network.apply)
+    return self.terms[key]
 
 
 def make_reference(config) -> Reference:
@@ -317,21 +332,17 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   """
   import jax.numpy as jnp
 
-  from adaptive import heldout
   from adaptive import method as tdc_lib
 
   if isinstance(method, tdc_lib.TDC):
     route = method.groups.group_of
-    nets = [
-      (heldout.make_terms_fn(ref.diffusion, m.apply), params[tdc_lib.group_key(g)])
-      for g, m in enumerate(method.members)
-    ]
+    nets = [(ref.terms_fn(m), params[tdc_lib.group_key(g)]) for g, m in enumerate(method.members)]
   else:
 
     def route(t):
       return np.zeros(np.shape(t), np.int64)
 
-    nets = [(heldout.make_terms_fn(ref.diffusion, method.apply), params)]
+    nets = [(ref.terms_fn(method), params)]
   per_group = []
   for g in range(ref.groups.num_groups):
     t, index, noise = ref.draws.t[g], ref.draws.index[g], ref.draws.noise[g]
@@ -373,6 +384,18 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   }
 
 
+def heldout_raw(arm_dir: str, ref: Reference) -> dict[str, Any]:
+  """``routed_heldout`` of the raw (non-EMA) weights.
+
+  A stage 2 much shorter than the EMA's horizon (decay 0.999: ~1000 steps) leaves the EMA close
+  to the inherited start, so the raw weights show what stage 2 itself changed.
+  """
+  from common import eval as eval_lib
+
+  _, method, params, _ = eval_lib.load_params(arm_dir, use_ema=False)
+  return routed_heldout(method, params, ref)
+
+
 def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) -> dict[str, Any]:
   """Held-out losses on the reference draws, FID/KID and FLOPs of one trained arm."""
   from common import eval as eval_lib
@@ -381,6 +404,7 @@ def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) ->
   _, method, params, step = eval_lib.load_params(arm_dir)
   held = routed_heldout(method, params, ref)
   n = int(e.num_samples)
+  raw = heldout_raw(arm_dir, ref)
   metrics = eval_lib.evaluate(arm_dir, num_samples=n, batch_size=min(int(e.sample_batch), n))
   keep = ("fid", "kid_mean", "kid_std", "precision", "recall", "flops_per_sample", "params")
   out = {
@@ -393,6 +417,7 @@ def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) ->
     "heldout_per_group": int(e.heldout_per_group),
     "checkpoint_step": int(step),
     "heldout": held,
+    "heldout_raw": raw,
     "samples": {k: metrics[k] for k in keep if k in metrics},
     # XLA's cost analysis per sampler step of each group network and of the base network.
     "group_flops_per_step": metrics.get("group_flops_per_step"),
@@ -634,6 +659,7 @@ def paired(results, seeds, arm_a: str, arm_b: str, path) -> dict[str, Any]:
 METRICS = (
   ("L_simple", ("heldout", "l_simple")),
   ("VLB (bits/dim)", ("heldout", "vlb_bpd")),
+  ("L_simple, raw weights", ("heldout_raw", "l_simple")),
   ("FID", ("samples", "fid")),
   ("KID", ("samples", "kid_mean")),
 )
@@ -642,7 +668,11 @@ METRICS = (
 def summarize(results: dict[str, dict], config) -> dict[str, Any]:
   """Per arm mean +- std over seeds and the claims C1-C7 (spec §8.4)."""
   seeds = sorted({int(k.split("/")[0][4:]) for k in results})
-  arms = [a for a in arm_catalog(config) if any(f"seed{s}/{a.name}" in results for s in seeds)]
+  arms = [
+    a
+    for a in [STAGE1_ARM, *arm_catalog(config)]
+    if any(f"seed{s}/{a.name}" in results for s in seeds)
+  ]
   ref = reference_arm_name(config)
   n_ref = int(config.adaptive.grouping.num_groups)
   table = {}
@@ -687,6 +717,7 @@ def summarize(results: dict[str, dict], config) -> dict[str, Any]:
       {
         "l_simple": paired(results, seeds, "E1", b, ("heldout", "groups", g, "l_simple")),
         "vlb": paired(results, seeds, "E1", b, ("heldout", "groups", g, "vlb_bpd_per_step")),
+        "l_simple_raw": paired(results, seeds, "E1", b, ("heldout_raw", "groups", g, "l_simple")),
       }
       for g in range(n_ref)
     ]
@@ -817,13 +848,14 @@ def write_markdown(path: str, summary: dict[str, Any], command: str) -> None:
     "",
     "## Arms",
     "",
-    "| arm | what | L_simple | VLB (bits/dim) | FID | KID | sampling FLOPs / base | "
-    "training FLOPs / E0 |",
-    "|---|---|---|---|---|---|---|---|",
+    "| arm | what | L_simple | VLB (bits/dim) | L_simple, raw weights | FID | KID | "
+    "sampling FLOPs / base | training FLOPs / E0 |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   for name, row in t.items():
     lines.append(
       f"| {name} | {row['label']} | {_pm(row['L_simple'])} | {_pm(row['VLB (bits/dim)'])} | "
+      f"{_pm(row['L_simple, raw weights'])} | "
       f"{_pm(row['FID'], 2)} | {_pm(row['KID'])} | {_pm(row['sampling_flops_ratio'], 3)} | "
       f"{_pm(row['training_cost_ratio'], 3)} |"
     )
@@ -858,14 +890,16 @@ def write_markdown(path: str, summary: dict[str, Any], command: str) -> None:
     f"{c['C2']['groups']} groups (L_simple)."
   )
   lines += ["", "| group | B | E1 L_simple | B L_simple | A - B | E1 wins | verdict | E1 VLB/step | "
-            "B VLB/step | verdict (VLB) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+            "B VLB/step | verdict (VLB) | E1 raw L_simple | B raw L_simple | verdict (raw) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
   for b, rows in c["C2"]["per_group"].items():
     for g, r in enumerate(rows):
-      ls, vb = r["l_simple"], r["vlb"]
+      ls, vb, rw = r["l_simple"], r["vlb"], r.get("l_simple_raw")
+      raw = f"{_pm(rw['a'])} | {_pm(rw['b'])} | {rw['verdict']}" if rw else "- | - | -"
       lines.append(
         f"| {g} | {b} | {_pm(ls['a'])} | {_pm(ls['b'])} | {_pm(ls['diff'])} | "
         f"{ls['wins']}/{ls['n']} | {ls['verdict']} | {_pm(vb['a'])} | {_pm(vb['b'])} | "
-        f"{vb['verdict']} |"
+        f"{vb['verdict']} | {raw} |"
       )
   for key in ("C3", "C4"):
     lines += ["", f"## {key}: {c[key]['rule']}", "", *_COMPARE_HEADER]
@@ -972,6 +1006,46 @@ def _load_record(path: str, num_samples: int) -> dict | None:
   return rec
 
 
+CAMPAIGN_CONFIG = "campaign_config.json"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_campaign_config(config, workdir: str) -> None:
+  """Records the config a campaign directory was made with; refuses another one.
+
+  Finished arms are skipped by their records alone, so a directory trained with another B,
+  model or pruner must not be reused. ``experiments.*`` (which arms exist) may change.
+
+  Raises:
+    ConfigError: the first field that differs from the recorded config.
+  """
+  now = json.loads(config.to_json_best_effort())
+  now.pop("experiments", None)
+  path = os.path.join(workdir, CAMPAIGN_CONFIG)
+  if not os.path.exists(path):
+    _write_json(path, now)
+    return
+  with open(path) as f:
+    before = _flat(json.load(f))
+  now_flat = _flat(now)
+  for key in sorted(set(before) | set(now_flat)):
+    if before.get(key) != now_flat.get(key):
+      raise ConfigError(
+        key,
+        now_flat.get(key),
+        f"{workdir} was made with {before.get(key)!r}; use another --workdir for this config",
+      )
+
+
 def run_experiments(
   config,
   workdir: str,
@@ -980,6 +1054,7 @@ def run_experiments(
   arms: list[str] | None = None,
   devices=None,
   command: str = "",
+  report_only: bool = False,
 ) -> dict[str, Any]:
   """Trains, evaluates and reports the selected arms for every seed; returns the summary.
 
@@ -990,6 +1065,7 @@ def run_experiments(
     arms: ``--arms`` names (families or arms; empty: all).
     devices: the devices every run trains on (default: all).
     command: recorded in the reports.
+    report_only: write the reports from the finished arms' records; train nothing.
   """
   from adaptive import proxy
   from adaptive import train as adaptive_train
@@ -1002,6 +1078,7 @@ def run_experiments(
   if not seeds:
     raise ConfigError("--seeds", seeds, "give at least one seed")
   os.makedirs(workdir, exist_ok=True)
+  check_campaign_config(config, workdir)
   programs = proxy.ProgramCache()
   b = int(config.total_steps)
   num_samples = int(config.experiments.num_samples)
@@ -1013,13 +1090,30 @@ def run_experiments(
     stage1_dir = os.path.join(seed_dir, STAGE1)
     ref_dir = os.path.join(seed_dir, reference_arm_name(cfg))
     ref = None
+    stage1_record = os.path.join(stage1_dir, ARM_RECORD)
+    cached = _load_record(stage1_record, num_samples)
+    if cached is not None:
+      results[f"seed{seed}/{STAGE1}"] = cached
     for arm in selected:
       key = f"seed{seed}/{arm.name}"
       arm_dir = os.path.join(seed_dir, arm.name)
       record_path = os.path.join(arm_dir, ARM_RECORD)
       cached = _load_record(record_path, num_samples)
+      if (
+        cached is not None
+        and arm.family != "E5"
+        and "heldout_raw" not in cached
+        and not report_only
+      ):
+        # Records from before the raw-weight losses were measured: add them, keep the rest.
+        if ref is None:
+          ref = make_reference(cfg)
+        cached["heldout_raw"] = heldout_raw(arm_dir, ref)
+        _write_json(record_path, cached)
       if cached is not None:
         results[key] = cached
+        continue
+      if report_only:
         continue
       logging.info("[%s] %s (elapsed %.0f s)", key, arm.label, time.time() - t_start)
       s1 = adaptive_train.stage1_steps(cfg)
@@ -1086,7 +1180,29 @@ def run_experiments(
         )  # fmt: skip
       _write_json(record_path, rec)
       results[key] = rec
+    s1 = adaptive_train.stage1_steps(cfg)
+    if f"seed{seed}/{STAGE1}" not in results and not report_only and _latest_step(stage1_dir) == s1:
+      ref = ref or make_reference(cfg)
+      from common import eval as eval_lib
 
+      _, method, params, _ = eval_lib.load_params(stage1_dir)
+      rec = {
+        "eval_version": EVAL_VERSION,
+        "arm": STAGE1,
+        "family": "S1",
+        "label": STAGE1_ARM.label,
+        "seed": seed,
+        "num_samples": num_samples,
+        "heldout": routed_heldout(method, params, ref),
+        "heldout_raw": heldout_raw(stage1_dir, ref),
+        "sampling_flops_ratio": 1.0,
+        "training_cost": {"stage1": s1, "stage2": 0, "single_model": s1, "ratio": s1 / b},
+      }
+      _write_json(stage1_record, rec)
+      results[f"seed{seed}/{STAGE1}"] = rec
+
+  if not results:
+    raise FileNotFoundError(f"{workdir}: no finished arm to report")
   summary = summarize(results, config)
   summary.update(
     {
@@ -1111,6 +1227,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Campaign directory (seed<s>/<arm> below it).")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds, paired across arms.")
   flags.DEFINE_list("arms", [], f"Arms or families ({', '.join(FAMILIES)}); empty: all.")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the reports from finished arms.")
 
 
 def main(argv):
@@ -1130,6 +1247,7 @@ def main(argv):
       flags.FLAGS.workdir,
       seeds=[int(s) for s in flags.FLAGS.seeds],
       arms=list(flags.FLAGS.arms),
+      report_only=flags.FLAGS.report_only,
       command="python -m adaptive.experiments " + " ".join(sys.argv[1:]),
     )
   except (ConfigError, FileNotFoundError) as e:

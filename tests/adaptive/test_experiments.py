@@ -42,21 +42,21 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
   wd = str(tmp_path / "arms")
   config = campaign_config()
   one = jax.devices()[:1]
-  summary = experiments.run_experiments(
-    config, wd, seeds=[0], arms=["E0+", "E2", "E5"], devices=one
-  )
+  summary = experiments.run_experiments(config, wd, seeds=[0], arms=["E0", "E2", "E5"], devices=one)
   seed = os.path.join(wd, "seed0")
-  assert sorted(os.listdir(seed)) == ["E0", "E0plus", "E2_k0.5", "E5", "stage1"]
+  assert sorted(os.listdir(seed)) == ["E0", "E2_k0.5", "E5", "stage1"]
 
   # Stage 1 was trained once, to S1 = 3; E0 continued it (its first 3 logged steps are stage 1's
-  # own lines), E0+ continued E0 by E1's stage-2 cost (1 step x 2 networks).
+  # own lines). E0+ continues E0 the same way, by E1's stage-2 cost (1 step x 2 networks).
   stage1 = _steps(os.path.join(seed, "stage1"))
   e0 = _steps(os.path.join(seed, "E0"))
   assert [r["step"] for r in stage1] == [1, 2, 3]
   assert [r["step"] for r in e0] == [1, 2, 3, 4, 5, 6] and e0[:3] == stage1
-  assert [r["step"] for r in _steps(os.path.join(seed, "E0plus"))][-1] == 8
+  assert experiments.extra_steps_e0plus(config) == 2
   runs = summary["runs"]
-  assert runs["seed0/E0plus"]["training_cost"]["ratio"] == pytest.approx(8 / 6)
+  # Stage 1's own held-out losses are reported next to the arms that start from it.
+  assert runs["seed0/stage1"]["training_cost"]["ratio"] == pytest.approx(3 / 6)
+  assert "l_simple" in runs["seed0/stage1"]["heldout_raw"]
   tdc_dir = os.path.join(seed, "E2_k0.5")
   assert not os.path.exists(os.path.join(tdc_dir, "stage1"))
   with open(os.path.join(tdc_dir, "summary.json")) as f:
@@ -100,7 +100,7 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
     md = f.read()
   for heading in ("## C1", "## C2", "## C3", "## C4", "## C5", "## C6", "## C7"):
     assert heading in md
-  assert "| FID | E2_k0.5 | E0plus |" in md and "| proxy_memory |" in md
+  assert "| FID | E2_k0.5 | E0 |" in md and "| proxy_memory |" in md
   assert os.path.exists(os.path.join(wd, "experiments.png"))
 
   # Resume: every arm has its record, so nothing trains, searches or evaluates again.
@@ -113,10 +113,16 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
   monkeypatch.setattr(experiments, "train_tdc_arm", refuse)
   monkeypatch.setattr(experiments, "run_pruners", refuse)
   monkeypatch.setattr(eval_lib, "evaluate", refuse)
-  again = experiments.run_experiments(config, wd, seeds=[0], arms=["E0+", "E2", "E5"], devices=one)
+  again = experiments.run_experiments(config, wd, seeds=[0], arms=["E0", "E2", "E5"], devices=one)
   assert again["runs"] == runs
   for a, m in mtimes.items():
     assert os.path.getmtime(os.path.join(seed, a, "experiment.json")) == m
+  # --report_only reports what is finished and starts nothing (E1 and seed 1 never ran).
+  report = experiments.run_experiments(
+    config, wd, seeds=[0, 1], arms=["E1", "E2"], devices=one, report_only=True
+  )
+  assert report["seeds"] == [0] and list(report["table"]) == ["stage1", "E2_k0.5"]
+  assert not os.path.exists(os.path.join(wd, "seed1"))
 
 
 def runs_arms(runs):
@@ -201,3 +207,15 @@ def test_binary_reports_a_bad_arm_in_one_line(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1].startswith("error: config error: --arms='E7'")
   assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_campaign_directory_refuses_another_config(tmp_path):
+  wd = str(tmp_path / "arms")
+  os.makedirs(wd)
+  config = campaign_config()
+  experiments.check_campaign_config(config, wd)
+  config.experiments.ks = (0.3, 0.5)  # which arms exist may change
+  experiments.check_campaign_config(config, wd)
+  config.total_steps = 12
+  with pytest.raises(ConfigError, match=r"total_steps=12.*was made with 6"):
+    experiments.check_campaign_config(config, wd)
