@@ -17,8 +17,9 @@ A workdir may be named ``name=path`` (default name: its basename). Writes
 
 ``--plan`` is a JSON file (``common.quickstart`` writes one) with optional keys ``title``,
 ``command``, ``wall_time_s``, ``runs`` (name -> ``section``, ``label``, ``baseline``: another run's
-name, ``baseline_arm``: an arm of the run's own headline, ``wall_time_s``, ``status``) and
-``failures`` (list of ``name``, ``command``, ``rc``, ``log``, ``error``).
+name, ``baseline_arm``: an arm of the run's own headline, ``wall_time_s``, ``status``), ``entries``
+(every launch: ``name``, ``status``, ``wall_time_s``, ``command``) and ``failures`` (list of
+``name``, ``command``, ``rc``, ``log``, ``error``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ TABLE_COLUMNS = (
   ("method", "{}"),
   ("dataset", "{}"),
   ("fid", "{:.3f}"),
+  ("fid_groups_mean", "{:.3f}"),
   ("kid_mean", "{:.4f}"),
   ("precision", "{:.3f}"),
   ("recall", "{:.3f}"),
@@ -91,6 +93,7 @@ def load_runs(workdirs: list[str]) -> list[dict]:
       with open(path) as f:
         record = json.load(f)
       record["kind"] = "generative"
+      _with_group_means(record)
     record["run"] = name
     runs.append(record)
   return runs
@@ -114,11 +117,29 @@ def _num(value: Any, spec: str = ".4g") -> str:
   return format(value, spec)
 
 
-def primary_of(record: dict) -> dict[str, Any]:
-  """``{"name", "value", "higher_is_better"}`` of any record (generative: FID, lower is better)."""
+def primary_of(record: dict, name: str = "") -> dict[str, Any]:
+  """``{"name", "value", "higher_is_better"}`` of any record (generative: FID, lower is better).
+
+  ``name``: another figure of the record instead (generative: lower is better for ``fid*`` and
+  ``kid*``; headline records: a key of ``metrics``, with the primary's direction).
+  """
   if record["kind"] == "generative":
-    return {"name": "fid", "value": record.get("fid"), "higher_is_better": False}
+    name = name or "fid"
+    lower = name.startswith(("fid", "kid"))
+    return {"name": name, "value": record.get(name), "higher_is_better": not lower}
+  if name:
+    hib = record["primary"]["higher_is_better"]
+    return {"name": name, "value": record["metrics"].get(name), "higher_is_better": hib}
   return record["primary"]
+
+
+def _with_group_means(record: dict) -> dict:
+  """A generative record with ``fid_groups_mean`` / ``label_accuracy_groups_mean`` (groups' mean)."""
+  for key in ("fid", "label_accuracy"):
+    vals = [g[key] for g in record.get("groups") or [] if g.get(key) is not None]
+    if vals:
+      record[f"{key}_groups_mean"] = float(sum(vals) / len(vals))
+  return record
 
 
 def flops_of(record: dict) -> tuple[float | None, str]:
@@ -146,7 +167,7 @@ def _summary_rows(runs: list[dict], plan: dict) -> list[dict[str, Any]]:
     if r is None:
       rows.append(row)
       continue
-    p = primary_of(r)
+    p = primary_of(r, m.get("primary", ""))
     flops, flops_what = flops_of(r)
     row.update(kind=r["kind"], primary=p["name"], value=p["value"], flops=flops)
     row["higher_is_better"] = bool(p["higher_is_better"])
@@ -154,7 +175,7 @@ def _summary_rows(runs: list[dict], plan: dict) -> list[dict[str, Any]]:
     ref_value, ref_name = None, ""
     if m.get("baseline") in by_name:
       ref_name = m["baseline"]
-      ref_value = primary_of(by_name[ref_name]).get("value")
+      ref_value = primary_of(by_name[ref_name], p["name"]).get("value")
     elif r["kind"] != "generative" and r.get("baselines"):
       ref_name = m.get("baseline_arm") or next(iter(r["baselines"]))
       ref_value = r["baselines"].get(ref_name, {}).get(p["name"])
@@ -216,7 +237,13 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
   lines = [f"# {plan.get('title', 'Comparison')}", ""]
   if plan.get("command"):
     lines += [f"`{plan['command']}`" + (f" ({plan['note']})" if plan.get("note") else ""), ""]
-  if plan.get("wall_time_s") is not None:
+  if plan.get("runs_wall_time_s") is not None:
+    lines += [
+      f"Wall time of all runs {plan['runs_wall_time_s']:.0f} s (this invocation "
+      f"{plan.get('wall_time_s', 0):.0f} s; a run finished by an earlier one keeps its time).",
+      "",
+    ]
+  elif plan.get("wall_time_s") is not None:
     lines += [f"Total wall time {plan['wall_time_s']:.0f} s.", ""]
   summary = _summary_rows(runs, plan)
   lines += ["## Headline", ""]
@@ -275,6 +302,15 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
       extra.append(r["note"])
     if extra:
       lines += ["", "; ".join(extra) + "."]
+
+  if plan.get("entries"):
+    lines += ["", "## Runs", "", "| # | run | status | wall s | command |", "|---|---|---|---|---|"]
+    for i, e in enumerate(plan["entries"], 1):
+      lines.append(
+        f"| {i} | {e['name']} | {e['status']} | {_num(e.get('wall_time_s'), '.0f')} | "
+        f"`{e['command']}` |"
+      )
+    lines += ["", "`skipped`: finished by an earlier invocation (its wall time is that run's)."]
 
   failures = plan.get("failures", [])
   if failures:

@@ -10,9 +10,9 @@ generative model (hybrid's scheduler, cdc's adaptation) writes its headline here
     "method": "hybrid",                     # config.method
     "kind": "scheduler",                    # generative | scheduler | adaptation
     "arm": "drl_convex",                    # the row the method's own metrics describe
-    "metrics": {"gain_share": 0.95, ...},   # the method's headline figures, scalars only
-    "primary": {"name": "gain_share", "value": 0.95, "higher_is_better": true},
-    "baselines": {"optimum": {"gain_share": 1.0, ...}, ...},  # same keys where they apply
+    "metrics": {"utility_per_user": -1.58, ...},   # the method's headline figures, scalars only
+    "primary": {"name": "utility_per_user", "value": -1.58, "higher_is_better": true},
+    "baselines": {"optimum": {"utility_per_user": -1.07, ...}, ...},  # same keys where they apply
     "flops": 7.1e8,                         # per what: flops_what; null when not measured
     "flops_what": "device FLOPs per adaptation",
     "wall_time_s": 12.3,                    # the binary's own measured time

@@ -273,7 +273,7 @@ def run_plan(
     ``{"outcomes": {name: Outcome}, "report": path or None, "ok": bool, "wall_time_s": float}``.
   """
   echo = echo or (lambda s: print(s, flush=True))
-  workdir = os.path.abspath(workdir)
+  shown_workdir, workdir = workdir, os.path.abspath(workdir)
   names = enabled_entries(config)
   runs = config.runs
   argvs = {n: command(runs[n], workdir) for n in names}
@@ -355,7 +355,7 @@ def run_plan(
     if name not in outcomes:
       outcomes[name] = Outcome(name, "disabled", command(runs[name], workdir), "")
   total = time.perf_counter() - t_start
-  report = _compare(config, workdir, outcomes, total, echo)
+  report = _compare(config, workdir, outcomes, total, echo, shown_workdir)
   ok = report is not None and all(
     o.status in ("ok", "skipped", "disabled") for o in outcomes.values()
   )
@@ -384,8 +384,13 @@ def _cost(name: str, runs, outcomes: dict[str, Outcome]) -> float | None:
   return total
 
 
-def plan_report(config, workdir: str, outcomes: dict[str, Outcome], total: float) -> dict:
-  """What ``common.compare --plan`` reads: rows, their sections, labels, baselines, failures."""
+def plan_report(
+  config, workdir: str, outcomes: dict[str, Outcome], total: float, shown_workdir: str = ""
+) -> dict:
+  """What ``common.compare --plan`` reads: rows, their sections, labels, baselines, failures.
+
+  ``shown_workdir``: the workdir as the user typed it, for the command line in the report.
+  """
   runs = config.runs
   rows = {}
   for name in config.order:
@@ -397,6 +402,7 @@ def plan_report(config, workdir: str, outcomes: dict[str, Outcome], total: float
       "label": e.report.label,
       "baseline": e.report.baseline,
       "baseline_arm": e.report.baseline_arm,
+      "primary": e.report.primary,
       "status": outcomes[name].status if outcomes[name].status != "skipped" else "ok",
       "wall_time_s": _cost(name, runs, outcomes),
       "workdir": os.path.join(workdir, e.workdir),
@@ -412,19 +418,32 @@ def plan_report(config, workdir: str, outcomes: dict[str, Outcome], total: float
     for o in outcomes.values()
     if o.status in ("failed", "blocked")
   ]
+  entries = [
+    {
+      "name": o.name,
+      "status": o.status,
+      "wall_time_s": o.wall_time_s,
+      "command": display(o.command),
+    }
+    for o in outcomes.values()
+    if o.status != "disabled"
+  ]
   return {
     "title": config.title,
-    "command": f"python -m common.quickstart --workdir={workdir}"
+    "command": f"python -m common.quickstart --workdir={shown_workdir or workdir}"
     + ("" if config.preset == "default" else f" --config=configs/quickstart.py:{config.preset}"),
     "note": "wall s: the run and every run it needs, on this machine",
     "wall_time_s": total,
+    # Every run's own wall time, those of earlier invocations included: what the whole plan cost.
+    "runs_wall_time_s": sum(e["wall_time_s"] or 0.0 for e in entries),
     "runs": rows,
+    "entries": entries,
     "failures": failures,
   }
 
 
-def _compare(config, workdir, outcomes, total, echo) -> str | None:
-  plan = plan_report(config, workdir, outcomes, total)
+def _compare(config, workdir, outcomes, total, echo, shown_workdir) -> str | None:
+  plan = plan_report(config, workdir, outcomes, total, shown_workdir)
   with open(os.path.join(workdir, PLAN_FILE), "w") as f:
     json.dump(plan, f, indent=2)
   specs = [f"{n}={r['workdir']}" for n, r in plan["runs"].items() if r["status"] == "ok"]

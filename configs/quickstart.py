@@ -22,18 +22,18 @@ Fields: ``module``; ``config`` (``configs/<file>.py:<preset>``, empty for binari
 successful exit, marks the entry finished; empty: the exit alone); ``needs`` (entries that must
 succeed first); ``estimate_s`` (the ETA's prior, seconds on 2 quiet cores); ``enabled``;
 ``report`` (for entries whose output is a result row: ``section``, ``label``, ``baseline``,
-the name of the row it is compared with, or ``baseline_arm``, an arm of its own headline).
+the name of the row it is compared with, or ``baseline_arm``, an arm of its own headline;
+``primary``, another figure than the run's own primary, e.g. ``fid_groups_mean``).
 ``{workdir}`` in overrides and args is the quickstart's workdir. ``order`` is the launch order.
 Disable an entry from the command line: ``--config.runs.hybrid_models.enabled=false``.
 """
 
 import ml_collections
 
-# hybrid.train / hybrid.profile (the model half of hybrid, issue 7) give the scheduler a profile
-# measured from this run's own models. Until those binaries exist the scheduler runs on the paper's
-# profile and the two entries stay disabled; set True (or enable the entries and point
-# `runs.hybrid.overrides` at the profile) once they do.
-HYBRID_MEASURED_PROFILE = False
+# hybrid.train / hybrid.profile (the model half of hybrid) give the scheduler a profile measured
+# from this run's own models. False: the scheduler runs on the paper's profile and the two entries
+# are disabled (a plan without the model half's cost).
+HYBRID_MEASURED_PROFILE = True
 
 
 def entry(
@@ -51,6 +51,7 @@ def entry(
   label="",
   baseline="",
   baseline_arm="",
+  primary="",
 ):
   """One run of the plan (the fields are described in the module docstring)."""
   e = ml_collections.ConfigDict()
@@ -68,6 +69,7 @@ def entry(
   e.report.label = label
   e.report.baseline = baseline
   e.report.baseline_arm = baseline_arm
+  e.report.primary = primary
   return e
 
 
@@ -130,6 +132,9 @@ def _plan(sizes: dict) -> ml_collections.ConfigDict:
       section="collab",
       label=f"CollaFuse t_cut={cut}" if cut < s["collab_T"] else f"local-only (t_cut=T={cut})",
       baseline="collab_local" if name == "collab_cut" else "",
+      # Each client against its own held-out data: the pooled FID compares a few clients'
+      # classes with every class of the test split.
+      primary="fid_groups_mean",
     )
   # --- TFDiff Config I (s=2) and II (s=1) against the DDPM U-Net. -------------------------------
   for k, stride in (("1", 2), ("2", 1)):
@@ -184,12 +189,14 @@ def _plan(sizes: dict) -> ml_collections.ConfigDict:
     "hybrid_models",
     config=f"configs/hybrid.py:{s['hybrid_models_preset']}",
     overrides=s["hybrid_models"],
+    done="train_summary.json",
     estimate_s=s["est"]["hybrid_models"],
     enabled=HYBRID_MEASURED_PROFILE,
   )
   r.hybrid_profile = entry(
     "hybrid.profile",
     "hybrid_models",
+    args=s["hybrid_profile"],
     done="profile.json",
     needs=("hybrid_models",),
     estimate_s=s["est"]["hybrid_profile"],
@@ -205,7 +212,8 @@ def _plan(sizes: dict) -> ml_collections.ConfigDict:
     needs=("hybrid_profile",) if HYBRID_MEASURED_PROFILE else (),
     estimate_s=s["est"]["hybrid"],
     section="hybrid",
-    label="DRL-convex scheduler",
+    label="DRL-convex scheduler"
+    + (" (profile measured from this run's models)" if HYBRID_MEASURED_PROFILE else ""),
     baseline_arm="optimum",
   )
   # --- cdc: pretrain the device model, meta-train the FDA, evaluate every arm. ----------------
@@ -269,14 +277,16 @@ def _default_sizes() -> dict:
     "eval_estimate_s": 25,
     "ddpm_steps": 600,
     "ddpm": (),
-    "collab_steps": 200,
+    "collab_steps": 400,
     "collab_cut": 20,
     "collab_T": 100,
     "collab": ("num_clients=2",),
-    "mobile_steps": 300,
+    "mobile_steps": 500,
     "mobile": (),
-    "adaptive_steps": 400,
+    "adaptive_steps": 500,
     "adaptive": (
+      # digits' DDPM learning rate: the preset's 2e-4 is for its 4,000 steps, not 500.
+      "optimizer.learning_rate=1e-3",
       "adaptive.grouping.num_groups=2",
       "adaptive.pruner.proxy_steps=5",
       "adaptive.pruner.proxy_batch=32",
@@ -285,9 +295,18 @@ def _default_sizes() -> dict:
       "adaptive.pruner.max_evals_per_round=1",
     ),
     "adaptive_eval": ("--sample_steps=50",),
-    "hybrid_preset": "sim",
+    # digits: sim's scheduler next to the model half's fields, so its profile.json plugs in.
+    "hybrid_preset": "digits" if HYBRID_MEASURED_PROFILE else "sim",
     "hybrid_models_preset": "digits",
-    "hybrid_models": (),
+    "hybrid_models": (
+      "total_steps=400",
+      "log_every_steps=50",
+      "ckpt_every_steps=400",
+      "hybrid.personal_steps=100",
+      "hybrid.profile.splits=(0,40,80,120,160,200)",
+      "hybrid.profile.batch_sizes=(1,2,4,8,12,16,20)",
+    ),
+    "hybrid_profile": ("--seeds_per_user=8", "--latency_repeats=5"),
     "hybrid": (
       "scheduler.agent.episodes=800",
       "scheduler.agent.eps_decay_start=100",
@@ -312,18 +331,20 @@ def _default_sizes() -> dict:
       "cdc.eval.anchor_counts=(16,)",
       "cdc.finetune.shots=(5,20)",
     ),
+    # Rough seconds on 2 idle CPU cores (README.md's run on a shared machine took 1.2-2.5x
+    # these); the ETA rescales them by the measured times of the runs so far.
     "est": {
-      "train_ddpm": 150,
-      "train_collab": 120,
-      "train_mobile1": 60,
+      "train_ddpm": 70,
+      "train_collab": 70,
+      "train_mobile1": 40,
       "train_mobile2": 150,
-      "train_adaptive": 150,
-      "hybrid_models": 120,
-      "hybrid_profile": 30,
-      "hybrid": 90,
-      "cdc_pretrain": 90,
-      "cdc_train": 45,
-      "cdc_evaluate": 45,
+      "train_adaptive": 200,
+      "hybrid_models": 90,
+      "hybrid_profile": 40,
+      "hybrid": 30,
+      "cdc_pretrain": 60,
+      "cdc_train": 35,
+      "cdc_evaluate": 40,
     },
   }
 
@@ -381,7 +402,14 @@ def _tiny_sizes() -> dict:
     "adaptive_eval": (),
     "hybrid_preset": "tiny",
     "hybrid_models_preset": "tiny",
-    "hybrid_models": (),
+    # T = 200 (tiny's 24 would not match the scheduler's T); the network stays tiny.
+    "hybrid_models": (
+      "diffusion.num_timesteps=200",
+      "diffusion.sample_steps=200",
+      "hybrid.eval_split=100",
+      "hybrid.profile.splits=(0,50,100,150,200)",
+    ),
+    "hybrid_profile": (),
     "hybrid": (),
     "cdc_preset": "tiny",
     "cdc": (),
@@ -391,8 +419,8 @@ def _tiny_sizes() -> dict:
       "train_mobile1": 15,
       "train_mobile2": 15,
       "train_adaptive": 30,
-      "hybrid_models": 15,
-      "hybrid_profile": 10,
+      "hybrid_models": 18,
+      "hybrid_profile": 11,
       "hybrid": 7,
       "cdc_pretrain": 8,
       "cdc_train": 9,
