@@ -996,6 +996,11 @@ def write_plot(path: str, summary: dict[str, Any]) -> None:
 # The campaign.
 
 
+def _e5_key(config) -> dict[str, list]:
+  e = config.experiments
+  return {"pruners": [str(p) for p in e.pruners], "search_seeds": [int(q) for q in e.search_seeds]}
+
+
 def _load_record(path: str, num_samples: int) -> dict | None:
   if not os.path.exists(path):
     return None
@@ -1099,6 +1104,8 @@ def run_experiments(
       arm_dir = os.path.join(seed_dir, arm.name)
       record_path = os.path.join(arm_dir, ARM_RECORD)
       cached = _load_record(record_path, num_samples)
+      if cached is not None and arm.family == "E5" and cached.get("e5") != _e5_key(cfg):
+        cached = None  # other pruners or proxy seeds: the finished searches are reused
       if (
         cached is not None
         and arm.family != "E5"
@@ -1125,6 +1132,7 @@ def run_experiments(
           "family": arm.family,
           "seed": seed,
           "num_samples": num_samples,
+          "e5": _e5_key(cfg),
           "pruners": run_pruners(cfg, arm_dir, stage1_dir, ref_dir, programs=programs),
         }
       else:
