@@ -1240,15 +1240,10 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  from common.train import logger
+  from common.train import cli
 
-  logger.quiet_library_logs()
   # A restarted campaign (or the next seed) compiles the same train steps and proxy programs.
-  import jax
-
-  from common.metrics import reference
-
-  jax.config.update("jax_compilation_cache_dir", os.path.join(reference.cache_root(), "jax"))
+  cli.start_binary(persistent_compile_cache=True)
   try:
     run_experiments(
       flags.FLAGS.config,

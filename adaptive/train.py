@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -540,14 +539,10 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  from common.train import logger
+  from common.train import cli
 
-  logger.quiet_library_logs()
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(2)
+  cli.start_binary()
+  cli.run_or_exit(run, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -591,16 +591,11 @@ def run_sweep(
 
 def main(argv):
   del argv
-  from common.train import logger
+  from common.train import cli
   from common.train.validate import ConfigError
 
-  logger.quiet_library_logs()
   # Seeds of one cut compile the same programs; a persistent cache compiles them once.
-  import jax
-
-  from common.metrics import reference
-
-  jax.config.update("jax_compilation_cache_dir", os.path.join(reference.cache_root(), "jax"))
+  cli.start_binary(persistent_compile_cache=True)
   try:
     run_sweep(
       flags.FLAGS.config,

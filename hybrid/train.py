@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 
 import jax
 import ml_collections
@@ -217,14 +216,10 @@ def _define_flags() -> None:
 
 def main(argv):
   del argv
-  from common.train import logger
+  from common.train import cli
 
-  logger.quiet_library_logs()
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except ConfigError as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(2)
+  cli.start_binary()
+  cli.run_or_exit(run, flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
