@@ -39,7 +39,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import shutil
 import sys
@@ -50,6 +49,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from common.metrics import stats
 from common.train.validate import ConfigError
 
 EVAL_VERSION = 1  # bump when the evaluation changes, to re-evaluate finished arms
@@ -602,17 +602,6 @@ def _write_json(path: str, obj: Any) -> None:
 # Claims.
 
 
-def _mean_std(values) -> dict[str, float]:
-  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
-  if v.size == 0:
-    return {"mean": float("nan"), "std": float("nan"), "n": 0}
-  return {
-    "mean": float(v.mean()),
-    "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-    "n": int(v.size),
-  }
-
-
 def _get(record, path):
   for key in path:
     if record is None:
@@ -640,9 +629,9 @@ def paired(results, seeds, arm_a: str, arm_b: str, path) -> dict[str, Any]:
   both = np.isfinite(a) & np.isfinite(b)
   d = a[both] - b[both]
   out = {
-    "a": _mean_std(a[both]),
-    "b": _mean_std(b[both]),
-    "diff": _mean_std(d),
+    "a": stats.mean_std(a[both]),
+    "b": stats.mean_std(b[both]),
+    "diff": stats.mean_std(d),
     "wins": int((d < 0).sum()),
     "n": int(both.sum()),
   }
@@ -679,15 +668,15 @@ def summarize(results: dict[str, dict], config) -> dict[str, Any]:
   for arm in arms:
     if arm.family == "E5":
       continue
-    row = {m: _mean_std(_series(results, seeds, arm.name, p)) for m, p in METRICS}
-    row["sampling_flops_ratio"] = _mean_std(
+    row = {m: stats.mean_std(_series(results, seeds, arm.name, p)) for m, p in METRICS}
+    row["sampling_flops_ratio"] = stats.mean_std(
       _series(results, seeds, arm.name, ("sampling_flops_ratio",))
     )
-    row["training_cost_ratio"] = _mean_std(
+    row["training_cost_ratio"] = stats.mean_std(
       _series(results, seeds, arm.name, ("training_cost", "ratio"))
     )
     row["per_group_l_simple"] = [
-      _mean_std(_series(results, seeds, arm.name, ("heldout", "groups", g, "l_simple")))
+      stats.mean_std(_series(results, seeds, arm.name, ("heldout", "groups", g, "l_simple")))
       for g in range(n_ref)
     ]
     first = next(results[f"seed{s}/{arm.name}"] for s in seeds if f"seed{s}/{arm.name}" in results)
@@ -795,10 +784,10 @@ def pruner_claims(results, seeds) -> dict[str, Any]:
     scores = per_seed(variant, "score")
     both = np.isfinite(scores) & np.isfinite(ref_scores)
     out["variants"][variant] = {
-      "score": _mean_std(scores),
-      "evaluations": _mean_std(per_seed(variant, "evaluations")),
-      "rounds": _mean_std(per_seed(variant, "rounds")),
-      "flops_ratio": _mean_std(per_seed(variant, "flops_ratio")),
+      "score": stats.mean_std(scores),
+      "evaluations": stats.mean_std(per_seed(variant, "evaluations")),
+      "rounds": stats.mean_std(per_seed(variant, "rounds")),
+      "flops_ratio": stats.mean_std(per_seed(variant, "flops_ratio")),
       "spread_over_proxy_seeds": spread(variant),
       "proxy_memory_wins": int((ref_scores[both] < scores[both]).sum()),
       "n": int(both.sum()),

@@ -33,6 +33,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from common.metrics import stats
+
 
 def _define_flags() -> None:
   """Defined only when this module runs as a binary: importing it next to another binary
@@ -212,17 +214,6 @@ def evaluate_centralized_run(run: Run, net, clients: ClientData, n: int) -> dict
 
 
 # --- aggregation -------------------------------------------------------------------------------
-def _mean_std(values) -> dict[str, float]:
-  v = np.asarray([x for x in values if x is not None and math.isfinite(x)], np.float64)
-  if v.size == 0:
-    return {"mean": float("nan"), "std": float("nan"), "n": 0}
-  return {
-    "mean": float(v.mean()),
-    "std": float(v.std(ddof=1)) if v.size > 1 else 0.0,
-    "n": int(v.size),
-  }
-
-
 def _get(entry, path):
   for key in path:
     if entry is None or key not in entry:
@@ -258,23 +249,29 @@ def summarize(
     for arm in ("collafuse", "client_from_noise"):
       for m in metrics:
         grid = client_curve(f"cut{cut}", (arm, m))
-        row[f"{arm}/{m}"] = _mean_std(np.nanmean(grid, axis=1) if np.isfinite(grid).any() else [])
+        row[f"{arm}/{m}"] = stats.mean_std(
+          np.nanmean(grid, axis=1) if np.isfinite(grid).any() else []
+        )
         row[f"{arm}/{m}/per_client"] = _nan_list(
           np.nanmean(grid, axis=0) if np.isfinite(grid).any() else []
         )
     for src in ("cut_images", "handoff", "server_alone"):
       for m in ("fid", "kid_mean", "pixel_mse", "nn_distance"):
         grid = client_curve(f"cut{cut}", ("disclosure", src, m))
-        row[f"disclosure/{src}/{m}"] = _mean_std(np.nanmean(grid, axis=1))
+        row[f"disclosure/{src}/{m}"] = stats.mean_std(np.nanmean(grid, axis=1))
         row[f"disclosure/{src}/{m}/per_client"] = _nan_list(np.nanmean(grid, axis=0))
     for m in ("measured", "analytic"):
-      row[f"cut_mse/{m}"] = _mean_std(np.nanmean(client_curve(f"cut{cut}", ("cut_mse", m)), axis=1))
+      row[f"cut_mse/{m}"] = stats.mean_std(
+        np.nanmean(client_curve(f"cut{cut}", ("cut_mse", m)), axis=1)
+      )
     costs = [results[f"seed{s}/cut{cut}"]["costs"] for s in seeds if f"seed{s}/cut{cut}" in results]
     row["costs"] = costs[0] if costs else {}
     table["cuts"][str(cut)] = row
   for m in metrics:
     grid = client_curve("centralized", ("collafuse", m))
-    table["centralized"][m] = _mean_std(np.nanmean(grid, axis=1) if np.isfinite(grid).any() else [])
+    table["centralized"][m] = stats.mean_std(
+      np.nanmean(grid, axis=1) if np.isfinite(grid).any() else []
+    )
     table["centralized"][f"{m}/per_client"] = _nan_list(
       np.nanmean(grid, axis=0) if np.isfinite(grid).any() else []
     )
