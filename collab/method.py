@@ -148,18 +148,13 @@ class CollaFuse(DDPM):
         self.config.batch_size,
         f"the per-client batch must split evenly over {process_count} processes",
       )
-    return data.StackedIterator(
-      [
-        data.make_train_iterator(
-          self.config.data,
-          global_batch_size=self.config.batch_size,
-          seed=self.config.seed * 1009 + k,
-          indices=idx,
-          process_index=process_index,
-          process_count=process_count,
-        )
-        for k, idx in enumerate(self.client_indices("train"))
-      ]
+    return data.party_train_iterator(
+      self.config.data,
+      self.client_indices("train"),
+      batch_size=self.config.batch_size,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
     )
 
   def images_per_step(self) -> int:

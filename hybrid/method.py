@@ -86,18 +86,13 @@ class Hybrid(DDPM):
     parts = hdata.user_shot_indices(self.config)
     if self.has_prior:
       parts = [*parts, hdata.generic_indices(self.config)]
-    return data.StackedIterator(
-      [
-        data.make_train_iterator(
-          self.config.data,
-          global_batch_size=self.config.batch_size,
-          seed=self.config.seed * 1009 + p,
-          indices=idx,
-          process_index=process_index,
-          process_count=process_count,
-        )
-        for p, idx in enumerate(parts)
-      ]
+    return data.party_train_iterator(
+      self.config.data,
+      parts,
+      batch_size=self.config.batch_size,
+      seed=self.config.seed,
+      process_index=process_index,
+      process_count=process_count,
     )
 
   def images_per_step(self) -> int:

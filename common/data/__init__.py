@@ -5,7 +5,7 @@ int32 [4] for 'shapes'). ``common.data.prepare`` (a binary, not imported here so
 this package defines no absl flags) converts image folders / .npz files to ArrayRecord.
 """
 
-from common.data.multi import StackedIterator
+from common.data.multi import StackedIterator, party_train_iterator
 from common.data.partition import SCHEMES, partition_indices
 from common.data.pipeline import (
   NAMES,
@@ -31,5 +31,6 @@ __all__ = [
   "make_eval_iterator",
   "make_train_iterator",
   "partition_indices",
+  "party_train_iterator",
   "train_index_dataset",
 ]

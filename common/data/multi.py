@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from common.data.pipeline import make_train_iterator
+
 
 class StackedIterator:
   """Zips K iterators of ``{'image': [b, ...], 'label': [b], ...}`` into ``[K * b, ...]`` batches.
@@ -50,3 +52,33 @@ class StackedIterator:
     for it in self._iterators:
       if hasattr(it, "start_prefetch"):
         it.start_prefetch()
+
+
+def party_train_iterator(
+  data_config,
+  parties: Sequence[np.ndarray],
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> StackedIterator:
+  """One shuffled train iterator per party's indices, stacked: ``[len(parties) * b, ...]``.
+
+  Party ``k`` shuffles with its own seed ``seed * 1009 + k``, so adding a party leaves the
+  others' data order unchanged. ``batch_size`` is per party (its global batch); ``b`` is this
+  process's share of it.
+  """
+  return StackedIterator(
+    [
+      make_train_iterator(
+        data_config,
+        global_batch_size=batch_size,
+        seed=seed * 1009 + k,
+        indices=idx,
+        process_index=process_index,
+        process_count=process_count,
+      )
+      for k, idx in enumerate(parties)
+    ]
+  )

@@ -20,13 +20,7 @@ from hybrid import models, train
 
 def _tiny(**overrides):
   c = hybrid_configs.get_config("tiny")
-  with c.unlocked():
-    for k, v in overrides.items():
-      node = c
-      *path, last = k.split(".")
-      for p in path:
-        node = node[p]
-      node[last] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
