@@ -27,8 +27,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from adaptive import grouping, heldout, method, proxy, pruning
 from adaptive.search import get_pruner
@@ -47,6 +46,12 @@ SUMMARY_JSON = "summary.json"
 
 def stage1_steps(config: ml_collections.ConfigDict) -> int:
   """Steps of stage 1: ``round(stage1_frac * total_steps)``, at least 1."""
+  from common.train import validate as validate_lib
+
+  # B is checked here, not first by stage 1's loop: a B < 1 would become a 1-step stage 1.
+  validate_lib.require(
+    config, "total_steps", lambda v: int(v) == v and v >= 1, "must be an integer >= 1"
+  )
   frac = float(config.adaptive.stage1_frac)
   if not 0.0 < frac <= 1.0:
     raise ConfigError("adaptive.stage1_frac", frac, "must be in (0, 1]")
@@ -530,22 +535,7 @@ def run(
   return summary
 
 
-def _define_flags() -> None:
-  """Defined only when this module runs as a binary: importing it next to another binary
-  (tests, quickstart) must not register a second ``--config``."""
-  config_flags.DEFINE_config_file("config", None, "Config file and preset.")
-  flags.DEFINE_string("workdir", None, "Run directory (stage 2; stage 1 in stage1/).")
-
-
-def main(argv):
-  del argv
+if __name__ == "__main__":
   from common.train import cli
 
-  cli.start_binary()
-  cli.run_or_exit(run, flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  _define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.config_workdir_binary(run, workdir_help="Run directory (stage 2; stage 1 in stage1/).")

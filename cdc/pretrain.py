@@ -21,9 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
-from ml_collections import config_flags
 
 from cdc import data as cdc_data
 from cdc import device, experiment, models, objectives
@@ -135,14 +134,7 @@ def evaluate_head(graphdef, enc_state, head, dom: cdc_data.DomainData) -> dict:
   }
 
 
-def main(argv):
-  del argv
-  pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  # Flags are defined here, not at import, so tests can import every cdc binary in one process.
-  config_flags.DEFINE_config_file("config", None, "configs/cdc.py:<preset>", lock_config=True)
-  flags.DEFINE_string("workdir", None, "output directory")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from common.train import cli
+
+  cli.config_workdir_binary(pretrain, workdir_help="Output directory.")

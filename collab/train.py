@@ -4,9 +4,9 @@ The shared binary with CollaFuse's config: the loop, checkpoints (server and all
 logging and resume are ``common.train``'s; ``collab.method`` supplies the split training step.
 """
 
-from absl import app
-
-from common.train.__main__ import main
+from common.train.__main__ import run
 
 if __name__ == "__main__":
-  app.run(main)
+  from common.train import cli
+
+  cli.config_workdir_binary(run, workdir_help="Run directory (checkpoints, logs, samples).")

@@ -24,8 +24,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from common import data
 from common.train.validate import ConfigError
@@ -208,21 +207,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
-def _define_flags() -> None:
-  """Defined only when this module runs as a binary (see ``common.eval``)."""
-  config_flags.DEFINE_config_file("config", None, "Config file and preset.")
-  flags.DEFINE_string("workdir", None, "Run directory (stage 2; stage 1 in cluster/).")
-
-
-def main(argv):
-  del argv
+if __name__ == "__main__":
   from common.train import cli
 
-  cli.start_binary()
-  cli.run_or_exit(run, flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  _define_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.config_workdir_binary(run, workdir_help="Run directory (stage 2; stage 1 in cluster/).")

@@ -5,9 +5,9 @@ The shared binary with the mobile config: the loop, checkpoints, logging and res
 (``config.model.name = "tfdiff"``).
 """
 
-from absl import app
-
-from common.train.__main__ import main
+from common.train.__main__ import run
 
 if __name__ == "__main__":
-  app.run(main)
+  from common.train import cli
+
+  cli.config_workdir_binary(run, workdir_help="Run directory (checkpoints, logs, samples).")

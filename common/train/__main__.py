@@ -2,41 +2,18 @@
 
 Killed at any moment, the same command continues from the latest checkpoint with the same data
 order and the same losses. Every config field can be overridden: ``--config.total_steps=200``.
+A bad config exits 2 with one line naming the field; a diverged loss exits 3.
 """
 
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+def run(config, workdir: str):
+  """The shared loop on ``config``'s method; what ``collab.train`` and ``mobile.train`` run too."""
+  from common.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file and preset.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  del argv
-  # Imported inside main so that on a multi-host launch jax.distributed is initialized before
-  # anything asks JAX for its devices.
-  from common import parallel
-
-  parallel.maybe_initialize_distributed()
-  from common.train import logger, loop
-  from common.train.validate import ConfigError
-
-  logger.quiet_library_logs()
-  try:
-    loop.train(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    print(str(e), file=sys.stderr)
-    sys.exit(2)
-  except loop.NonFiniteLossError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+  return loop.train(config, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from common.train import cli
+
+  cli.config_workdir_binary(run, workdir_help="Run directory (checkpoints, logs, samples).")

@@ -1,5 +1,6 @@
-"""What the method binaries share around their ``run(config, workdir)``: quiet library logs, one
-persistent compile cache for campaigns, and config errors as one line with exit code 2."""
+"""What the method binaries share around their ``run(config, workdir)``: the ``--config`` and
+``--workdir`` flags, quiet library logs, one persistent compile cache for campaigns, config errors
+as one line with exit code 2 and a non-finite loss with exit code 3."""
 
 from __future__ import annotations
 
@@ -26,9 +27,43 @@ def start_binary(*, persistent_compile_cache: bool = False) -> None:
 
 def run_or_exit(run: Callable[..., Any], *args, **kwargs) -> Any:
   """``run(*args, **kwargs)``; a ``ConfigError`` is printed as its one-line message and the
-  process exits 2 (the binaries' contract for bad input, see ``common.train.validate``)."""
+  process exits 2 (the binaries' contract for bad input, see ``common.train.validate``); a
+  diverged training run (``loop.NonFiniteLossError``) exits 3."""
+  from common.train.loop import NonFiniteLossError
+
   try:
     return run(*args, **kwargs)
   except ConfigError as e:
     print(str(e), file=sys.stderr)
     sys.exit(2)
+  except NonFiniteLossError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+def config_workdir_binary(
+  run: Callable[[Any, str], Any], *, workdir_help: str, persistent_compile_cache: bool = False
+) -> None:
+  """The whole ``__main__`` of a ``--config=... --workdir=...`` binary: defines the two flags
+  (here, never at import, so tests and the quickstart can import several binaries in one
+  process), initialises ``jax.distributed`` on a multi-process launch and calls
+  ``run(config, workdir)`` through ``run_or_exit``."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config = config_flags.DEFINE_config_file(
+    "config", None, "Config file and preset.", lock_config=True
+  )
+  workdir = flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def main(argv):
+    del argv
+    # Before anything asks JAX for its devices.
+    from common import parallel
+
+    parallel.maybe_initialize_distributed()
+    start_binary(persistent_compile_cache=persistent_compile_cache)
+    run_or_exit(run, config.value, workdir.value)
+
+  app.run(main)

@@ -103,6 +103,7 @@ def test_stage_two_budget_is_what_the_single_model_leaves():
   [
     ({"adaptive.grouping.num_groups": 50}, "num_groups"),  # N > T = 20
     ({"adaptive.stage1_frac": 1.5}, "stage1_frac"),
+    ({"total_steps": -1}, "total_steps"),  # not a 1-step stage 1
     ({"adaptive.scaling.k": 0.0}, "k must be in"),
     ({"adaptive.scaling.k": 1.5}, "k must be in"),
     ({"adaptive.scaling.k": 0.01, "adaptive.scaling.rank_from": 0}, "below the smallest"),
