@@ -396,6 +396,29 @@ def heldout_raw(arm_dir: str, ref: Reference) -> dict[str, Any]:
   return routed_heldout(method, params, ref)
 
 
+_SAMPLE_KEYS = ("fid", "kid_mean", "kid_std", "precision", "recall", "flops_per_sample", "params")
+
+
+def raw_sample_metrics(config, arm_dir: str) -> dict[str, Any]:
+  """FID/KID of the raw (non-EMA) weights' samples, in ``arm_dir/eval_raw``.
+
+  The counterpart of ``heldout_raw`` for samples: a stage 2 shorter than the EMA's horizon
+  leaves a pruned network's EMA near its inherited start, and the EMA figures alone would blame
+  that on pruning.
+  """
+  from common import eval as eval_lib
+
+  n = int(config.experiments.num_samples)
+  m = eval_lib.evaluate(
+    arm_dir,
+    use_ema=False,
+    num_samples=n,
+    batch_size=min(int(config.experiments.sample_batch), n),
+    out_name="eval_raw",
+  )
+  return {k: m[k] for k in _SAMPLE_KEYS if k in m}
+
+
 def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) -> dict[str, Any]:
   """Held-out losses on the reference draws, FID/KID and FLOPs of one trained arm."""
   from common import eval as eval_lib
@@ -406,7 +429,6 @@ def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) ->
   n = int(e.num_samples)
   raw = heldout_raw(arm_dir, ref)
   metrics = eval_lib.evaluate(arm_dir, num_samples=n, batch_size=min(int(e.sample_batch), n))
-  keep = ("fid", "kid_mean", "kid_std", "precision", "recall", "flops_per_sample", "params")
   out = {
     "eval_version": EVAL_VERSION,
     "arm": arm.name,
@@ -418,7 +440,8 @@ def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) ->
     "checkpoint_step": int(step),
     "heldout": held,
     "heldout_raw": raw,
-    "samples": {k: metrics[k] for k in keep if k in metrics},
+    "samples": {k: metrics[k] for k in _SAMPLE_KEYS if k in metrics},
+    "samples_raw": raw_sample_metrics(config, arm_dir),
     # XLA's cost analysis per sampler step of each group network and of the base network.
     "group_flops_per_step": metrics.get("group_flops_per_step"),
     "base_flops_per_step": metrics.get("base_flops_per_step"),
@@ -651,6 +674,7 @@ METRICS = (
   ("L_simple, raw weights", ("heldout_raw", "l_simple")),
   ("FID", ("samples", "fid")),
   ("KID", ("samples", "kid_mean")),
+  ("FID, raw weights", ("samples_raw", "fid")),
 )
 
 
@@ -838,14 +862,15 @@ def write_markdown(path: str, summary: dict[str, Any], command: str) -> None:
     "## Arms",
     "",
     "| arm | what | L_simple | VLB (bits/dim) | L_simple, raw weights | FID | KID | "
-    "sampling FLOPs / base | training FLOPs / E0 |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "FID, raw weights | sampling FLOPs / base | training FLOPs / E0 |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for name, row in t.items():
     lines.append(
       f"| {name} | {row['label']} | {_pm(row['L_simple'])} | {_pm(row['VLB (bits/dim)'])} | "
       f"{_pm(row['L_simple, raw weights'])} | "
-      f"{_pm(row['FID'], 2)} | {_pm(row['KID'])} | {_pm(row['sampling_flops_ratio'], 3)} | "
+      f"{_pm(row['FID'], 2)} | {_pm(row['KID'])} | {_pm(row['FID, raw weights'], 2)} | "
+      f"{_pm(row['sampling_flops_ratio'], 3)} | "
       f"{_pm(row['training_cost_ratio'], 3)} |"
     )
   flops_rows = [(n, r["group_flops"]) for n, r in t.items() if r.get("group_flops")]
@@ -1095,17 +1120,17 @@ def run_experiments(
       cached = _load_record(record_path, num_samples)
       if cached is not None and arm.family == "E5" and cached.get("e5") != _e5_key(cfg):
         cached = None  # other pruners or proxy seeds: the finished searches are reused
-      if (
-        cached is not None
-        and arm.family != "E5"
-        and "heldout_raw" not in cached
-        and not report_only
-      ):
-        # Records from before the raw-weight losses were measured: add them, keep the rest.
-        if ref is None:
-          ref = make_reference(cfg)
-        cached["heldout_raw"] = heldout_raw(arm_dir, ref)
-        _write_json(record_path, cached)
+      if cached is not None and arm.family != "E5" and not report_only:
+        # Records from before the raw-weight figures were measured: add them, keep the rest.
+        missing = {"heldout_raw", "samples_raw"} - set(cached)
+        if "heldout_raw" in missing:
+          if ref is None:
+            ref = make_reference(cfg)
+          cached["heldout_raw"] = heldout_raw(arm_dir, ref)
+        if "samples_raw" in missing:
+          cached["samples_raw"] = raw_sample_metrics(cfg, arm_dir)
+        if missing:
+          _write_json(record_path, cached)
       if cached is not None:
         results[key] = cached
         continue

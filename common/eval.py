@@ -56,6 +56,9 @@ def _define_flags() -> dict[str, Any]:
     "ref_stats_dir": flags.DEFINE_string("ref_stats_dir", "", "Reference statistics cache dir."),
     "ref_max_examples": flags.DEFINE_integer("ref_max_examples", 0, "Cap on reference images."),
     "step": flags.DEFINE_integer("step", -1, "Checkpoint step to evaluate (-1: the latest)."),
+    "out_name": flags.DEFINE_string(
+      "out_name", "eval", "Folder under the workdir for metrics.json and samples.png."
+    ),
   }
 
 
@@ -134,8 +137,13 @@ def evaluate(
   ref_stats_dir: str = "",
   ref_max_examples: int = 0,
   step: int = -1,
+  out_name: str = "eval",
 ) -> dict[str, Any]:
-  """Runs the evaluation described in the module docstring; returns what it writes."""
+  """Runs the evaluation described in the module docstring; returns what it writes.
+
+  ``out_name`` is the folder under ``workdir`` the metrics and grid go to, so a second
+  evaluation (the raw weights, another step) does not overwrite the first.
+  """
   import jax
 
   from common.metrics import flops as flops_lib
@@ -236,7 +244,7 @@ def evaluate(
     }
   )
 
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = os.path.join(workdir, out_name)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "metrics.json"), "w") as f:
     json.dump(result, f, indent=2, sort_keys=True)

@@ -65,6 +65,11 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
   assert runs["seed0/E2_k0.5"]["training_cost"]["ratio"] <= 1.0
   assert runs["seed0/E2_k0.5"]["sampling_flops_ratio"] < 0.95  # XLA's count of the pruned chain
   assert np.isfinite(runs["seed0/E2_k0.5"]["samples"]["fid"])
+  # The raw weights' samples are scored too, next to (not over) the EMA evaluation.
+  assert np.isfinite(runs["seed0/E2_k0.5"]["samples_raw"]["fid"])
+  for sub, ema in (("eval", True), ("eval_raw", False)):
+    with open(os.path.join(tdc_dir, sub, "metrics.json")) as f:
+      assert json.load(f)["use_ema"] is ema
 
   # Every arm is scored on the same draws: for a single model the routed evaluation is the plain
   # held-out loss of that network in every group.
