@@ -68,6 +68,24 @@ def _seed_summary(runs: str, prefix: str, seeds=(0, 1, 2)) -> str:
   )
 
 
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+  v = scale * np.asarray(values)
+  std = v.std(ddof=1) if len(v) > 1 else 0.0
+  return f"{v.mean():.{digits}f} +- {std:.{digits}f}"
+
+
+def _guidance_summary(runs: str, suffix: str, scale: str, seeds=(0, 1, 2)) -> str:
+  """One guidance scale over the conditional seeds ``cond_s<k><suffix>``; accuracy in %."""
+  ms = [m for m in (_load(runs, f"cond_s{s}{suffix}") for s in seeds) if m]
+  if not ms:
+    return f"| {scale} | (no evaluated seed) |"
+  return (
+    f"| {scale} | {len(ms)} | {_mean_std([m['label_accuracy'] for m in ms], 100, 1)}% | "
+    f"{_mean_std([m['fid'] for m in ms])} | {_mean_std([m['kid_mean'] for m in ms], digits=1)} | "
+    f"{np.mean([m['precision'] for m in ms]):.3f} | {np.mean([m['recall'] for m in ms]):.3f} |"
+  )
+
+
 def main(argv):
   del argv
   runs = _RUNS.value
@@ -79,10 +97,21 @@ def main(argv):
   out.append(_SEED_HEADER)
   out += [_seed_summary(runs, p) for p in ("c1", "c1_nodw", "c1_pos")] + [""]
   out += _table(runs, ["c1_s0", "c1_nodw", "c1_pos"]) + [""]
-  out += ["## M4: depth N at D=64 (Config I, seed 0)", ""]
-  out += _table(runs, ["c1_n2", "c1_n4", "c1_s0", "c1_n8"]) + [""]
-  out += ["## M6: class-conditional Config I, guidance scale 1 + w", ""]
-  out += _table(runs, ["cond", "cond_g2.0", "cond_g4.0"])
+  out += ["## M4: depth N at D=64 (Config I; N = 6 is c1; mean +- sample std over seeds)", ""]
+  out.append(_SEED_HEADER)
+  out += [_seed_summary(runs, p) for p in ("c1_n2", "c1_n4", "c1", "c1_n8")] + [""]
+  out += _table(runs, [f"c1_n{n}_s{s}" for n in (2, 4, 8) for s in (0, 1, 2)]) + [""]
+  out += ["## M6: class-conditional Config I, guidance scale 1 + w (mean +- std over seeds)", ""]
+  out += [
+    "| guidance | seeds | label acc. | digits-FD | KID | precision | recall |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for suffix, scale in (("", "1 (w = 0)"), ("_g2.0", "2 (w = 1)"), ("_g4.0", "4 (w = 3)")):
+    out.append(_guidance_summary(runs, suffix, scale))
+  out.append("")
+  out += _table(runs, [f"cond_s{s}{g}" for s in (0, 1, 2) for g in ("", "_g2.0", "_g4.0")])
+  out += ["", "M6 at 6,000 steps (seed 0):", ""]
+  out += _table(runs, [f"cond6k_s0{g}" for g in ("", "_g2.0", "_g4.0")])
   print("\n".join(out))
 
 
