@@ -9,6 +9,7 @@ search be reproducible. This is our stand-in for the paper's GPT-4 proxy, not a 
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -48,39 +49,55 @@ class ProxyNetwork(GroupNetwork):
 
 
 class ProgramCache:
-  """Jitted proxy programs per structure, kept across score functions.
+  """Jitted proxy programs per structure, kept across score functions, the most recent first.
 
   Tracing and compiling a candidate costs ~17 s on a 2-core CPU against ~5 s of running it
   (digits, 20 steps): a search revisits structures across groups, arms and seeds, and each
-  revisit costs only the run.
+  revisit costs only the run. The cache is bounded: every XLA:CPU executable holds its own
+  memory mappings, and a campaign that kept all of them (30-40 structures per seed) ran into
+  the kernel's 65,530 mappings per process and aborted ("LLVM ERROR: Unable to allocate section
+  memory"). An evicted structure is compiled again on its next use, from the persistent
+  compilation cache when the binary has one.
   """
 
-  def __init__(self):
-    self._programs: dict[tuple[str, pruning.Structure], tuple[Callable, Callable, Any]] = {}
+  def __init__(self, max_programs: int = 12):
+    if max_programs < 1:
+      raise ValueError(f"max_programs must be >= 1, got {max_programs}")
+    self.max_programs = int(max_programs)
+    self._programs: collections.OrderedDict[
+      tuple[str, pruning.Structure], tuple[Callable, Callable, Any]
+    ] = collections.OrderedDict()
     self.compiled = 0
+
+  def __len__(self) -> int:
+    return len(self._programs)
 
   def get(self, config, data_info, structure: pruning.Structure):
     """(train_step, heldout_loss, tx) for ``structure`` of ``config``'s base network."""
     # What the program depends on; the run's other fields (groups, seeds, scaling) do not enter.
     parts = {k: config[k] for k in ("model", "optimizer", "diffusion", "data")}
     key = (ml_collections.ConfigDict(parts).to_json(sort_keys=True), structure)
-    if key not in self._programs:
-      overrides = pruning.structure_to_model_config(config.model, structure)
-      t_all = (0, int(config.diffusion.num_timesteps) - 1)
-      net = ProxyNetwork(group_model_config(config, overrides), data_info, t_all)
-      # The run's own optimizer and update (EMA unused: decay 0 keeps it equal to the params).
-      tx, lr_schedule = net.make_optimizer()
-      train_step = jax.jit(state_lib.default_train_step(net, tx, lr_schedule, ema_decay=0.0))
+    if key in self._programs:
+      self._programs.move_to_end(key)
+      return self._programs[key]
+    overrides = pruning.structure_to_model_config(config.model, structure)
+    t_all = (0, int(config.diffusion.num_timesteps) - 1)
+    net = ProxyNetwork(group_model_config(config, overrides), data_info, t_all)
+    # The run's own optimizer and update (EMA unused: decay 0 keeps it equal to the params).
+    tx, lr_schedule = net.make_optimizer()
+    train_step = jax.jit(state_lib.default_train_step(net, tx, lr_schedule, ema_decay=0.0))
 
-      @jax.jit
-      def heldout_loss(params, x0, t, noise, y):
-        terms = net.diffusion.training_losses(
-          lambda x, tt, yy: net.apply(params, x, tt, yy), x0, t, noise, y
-        )
-        return jnp.mean(terms["loss"])
+    @jax.jit
+    def heldout_loss(params, x0, t, noise, y):
+      terms = net.diffusion.training_losses(
+        lambda x, tt, yy: net.apply(params, x, tt, yy), x0, t, noise, y
+      )
+      return jnp.mean(terms["loss"])
 
-      self._programs[key] = (train_step, heldout_loss, tx)
-      self.compiled += 1
+    self._programs[key] = (train_step, heldout_loss, tx)
+    self.compiled += 1
+    while len(self._programs) > self.max_programs:
+      self._programs.popitem(last=False)  # the executables go with the last references
     return self._programs[key]
 
 

@@ -34,3 +34,22 @@ def test_proxy_score_is_deterministic_and_fine_tunes_the_candidate():
   config.adaptive.pruner.proxy_steps = 0
   untuned = proxy.make_score_fn(*args)(small)
   assert untuned != a  # the two Adam steps moved the candidate
+
+
+def test_program_cache_is_bounded_and_keeps_the_most_recent():
+  config = tiny(adaptive__group_models=[], model__norm_group_size=4)
+  info = data.get_info(config.data)
+  base = pruning.base_structure(config.model)
+  structures = [
+    pruning.Structure(widths=(w, w), blocks=base.blocks, attention=base.attention)
+    for w in (1.0, 0.75, 0.5)
+  ]
+  cache = proxy.ProgramCache(max_programs=2)
+  first = cache.get(config, info, structures[0])
+  cache.get(config, info, structures[1])
+  assert cache.get(config, info, structures[0]) is first  # a hit refreshes it
+  cache.get(config, info, structures[2])  # evicts structures[1], the least recently used
+  assert len(cache) == 2 and cache.compiled == 3
+  assert cache.get(config, info, structures[0]) is first
+  cache.get(config, info, structures[1])
+  assert cache.compiled == 4  # built again after its eviction
