@@ -41,9 +41,7 @@ def run_or_exit(run: Callable[..., Any], *args, **kwargs) -> Any:
     sys.exit(3)
 
 
-def config_workdir_binary(
-  run: Callable[[Any, str], Any], *, workdir_help: str, persistent_compile_cache: bool = False
-) -> None:
+def config_workdir_binary(run: Callable[[Any, str], Any], *, workdir_help: str) -> None:
   """The whole ``__main__`` of a ``--config=... --workdir=...`` binary: defines the two flags
   (here, never at import, so tests and the quickstart can import several binaries in one
   process), initialises ``jax.distributed`` on a multi-process launch and calls
@@ -63,7 +61,7 @@ def config_workdir_binary(
     from common import parallel
 
     parallel.maybe_initialize_distributed()
-    start_binary(persistent_compile_cache=persistent_compile_cache)
+    start_binary()
     run_or_exit(run, config.value, workdir.value)
 
   app.run(main)
