@@ -49,9 +49,7 @@ def stage1_steps(config: ml_collections.ConfigDict) -> int:
   from common.train import validate as validate_lib
 
   # B is checked here, not first by stage 1's loop: a B < 1 would become a 1-step stage 1.
-  validate_lib.require(
-    config, "total_steps", lambda v: int(v) == v and v >= 1, "must be an integer >= 1"
-  )
+  validate_lib.require(config, "total_steps", validate_lib.integer(1), "must be an integer >= 1")
   frac = float(config.adaptive.stage1_frac)
   if not 0.0 < frac <= 1.0:
     raise ConfigError("adaptive.stage1_frac", frac, "must be in (0, 1]")

@@ -9,4 +9,4 @@ from common.train.__main__ import run
 if __name__ == "__main__":
   from common.train import cli
 
-  cli.config_workdir_binary(run, workdir_help="Run directory (checkpoints, logs, samples).")
+  cli.config_workdir_binary(run)

@@ -16,4 +16,4 @@ def run(config, workdir: str):
 if __name__ == "__main__":
   from common.train import cli
 
-  cli.config_workdir_binary(run, workdir_help="Run directory (checkpoints, logs, samples).")
+  cli.config_workdir_binary(run)

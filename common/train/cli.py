@@ -41,7 +41,11 @@ def run_or_exit(run: Callable[..., Any], *args, **kwargs) -> Any:
     sys.exit(3)
 
 
-def config_workdir_binary(run: Callable[[Any, str], Any], *, workdir_help: str) -> None:
+def config_workdir_binary(
+  run: Callable[[Any, str], Any],
+  *,
+  workdir_help: str = "Run directory (checkpoints, logs, samples).",
+) -> None:
   """The whole ``__main__`` of a ``--config=... --workdir=...`` binary: defines the two flags
   (here, never at import, so tests and the quickstart can import several binaries in one
   process), initialises ``jax.distributed`` on a multi-process launch and calls

@@ -55,7 +55,8 @@ def require_choice(config, field: str, choices: Iterable[str]) -> Any:
   return require(config, field, lambda v: v in choices, "allowed: " + ", ".join(choices))
 
 
-def _int(lo: int, hi: float = float("inf")) -> Callable[[Any], bool]:
+def integer(lo: int, hi: float = float("inf")) -> Callable[[Any], bool]:
+  """The predicate for ``require``: an int (not a bool) in ``[lo, hi]``."""
   return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
 
 
@@ -69,18 +70,18 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   """
   from common import parallel
 
-  require(config, "seed", _int(0), "must be an integer >= 0")
-  require(config, "total_steps", _int(1), "must be an integer >= 1")
-  batch = require(config, "batch_size", _int(1), "must be an integer >= 1")
-  require(config, "log_every_steps", _int(1), "must be an integer >= 1")
-  require(config, "ckpt_every_steps", _int(1), "must be an integer >= 1")
-  require(config, "sample_every_steps", _int(0), "must be an integer >= 0 (0: only at the end)")
-  require(config, "keep_checkpoints", _int(1), "must be an integer >= 1")
-  require(config, "num_sample_images", _int(1), "must be an integer >= 1")
+  require(config, "seed", integer(0), "must be an integer >= 0")
+  require(config, "total_steps", integer(1), "must be an integer >= 1")
+  batch = require(config, "batch_size", integer(1), "must be an integer >= 1")
+  require(config, "log_every_steps", integer(1), "must be an integer >= 1")
+  require(config, "ckpt_every_steps", integer(1), "must be an integer >= 1")
+  require(config, "sample_every_steps", integer(0), "must be an integer >= 0 (0: only at the end)")
+  require(config, "keep_checkpoints", integer(1), "must be an integer >= 1")
+  require(config, "num_sample_images", integer(1), "must be an integer >= 1")
   require(config, "ema_decay", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
   for axis in parallel.MESH_AXES:
-    require(config, f"mesh.{axis}", lambda v: _int(1)(v) or v == -1, "must be >= 1 or -1")
+    require(config, f"mesh.{axis}", lambda v: integer(1)(v) or v == -1, "must be >= 1 or -1")
   try:
     mesh_shape = parallel.resolve_mesh_shape(dict(config.mesh), num_devices)
   except ValueError as e:
@@ -97,12 +98,12 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   if batch % process_count:
     raise ConfigError("batch_size", batch, f"must be divisible by the {process_count} processes")
 
-  t = require(config, "diffusion.num_timesteps", _int(1), "must be an integer >= 1")
+  t = require(config, "diffusion.num_timesteps", integer(1), "must be an integer >= 1")
   require_choice(config, "diffusion.schedule", SCHEDULES)
   require_choice(config, "diffusion.parameterization", PARAMETERIZATIONS)
   require_choice(config, "diffusion.loss", LOSSES)
   require_choice(config, "diffusion.sampler", SAMPLERS)
-  require(config, "diffusion.sample_steps", _int(1, t), f"must be an integer in [1, {t}]")
+  require(config, "diffusion.sample_steps", integer(1, t), f"must be an integer in [1, {t}]")
   require(config, "diffusion.ddim_eta", lambda v: v >= 0.0, "must be >= 0")
   require(config, "diffusion.min_snr_gamma", lambda v: v >= 0.0, "must be >= 0 (0 disables it)")
   require(config, "diffusion.vlb_weight", lambda v: v >= 0.0, "must be >= 0")
@@ -119,7 +120,7 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   require(config, "model.dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
   require_choice(config, "optimizer.name", OPTIMIZERS)
   require(config, "optimizer.learning_rate", lambda v: v > 0, "must be > 0")
-  require(config, "optimizer.warmup_steps", _int(0), "must be an integer >= 0")
+  require(config, "optimizer.warmup_steps", integer(0), "must be an integer >= 0")
   require(config, "optimizer.grad_clip_norm", lambda v: v >= 0, "must be >= 0 (0 disables it)")
   require(config, "optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
   return mesh_shape
