@@ -13,6 +13,8 @@ import os
 import numpy as np
 from absl import app, flags
 
+from common.metrics import stats
+
 _RUNS = flags.DEFINE_string("runs", "runs/mobile", "Directory holding the runs.")
 
 
@@ -57,21 +59,18 @@ def _seed_summary(runs: str, prefix: str, seeds=(0, 1, 2)) -> str:
   ms = [m for m in (_load(runs, f"{prefix}_s{s}") for s in seeds) if m]
   if not ms:
     return f"| {prefix} | (no evaluated seed) |"
-  fid = np.array([m["fid"] for m in ms])
-  kid = np.array([m["kid_mean"] for m in ms])
-  prec = np.array([m["precision"] for m in ms])
-  rec = np.array([m["recall"] for m in ms])
   return (
-    f"| {prefix} | {len(ms)} | {fid.mean():.2f} +- {fid.std(ddof=1) if len(ms) > 1 else 0:.2f} | "
-    f"{kid.mean():.1f} +- {kid.std(ddof=1) if len(ms) > 1 else 0:.1f} | {prec.mean():.3f} | "
-    f"{rec.mean():.3f} | {ms[0]['flops_per_sample']:.3g} |"
+    f"| {prefix} | {len(ms)} | {_mean_std([m['fid'] for m in ms])} | "
+    f"{_mean_std([m['kid_mean'] for m in ms], digits=1)} | "
+    f"{np.mean([m['precision'] for m in ms]):.3f} | {np.mean([m['recall'] for m in ms]):.3f} | "
+    f"{ms[0]['flops_per_sample']:.3g} |"
   )
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-  v = scale * np.asarray(values)
-  std = v.std(ddof=1) if len(v) > 1 else 0.0
-  return f"{v.mean():.{digits}f} +- {std:.{digits}f}"
+  """``mean +- sample std`` over seeds (``common.metrics.stats``; std 0 for one seed)."""
+  s = stats.mean_std(scale * np.asarray(values))
+  return f"{s['mean']:.{digits}f} +- {s['std']:.{digits}f}"
 
 
 def _guidance_summary(runs: str, suffix: str, scale: str, seeds=(0, 1, 2)) -> str:
