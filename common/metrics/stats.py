@@ -1,5 +1,5 @@
 """Summaries of a metric over seeds, shared by the campaign binaries (collab.sweep,
-adaptive.experiments)."""
+adaptive.experiments) and mobile.summarize."""
 
 from __future__ import annotations
 
