@@ -20,10 +20,13 @@ Every arm is an ordinary workdir ``DIR/seed<s>/<arm>`` (``common.eval`` works on
 * ``E5``: the pruner ablation on the proxy alone (no stage 2): proxy_search(det) with and without
   the memory bank, uniform width, best-of-M random and an L1 one-shot pruner, for every pruned
   group of the reference arm and every proxy seed in ``experiments.search_seeds``.
+* ``E6``: the DDSM-style baseline (``adaptive.supernet``): stage 1's network as a slimmable
+  supernet of ``experiments.e6_widths``, trained on the FLOPs stage 2 gets, then the width of every
+  sampler step searched under the reference arm's sampling FLOPs.
 
-E6 (the slimmable supernet) is not built. The TDC arms' stage 2 gets the training FLOPs the single
-model leaves after stage 1 (``adaptive.train.stage2_steps``), so stages 1+2 cost B base steps
-(C7); E0+ costs B plus E1's stage 2, i.e. more than any TDC arm.
+The TDC arms' stage 2 (and E6's supernet training) gets the training FLOPs the single model
+leaves after stage 1 (``adaptive.train.stage2_steps``), so stages 1+2 cost B base steps (C7); E0+
+costs B plus E1's stage 2, i.e. more than any TDC arm.
 
 Each trained arm is scored on the same held-out draws (``experiments.heldout_per_group`` fixed
 (x0, t, eps) test triples per group of the config's grouping, each routed to the arm's network
@@ -55,7 +58,7 @@ from common.train.validate import ConfigError
 EVAL_VERSION = 1  # bump when the evaluation changes, to re-evaluate finished arms
 STAGE1 = "stage1"
 ARM_RECORD = "experiment.json"
-FAMILIES = ("E0", "E0+", "E1", "E2", "E3", "E4", "E5")
+FAMILIES = ("E0", "E0+", "E1", "E2", "E3", "E4", "E5", "E6")
 PRUNER_VARIANTS = ("proxy_memory", "proxy_no_memory", "uniform", "random", "l1_oneshot")
 
 
@@ -72,6 +75,11 @@ class Arm:
   @property
   def is_tdc(self) -> bool:
     return self.family in ("E1", "E2", "E3", "E4")
+
+  @property
+  def costs_stages(self) -> bool:
+    """Starts from stage 1 and spends the rest of B (C7 applies)."""
+    return self.is_tdc or self.family == "E6"
 
 
 # Not an arm of the catalog (nothing selects it): its held-out losses are the start every arm
@@ -120,6 +128,11 @@ def arm_catalog(config) -> list[Arm]:
   arms.append(
     Arm("E4", "E4", f"single stage: {reference_arm_name(config)}'s structures from scratch",
         stage2_init="scratch")
+  )  # fmt: skip
+  widths = "/".join(f"{float(w):g}" for w in e.e6_widths)
+  arms.append(
+    Arm("E6", "E6", f"slimmable supernet ({widths}), per-step widths at "
+        f"{reference_arm_name(config)}'s sampling FLOPs")
   )  # fmt: skip
   return arms
 
@@ -240,12 +253,17 @@ def arm_config(config, arm: Arm, stage1_dir: str):
   return c
 
 
-def train_tdc_arm(config, arm: Arm, arm_dir: str, stage1_dir: str, ref_dir: str, *,
-                  programs, devices=None) -> dict[str, Any]:  # fmt: skip
-  """Runs ``adaptive.train`` for a TDC arm; returns its summary.
+def reference_structures(config, arm_dir: str, stage1_dir: str, ref_dir: str, *, programs):
+  """The reference arm's grouping and pruned structures, without training it.
 
-  E4 takes the reference arm's structures (its ``pruning/`` records, or the same deterministic
-  search where the reference has not run) and trains them from scratch for B base steps.
+  Its ``pruning/`` records are copied into ``arm_dir`` where it has run; otherwise the same
+  deterministic search runs there (and resumes there).
+
+  Args:
+    config: the reference arm's ``arm_config``.
+
+  Returns:
+    (groups, pruned) as ``adaptive.train.prune_groups``.
   """
   import jax
 
@@ -253,23 +271,53 @@ def train_tdc_arm(config, arm: Arm, arm_dir: str, stage1_dir: str, ref_dir: str,
   from common import data
   from common import eval as eval_lib
 
+  src, dst = (
+    os.path.join(ref_dir, adaptive_train.PRUNING_DIR),
+    os.path.join(arm_dir, adaptive_train.PRUNING_DIR),
+  )
+  os.makedirs(dst, exist_ok=True)
+  if os.path.isdir(src):
+    for f in sorted(os.listdir(src)):
+      if f.endswith(".json") and not os.path.exists(os.path.join(dst, f)):
+        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+  info = data.get_info(config.data)
+  _, _, base_params, _ = eval_lib.load_params(stage1_dir, step=int(config.adaptive.base_step))
+  groups = adaptive_train.validate(config)
+  pruned = adaptive_train.prune_groups(
+    config, info, jax.device_get(base_params), groups, arm_dir, programs=programs
+  )
+  return groups, pruned
+
+
+def train_supernet_arm(config, arm_dir: str, stage1_dir: str, ref_dir: str, *, programs,
+                       devices=None) -> dict[str, Any]:  # fmt: skip
+  """E6: the supernet at the reference arm's analytic sampling FLOPs; returns its summary."""
+  from adaptive import supernet
+  from adaptive import train as adaptive_train
+
+  ref = next(a for a in arm_catalog(config) if a.name == reference_arm_name(config))
+  c = arm_config(config, ref, stage1_dir)
+  groups, pruned = reference_structures(c, arm_dir, stage1_dir, ref_dir, programs=programs)
+  target = adaptive_train.sampling_flops_ratio(c, groups, pruned)
+  e = config.experiments
+  return supernet.run(
+    c, arm_dir, widths=tuple(e.e6_widths), target_ratio=target,
+    per_step=int(e.e6_draws_per_step), devices=devices,
+  )  # fmt: skip
+
+
+def train_tdc_arm(config, arm: Arm, arm_dir: str, stage1_dir: str, ref_dir: str, *,
+                  programs, devices=None) -> dict[str, Any]:  # fmt: skip
+  """Runs ``adaptive.train`` for a TDC arm; returns its summary.
+
+  E4 takes the reference arm's structures (its ``pruning/`` records, or the same deterministic
+  search where the reference has not run) and trains them from scratch for B base steps.
+  """
+  from adaptive import train as adaptive_train
+
   c = arm_config(config, arm, stage1_dir)
   if arm.stage2_init == "scratch":
-    src, dst = (
-      os.path.join(ref_dir, adaptive_train.PRUNING_DIR),
-      os.path.join(arm_dir, adaptive_train.PRUNING_DIR),
-    )
-    os.makedirs(dst, exist_ok=True)
-    if os.path.isdir(src):
-      for f in sorted(os.listdir(src)):
-        if f.endswith(".json") and not os.path.exists(os.path.join(dst, f)):
-          shutil.copy(os.path.join(src, f), os.path.join(dst, f))
-    info = data.get_info(c.data)
-    _, _, base_params, _ = eval_lib.load_params(stage1_dir, step=int(c.adaptive.base_step))
-    groups = adaptive_train.validate(c)
-    pruned = adaptive_train.prune_groups(
-      c, info, jax.device_get(base_params), groups, arm_dir, programs=programs
-    )
+    _, pruned = reference_structures(c, arm_dir, stage1_dir, ref_dir, programs=programs)
     if int(c.adaptive.stage2_steps) < 0:
       # No stage 1: the whole budget B goes to the group networks.
       c.adaptive.stage2_steps = adaptive_train.stage2_steps(c, 0, pruned)
@@ -323,7 +371,8 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   """Held-out L_simple and VLB of a run on ``ref``'s draws, each draw routed by its t.
 
   Args:
-    method: a loaded ``DDPM`` (one network) or ``TDC`` (a network per group of its own grouping).
+    method: a loaded ``DDPM`` (one network), or a method with ``routed_networks`` (``TDC``: a
+      network per group of its own grouping; E6's ``Supernet``: a width per sampler step).
     params: its parameters.
     ref: the reference draws.
 
@@ -332,11 +381,9 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   """
   import jax.numpy as jnp
 
-  from adaptive import method as tdc_lib
-
-  if isinstance(method, tdc_lib.TDC):
-    route = method.groups.group_of
-    nets = [(ref.terms_fn(m), params[tdc_lib.group_key(g)]) for g, m in enumerate(method.members)]
+  if hasattr(method, "routed_networks"):
+    route, members = method.routed_networks(params)
+    nets = [(ref.terms_fn(m), p) for m, p in members]
   else:
 
     def route(t):
@@ -448,7 +495,7 @@ def evaluate_arm(config, arm: Arm, arm_dir: str, ref: Reference, extra: dict) ->
     "group_sampling_steps": metrics.get("group_sampling_steps"),
     **extra,
   }
-  if "sampling_flops_ratio" in metrics:  # XLA's cost analysis of the routed chain (TDC arms)
+  if "sampling_flops_ratio" in metrics:  # XLA's cost analysis of the routed chain (TDC, E6)
     out["sampling_flops_ratio"] = float(metrics["sampling_flops_ratio"])
   return out
 
@@ -704,7 +751,9 @@ def summarize(results: dict[str, dict], config) -> dict[str, Any]:
       for g in range(n_ref)
     ]
     first = next(results[f"seed{s}/{arm.name}"] for s in seeds if f"seed{s}/{arm.name}" in results)
-    if first.get("group_flops_per_step") and first.get("base_flops_per_step"):
+    if (
+      first.get("group_flops_per_step") and first.get("base_flops_per_step") and first.get("groups")
+    ):
       row["group_flops"] = {
         "xla_ratio": [f / first["base_flops_per_step"] for f in first["group_flops_per_step"]],
         "analytic_ratio": [g["flops_ratio"] for g in first.get("groups", [])],
@@ -760,10 +809,14 @@ def summarize(results: dict[str, dict], config) -> dict[str, Any]:
     "pairs": {f"{x} vs {y}": compare(x, y) for i, x in enumerate(k_arms) for y in k_arms[i + 1 :]},
   }
   claims["C6"] = pruner_claims(results, seeds)
+  claims["E6"] = {
+    "rule": f"{ref} against the slimmable supernet (DDSM-style) at matched sampling FLOPs",
+    "vs": {"E6": compare(ref, "E6")} if "E6" in table else {},
+  }
   c7 = {}
   for a in arms:
     costs = [results[f"seed{s}/{a.name}"]["training_cost"] for s in seeds
-             if a.is_tdc and f"seed{s}/{a.name}" in results]  # fmt: skip
+             if a.costs_stages and f"seed{s}/{a.name}" in results]  # fmt: skip
     if costs:
       # The step counts depend on the structures, which may differ per seed: the worst seed.
       worst = max(costs, key=lambda c: c["ratio"])
@@ -953,6 +1006,12 @@ def write_markdown(path: str, summary: dict[str, Any], command: str) -> None:
       f"{_pm(r['flops_ratio'], 3)} | {r['spread_over_proxy_seeds']:.4f} | "
       f"{r['proxy_memory_wins']}/{r['n']} |"
     )
+  e6 = c.get("E6", {"rule": "E6", "vs": {}})
+  lines += ["", f"## E6: {e6['rule']}", "", *_COMPARE_HEADER]
+  if not e6["vs"]:
+    lines.append("| (not run) | | | | | | | |")
+  for b, comp in e6["vs"].items():
+    lines += _compare_rows(ref, b, comp)
   lines += ["", f"## C7: {c['C7']['rule']}", ""]
   lines += [
     "| arm | stage 1 (base steps) | stage 2 (base steps) | total / E0 | holds |",
@@ -1094,6 +1153,10 @@ def run_experiments(
   for arm in selected:
     if arm.is_tdc:
       adaptive_train.validate(arm_config(config, arm, ""))
+    if arm.family == "E6":
+      from adaptive import supernet
+
+      supernet.validate_widths(config.experiments.e6_widths)
   if not seeds:
     raise ConfigError("--seeds", seeds, "give at least one seed")
   os.makedirs(workdir, exist_ok=True)
@@ -1159,6 +1222,17 @@ def run_experiments(
             "steps": steps,
             "sampling_flops_ratio": 1.0,
             "training_cost": {"stage1": 0, "stage2": 0, "single_model": steps, "ratio": steps / b},
+          }
+        elif arm.family == "E6":
+          summary = train_supernet_arm(
+            cfg, arm_dir, stage1_dir, ref_dir, programs=programs, devices=devices
+          )
+          extra = {
+            "sampling_flops_ratio": summary["sampling_flops_ratio"],
+            "sampling_flops_ratio_analytic": summary["sampling_flops_ratio"],
+            "training_cost": summary["training_cost"],
+            "stage2_steps": summary["steps"],
+            "supernet": summary,
           }
         else:
           summary = train_tdc_arm(

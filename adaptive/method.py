@@ -23,7 +23,6 @@ import numpy as np
 from adaptive import routing
 from adaptive.grouping import Groups
 from common import data
-from common.diffusion import sampling
 from common.train.method import DDPM
 from common.train.validate import ConfigError
 
@@ -147,8 +146,12 @@ class TDC(DDPM):
 
   def sampler_timesteps(self) -> np.ndarray:
     """The 0-based model timesteps the configured sampler calls, in calling order."""
-    levels = sampling.make_levels(self.diffusion.num_timesteps, self.config.diffusion.sample_steps)
-    return np.asarray(levels[:-1]) - 1
+    return routing.sampler_timesteps(self.config)
+
+  def routed_networks(self, params):
+    """``(route, [(network, params)])``: ``route(t [n]) -> [n]`` group indices."""
+    nets = [(m, params[group_key(g)]) for g, m in enumerate(self.members)]
+    return self.groups.group_of, nets
 
   def sampling_steps_per_group(self) -> np.ndarray:
     """[N] sampler steps that call each group's network."""
@@ -185,4 +188,11 @@ class TDC(DDPM):
     return out
 
 
-METHOD = TDC
+def METHOD(config, data_info):  # noqa: N802 (the plugin name common.train.method imports)
+  """TDC, or E6's slimmable supernet where ``config.adaptive.supernet.widths`` is set."""
+  supernet = config.adaptive.get("supernet")
+  if supernet is not None and supernet.get("widths"):
+    from adaptive.supernet import Supernet
+
+    return Supernet(config, data_info)
+  return TDC(config, data_info)

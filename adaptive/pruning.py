@@ -26,6 +26,9 @@ from flax import nnx
 
 WIDTH_CHOICES = (1.0, 0.75, 0.5, 0.375, 0.25)
 SELECTIONS = ("l1", "random")
+# "prefix" keeps each space's first channels (first dims of every head): the selection of a
+# network whose channels :func:`rank_channels` has already put in L1 order (the supernet, E6).
+_ALL_SELECTIONS = (*SELECTIONS, "prefix")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -448,9 +451,11 @@ class _Selector:
   """Chooses the kept base indices of each space: whole groups (streams and ResBlock insides) or
   per-head dimensions / whole heads (attention q/k and v), by descending score."""
 
-  def __init__(self, scores, widths, group, heads_for, head_channels):
+  def __init__(self, scores, widths, group, heads_for, head_channels, *, ranked=False):
     self.scores, self.widths, self.group = scores, widths, group
     self.heads_for, self.head_channels = heads_for, head_channels
+    # ranked: kept units in descending score, not in base order (a permutation at full width).
+    self._order = (lambda kept: kept) if ranked else np.sort
     self._cache: dict[tuple[str, int], np.ndarray] = {}
 
   def __call__(self, label: str, k: int) -> np.ndarray:
@@ -470,11 +475,11 @@ class _Selector:
       if self.head_channels > 0:  # whole heads of fixed size; q, k, v keep the same heads
         att = label.split(":", 1)[1]
         hs = (self.scores[f"qk:{att}"] + self.scores[f"v:{att}"]).reshape(heads, d).sum(1)
-        kept = np.sort(np.argsort(-hs, kind="stable")[: k // d])
+        kept = self._order(np.argsort(-hs, kind="stable")[: k // d])
         return (kept[:, None] * d + np.arange(d)[None, :]).reshape(-1)
       dk = k // heads
       per = [
-        h * d + np.sort(np.argsort(-s[h * d : (h + 1) * d], kind="stable")[:dk])
+        h * d + self._order(np.argsort(-s[h * d : (h + 1) * d], kind="stable")[:dk])
         for h in range(heads)
       ]
       return np.concatenate(per)
@@ -482,7 +487,7 @@ class _Selector:
     if k % g:
       raise ValueError(f"inherit_weights: width {k} of space {label} is not whole groups of {g}")
     gs = s.reshape(n // g, g).sum(1)
-    kept = np.sort(np.argsort(-gs, kind="stable")[: k // g])
+    kept = self._order(np.argsort(-gs, kind="stable")[: k // g])
     return (kept[:, None] * g + np.arange(g)[None, :]).reshape(-1)
 
 
@@ -494,6 +499,7 @@ def inherit_weights(
   image_size: int,
   selection: str = "l1",
   seed: int = 0,
+  _ranked: bool = False,
 ) -> dict:
   """Parameters of the pruned network, sliced from the base network's.
 
@@ -512,7 +518,8 @@ def inherit_weights(
     base_model_config: the base's ``config.model``.
     structure: the pruned structure (see ``structure_to_model_config``).
     image_size: input resolution in pixels (locates the attention levels).
-    selection: ``"l1"`` or ``"random"``.
+    selection: ``"l1"``, ``"random"`` or ``"prefix"`` (each space's first channels, for a
+      network already in :func:`rank_channels` order).
     seed: seeds ``"random"``.
 
   Returns:
@@ -520,8 +527,10 @@ def inherit_weights(
     ``nnx.update(model, nnx.replace_by_pure_dict(nnx.state(model, nnx.Param), params))`` or
     :func:`load_params`.
   """
-  if selection not in SELECTIONS:
-    raise ValueError(f"inherit_weights: selection must be one of {SELECTIONS}, got {selection!r}")
+  if selection not in _ALL_SELECTIONS:
+    raise ValueError(
+      f"inherit_weights: selection must be one of {_ALL_SELECTIONS}, got {selection!r}"
+    )
   validate_structure(base_model_config, structure)
   base = _merged(base_model_config, {})
   group = int(base["norm_group_size"])
@@ -554,13 +563,15 @@ def inherit_weights(
   if selection == "random":
     rng = np.random.default_rng(seed)
     scores = {lab: rng.random(widths[lab]) for lab in sorted(widths)}
+  elif selection == "prefix":
+    scores = {lab: -np.arange(widths[lab], dtype=np.float64) for lab in widths}
 
   hc = int(base["num_head_channels"])
 
   def heads_for(w):
     return w // hc if hc > 0 else int(base["num_heads"])
 
-  select = _Selector(scores, widths, max(group, 1), heads_for, hc)
+  select = _Selector(scores, widths, max(group, 1), heads_for, hc, ranked=_ranked)
 
   def axis_index(new_segs, base_segs):
     if new_segs is None:
@@ -610,6 +621,58 @@ def inherit_weights(
     if key in pure:
       out[key] = jax.tree.map(np.asarray, pure[key])
   return out
+
+
+def rank_channels(base_params_or_model, base_model_config, *, image_size: int) -> dict:
+  """The base network with every channel space reordered by descending L1 score: the same
+  function (whole GroupNorm groups move together, q and k share one order), but the channels
+  ``inherit_weights(selection="l1")`` keeps at any width are now each space's first ones.
+
+  A slimmable supernet (E6) starts from this, so each width's subnetwork is the same prefix
+  (``gather_plan``) at every training step while the weights move.
+
+  Returns:
+    Pure dict of numpy arrays with the base network's tree and shapes.
+  """
+  return inherit_weights(
+    base_params_or_model,
+    base_model_config,
+    base_structure(base_model_config),
+    image_size=image_size,
+    _ranked=True,
+  )
+
+
+def gather_plan(base_params_like, base_model_config, structure: Structure, *,
+                image_size: int) -> dict:  # fmt: skip
+  """Where each parameter of ``structure``'s prefix subnetwork comes from in the base network.
+
+  Args:
+    base_params_like: the base network's parameters (pure dict; only the tree and shapes are
+      read).
+    base_model_config: the base's ``config.model``.
+    structure: the subnetwork.
+    image_size: input resolution in pixels.
+
+  Returns:
+    The subnetwork's pure dict whose leaves are int64 arrays of indices into the concatenation
+    of ``jax.tree.leaves(base params)`` (each raveled), or float32 constants where the subnetwork
+    has a weight the base does not (a 0/1 skip conv where pruned widths break an identity
+    residual). ``apply_plan`` in ``adaptive.supernet`` gathers it.
+  """
+  leaves, treedef = jax.tree.flatten(_to_pure(base_params_like))
+  offsets = np.cumsum([0] + [int(np.size(x)) for x in leaves])
+  index = [
+    np.arange(o, o + int(np.size(x)), dtype=np.int64).reshape(np.shape(x))
+    for o, x in zip(offsets[:-1], leaves, strict=True)
+  ]
+  return inherit_weights(
+    jax.tree.unflatten(treedef, index),
+    base_model_config,
+    structure,
+    image_size=image_size,
+    selection="prefix",
+  )
 
 
 def load_params(model: nnx.Module, params: Mapping) -> nnx.Module:

@@ -13,9 +13,11 @@ from collections.abc import Sequence
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from adaptive.grouping import Groups
+from common.diffusion import sampling
 from common.diffusion.sampling import DenoiseFn, Segment
 
 
@@ -45,15 +47,41 @@ def routed_denoise_fn(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> Denoi
     raise ValueError(
       f"need one denoise_fn per group: {groups.num_groups} groups, got {len(fns)} functions"
     )
+  return table_routed_denoise_fn(groups.group_of(np.arange(groups.num_timesteps)), fns)
+
+
+def table_routed_denoise_fn(table, denoise_fns: Sequence[DenoiseFn]) -> DenoiseFn:
+  """One denoiser that calls ``denoise_fns[table[t]]``: any map from timestep to network,
+  contiguous (TDC's groups) or not (E6's per-step widths). Same batch rule as
+  ``routed_denoise_fn``: the whole batch goes to the network of ``t[0]``.
+
+  Args:
+    table: [T] ints in [0, len(denoise_fns)), the network of every 0-based timestep.
+    denoise_fns: the networks, all with the same output shape and dtype.
+
+  Raises:
+    ValueError: a table entry without a network.
+  """
+  fns = tuple(denoise_fns)
+  table = np.asarray(table, np.int32)
+  if table.ndim != 1 or table.size == 0 or table.min() < 0 or table.max() >= len(fns):
+    raise ValueError(f"table must be [T] indices into {len(fns)} networks, got {table}")
+  table_jnp = jnp.asarray(table)
 
   def routed(x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
     chex.assert_rank(t, 1)
     chex.assert_axis_dimension(x, 0, t.shape[0])
     if len(fns) == 1:
       return fns[0](x, t, y)
-    return jax.lax.switch(groups.group_of_jnp(t[0]), fns, x, t, y)
+    return jax.lax.switch(table_jnp[t[0]], fns, x, t, y)
 
   return routed
+
+
+def sampler_timesteps(config) -> np.ndarray:
+  """[S] 0-based model timesteps the configured sampler calls, in calling order."""
+  levels = sampling.make_levels(int(config.diffusion.num_timesteps), config.diffusion.sample_steps)
+  return np.asarray(levels[:-1]) - 1
 
 
 def group_segments(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> list[Segment]:

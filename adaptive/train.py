@@ -310,6 +310,39 @@ def write_inherited_start(
   The EMA starts from the pruned weights (spec §3.4). The shared loop then resumes from it, so
   stage 2 is an ordinary run of the loop (and a killed stage 2 resumes like any run).
   """
+  if _has_checkpoint(workdir):
+    return
+  inherited = {
+    method.group_key(g): pruning.inherit_weights(
+      base_params,
+      config.model,
+      pruning.Structure.from_dict(p["structure"]),
+      image_size=int(config.data.resolution),
+      selection=str(config.adaptive.pruner.selection),
+      seed=seed,
+    )
+    for g, p in enumerate(pruned)
+  }
+  write_start_checkpoint(config, workdir, inherited, devices=devices)
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  from common import checkpoint
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
+def write_start_checkpoint(config, workdir: str, params, *, devices: list | None = None) -> None:
+  """Writes ``config``'s run a step-0 checkpoint holding ``params`` (EMA = params, fresh Adam).
+
+  Args:
+    config: the run's config (its method's fresh init fixes the tree and shapes).
+    params: pure dict of numpy arrays with that tree.
+  """
   from common import checkpoint
   from common.train import loop
 
@@ -317,30 +350,19 @@ def write_inherited_start(
   try:
     if ckpt.latest_step() is not None:
       return
-    mesh, tdc = loop.setup(config, devices=devices)
-    fns = loop.build(config, tdc, mesh)
+    mesh, run_method = loop.setup(config, devices=devices)
+    fns = loop.build(config, run_method, mesh)
     state = fns["init"]()
-    inherited = {
-      method.group_key(g): pruning.inherit_weights(
-        base_params,
-        config.model,
-        pruning.Structure.from_dict(p["structure"]),
-        image_size=int(config.data.resolution),
-        selection=str(config.adaptive.pruner.selection),
-        seed=seed,
-      )
-      for g, p in enumerate(pruned)
-    }
     shard = fns["state_shardings"].params
-    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), inherited, shard)
+    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params, shard)
     # Same tree and shapes as the fresh init: the loop's restore checks this.
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params, state.params)
     state = state.replace(
       params=params,
       ema_params=jax.tree.map(lambda a: a.copy(), params),
-      opt_state=tdc.init_opt_state(tdc.make_optimizer()[0], params),
+      opt_state=run_method.init_opt_state(run_method.make_optimizer()[0], params),
     )
-    data_iter = tdc.train_iterator(process_index=0, process_count=1)
+    data_iter = run_method.train_iterator(process_index=0, process_count=1)
     ckpt.save(0, state, data_iter, config.to_json_best_effort(sort_keys=True, indent=2), force=True)
   finally:
     ckpt.close()

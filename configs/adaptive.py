@@ -82,6 +82,10 @@ def _experiment_fields(c: ml_collections.ConfigDict) -> None:
   e.num_samples = 1000  # samples per arm for FID / KID (common.eval)
   e.sample_batch = 250
   e.heldout_per_group = 512  # fixed (x0, t, eps) test draws per reference group
+  # E6 (adaptive.supernet): the slimmable supernet's uniform widths, and the (x0, eps) draws per
+  # sampler step its width search scores each width on (train split's proxy hold-out).
+  e.e6_widths = (1.0, 0.75, 0.5, 0.25)
+  e.e6_draws_per_step = 128
 
 
 def get_config(preset: str = "digits") -> ml_collections.ConfigDict:

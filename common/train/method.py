@@ -6,8 +6,9 @@ behaviour by overriding hooks of ``Method``, never by copying the loop (the patt
 ``Experiment``). ``DDPM`` is the one-segment segmented denoiser: one network over all of [0, T).
 
 A method package ``<name>/`` is found by the name in ``config.method``: its module
-``<name>.method`` must define ``METHOD`` (a ``Method`` subclass). ``common`` never imports it
-statically.
+``<name>.method`` must define ``METHOD``: a ``Method`` subclass, or a function
+``(config, data_info) -> Method`` where one package holds several (adaptive: TDC and E6's
+supernet). ``common`` never imports it statically.
 """
 
 from __future__ import annotations

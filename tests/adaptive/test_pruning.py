@@ -217,3 +217,45 @@ def test_plain_conv_resampling_prunes_too():
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   xla = count_flops(lambda s, x, t: nnx.merge(graphdef, s)(x, t), state, x, t)
   assert abs(pruning.make_flops_fn(mc, 8, 1, 2)(half) / xla - 1) < 0.05
+
+
+def test_rank_channels_keeps_the_function_and_puts_l1_choices_first(base):
+  ranked_params = pruning.rank_channels(base, _MC, image_size=8)
+  ranked = pruning.load_params(_filled(_unet()), ranked_params)
+  np.testing.assert_allclose(_forward(ranked), _forward(base), rtol=1e-5, atol=1e-5)
+  # It is a real permutation (the top level's stream is not already in L1 order) ...
+  assert not np.array_equal(
+    _p(ranked_params, "input_blocks", 0, "layers", 0, "kernel"),
+    _p(base, "input_blocks", 0, "layers", 0, "kernel"),
+  )
+  # ... after which every width's L1 subnetwork is each space's first channels.
+  s = pruning.Structure((0.5, 0.75), (2, 2), (True,))
+  l1_model, _ = _pruned(base, s)
+  prefix_model, _ = _pruned(ranked, s, selection="prefix")
+  np.testing.assert_allclose(_forward(prefix_model), _forward(l1_model), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "structure",
+  [
+    pruning.Structure((0.5, 0.5), (2, 2), (True,)),
+    # Unequal widths break the level-1 identity residuals: constant 0/1 skip convs appear.
+    pruning.Structure((0.75, 0.25), (1, 2), (False,)),
+  ],
+)
+def test_gather_plan_gathers_the_prefix_subnetwork(base, structure):
+  from adaptive.supernet import apply_plan
+
+  params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+  plan = pruning.gather_plan(params, _MC, structure, image_size=8)
+  gathered = apply_plan(params, plan)
+  sliced = pruning.inherit_weights(params, _MC, structure, image_size=8, selection="prefix")
+  assert jax.tree.structure(gathered) == jax.tree.structure(sliced)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, gathered), sliced)
+  # Differentiable: a subnetwork loss's gradient lands on the supernet weights it uses only.
+  grad = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(apply_plan(p, plan))))(
+    jax.tree.map(jnp.asarray, params)
+  )
+  stem = np.asarray(grad["input_blocks"][0]["layers"][0]["kernel"])
+  kept = int(round(structure.widths[0] * 16))
+  assert (stem[..., :kept] == 1).all() and (stem[..., kept:] == 0).all()

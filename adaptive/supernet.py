@@ -1,0 +1,479 @@
+"""E6: a DDSM-style slimmable supernet with a per-step width schedule (spec §8.3).
+
+The baseline the spec sets against TDC: one network whose uniform-width subnetworks share
+weights, trained together, then a search for the width of every sampler step under the same
+sampling FLOPs as the reference TDC arm. Our version:
+
+* **Start.** Stage 1's base network (the same start as every TDC arm), with its channels put in
+  L1 order by ``pruning.rank_channels`` (the same function). The subnetwork of width ``w`` is
+  then each channel space's first channels (``pruning.gather_plan``): at ``w`` the one the L1
+  pruner would inherit, and the same channels at every step while the weights train.
+* **Training.** Every width on the same batch each step, the losses summed (slimmable networks'
+  joint training; with a handful of widths the sandwich rule's samples are all of them). Stage 1
+  plus this costs B base-network steps, like the TDC arms (C7).
+* **Search.** Held-out L_simple of every width at every sampler timestep, on fixed (x0, eps)
+  draws from the train split's proxy hold-out (never the test split), then the schedule that
+  minimises the summed loss under the FLOPs budget, solved exactly as a multiple-choice knapsack
+  (DP over quantised FLOPs). DDSM searches with an evolutionary algorithm on FID; an additive
+  loss proxy makes the exact solution cheap, and the spec allows "a small GA or greedy".
+
+``Supernet`` is what ``adaptive.method.METHOD`` builds when ``config.adaptive.supernet.widths``
+is set: the shared loop trains it and ``common.eval`` samples it like any run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from adaptive import heldout, pruning, routing
+from common import data
+from common.train import method as method_lib
+from common.train.method import DDPM
+from common.train.validate import ConfigError
+
+SEARCH_JSON = "supernet_search.json"
+SUMMARY_JSON = "summary.json"
+
+
+def apply_plan(params, plan) -> dict:
+  """A subnetwork's parameters gathered from the supernet's (differentiable in ``params``).
+
+  Args:
+    params: the supernet's pure dict (jax or numpy arrays), the tree ``plan`` was made for.
+    plan: from ``pruning.gather_plan``.
+
+  Returns:
+    The subnetwork's pure dict of jax arrays.
+  """
+  leaves = jax.tree.leaves(params)
+  flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
+
+  def take(p):
+    p = np.asarray(p)
+    return flat[p] if p.dtype.kind == "i" else jnp.asarray(p)
+
+  return jax.tree.map(take, plan)
+
+
+def uniform_structure(base: pruning.Structure, width: float) -> pruning.Structure:
+  """Every level at ``width``; all blocks and attention kept (DDSM varies width only)."""
+  return pruning.Structure((float(width),) * len(base.widths), base.blocks, base.attention)
+
+
+def validate_widths(widths) -> tuple[float, ...]:
+  """The supernet's widths: strictly decreasing in (0, 1], the first 1.0 (the supernet itself).
+
+  Raises:
+    ConfigError: naming ``adaptive.supernet.widths``.
+  """
+  w = tuple(float(x) for x in widths)
+  if (
+    not w
+    or w[0] != 1.0
+    or any(not 0.0 < x <= 1.0 for x in w)
+    or any(a <= b for a, b in zip(w[:-1], w[1:], strict=True))
+  ):
+    raise ConfigError(
+      "adaptive.supernet.widths", list(w), "need strictly decreasing widths in (0, 1], first 1.0"
+    )
+  return w
+
+
+class Supernet(DDPM):
+  """One U-Net whose uniform-width prefixes are trained together and routed by sampler step.
+
+  Params are the full network's pure dict (``DDPM``'s). ``config.adaptive.supernet.schedule``
+  holds one index into ``widths`` per sampler step (``sampler_timesteps`` order); empty means
+  the full width everywhere (the schedule is searched after training).
+  """
+
+  name = "adaptive_supernet"
+
+  def __init__(self, config, data_info):
+    super().__init__(config, data_info)
+    from adaptive.method import group_model_config
+
+    s = config.adaptive.supernet
+    self.widths = validate_widths(s.widths)
+    base = pruning.base_structure(config.model)
+    self.structures = [uniform_structure(base, w) for w in self.widths]
+    self.members = [
+      DDPM(
+        group_model_config(config, pruning.structure_to_model_config(config.model, st)),
+        data_info,
+      )
+      for st in self.structures
+    ]
+    steps = routing.sampler_timesteps(config)
+    schedule = np.asarray(list(s.schedule or []), np.int64)
+    if schedule.size and (
+      schedule.shape != steps.shape or schedule.min() < 0 or schedule.max() >= len(self.widths)
+    ):
+      raise ConfigError(
+        "adaptive.supernet.schedule",
+        f"{schedule.size} entries",
+        f"need one width index in [0, {len(self.widths)}) per sampler step ({steps.size})",
+      )
+    self.schedule = schedule if schedule.size else np.zeros(steps.shape, np.int64)
+    self._plans = None
+    self._flops_per_step = None
+
+  # --- subnetworks ------------------------------------------------------------------------------
+  @property
+  def plans(self) -> list:
+    if self._plans is None:
+      like = jax.tree.map(
+        lambda x: np.zeros(x.shape, np.int8),
+        jax.eval_shape(lambda: self.init_params(jax.random.key(0))),
+      )
+      image_size = int(self.config.data.resolution)
+      self._plans = [
+        None
+        if w == 1.0
+        else pruning.gather_plan(like, self.config.model, st, image_size=image_size)
+        for w, st in zip(self.widths, self.structures, strict=True)
+      ]
+    return self._plans
+
+  def subnet_params(self, params) -> list:
+    """Per width, the subnetwork's parameters (the supernet's own at width 1)."""
+    return [params if p is None else apply_plan(params, p) for p in self.plans]
+
+  def width_of_t(self) -> np.ndarray:
+    """[T] width index per 0-based timestep: the schedule's entry of the nearest sampler step."""
+    steps = routing.sampler_timesteps(self.config)
+    t = np.arange(self.diffusion.num_timesteps)
+    nearest = np.abs(t[:, None] - steps[None, :]).argmin(1)
+    return self.schedule[nearest]
+
+  def routed_networks(self, params):
+    """``(route, [(network, params)])``: ``route(t [n]) -> [n]`` indices into the list."""
+    table = self.width_of_t()
+    nets = list(zip(self.members, self.subnet_params(params), strict=True))
+    return (lambda t: table[np.asarray(t)]), nets
+
+  # --- training ---------------------------------------------------------------------------------
+  def loss_fn(self, params, batch, rng, step):
+    total, metrics = 0.0, {}
+    for i, (m, p) in enumerate(zip(self.members, self.subnet_params(params), strict=True)):
+      loss, aux = m.loss_fn(p, batch, jax.random.fold_in(rng, i), step)
+      total = total + loss  # summed: each width's gradient as if it trained alone
+      metrics[f"loss/width{self.widths[i]:g}"] = loss
+      for k, v in aux.items():
+        metrics[f"{k}/width{self.widths[i]:g}"] = v
+    return total, metrics
+
+  # --- sampling ---------------------------------------------------------------------------------
+  def denoise_fn(self, params):
+    used = sorted(set(self.schedule.tolist()))
+    subs = self.subnet_params(params)
+    fns = [self.members[i].denoise_fn(subs[i]) for i in used]
+    remap = {w: j for j, w in enumerate(used)}
+    table = np.asarray([remap[w] for w in self.width_of_t()], np.int32)
+    return routing.table_routed_denoise_fn(table, fns)
+
+  def apply(self, params, x, t, y=None, dropout_rng=None):
+    del dropout_rng
+    return self.denoise_fn(params)(x, t, y)
+
+  def flops_per_step(self, params) -> list[float]:
+    """XLA FLOPs of one sampler step of every width's subnetwork at batch 1."""
+    if self._flops_per_step is None:
+      self._flops_per_step = [
+        m.denoiser_call_flops(p, 1)
+        for m, p in zip(self.members, self.subnet_params(params), strict=True)
+      ]
+    return self._flops_per_step
+
+  def sampling_steps_per_width(self) -> np.ndarray:
+    return np.bincount(self.schedule, minlength=len(self.widths))
+
+  def flops_per_sample(self, params) -> float:
+    return float(np.dot(self.sampling_steps_per_width(), self.flops_per_step(params)))
+
+  def cost_description(self, params) -> dict[str, Any]:
+    per_step = self.flops_per_step(params)
+    steps = self.sampling_steps_per_width()
+    return {
+      "widths": list(self.widths),
+      "group_flops_per_step": per_step,
+      "group_sampling_steps": steps.tolist(),
+      "base_flops_per_step": per_step[0],
+      "sampling_flops_ratio": float(np.dot(steps, per_step) / (per_step[0] * steps.sum())),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# The width schedule.
+
+
+def schedule_search(loss_table: np.ndarray, flops: np.ndarray, budget: float, *,
+                    units: int = 2000) -> tuple[np.ndarray, float, float]:  # fmt: skip
+  """The per-step widths that minimise the summed loss under a FLOPs budget, exactly.
+
+  A multiple-choice knapsack: one option per step, cost ``flops[w]``, value ``loss_table[s, w]``.
+  Costs are rounded *up* to ``flops.max() / units``, so the schedule's true FLOPs never exceed
+  ``budget``; the optimum is exact up to that rounding.
+
+  Args:
+    loss_table: [S, W] float, the loss of width w at sampler step s.
+    flops: [W] float, FLOPs per call of each width.
+    budget: total FLOPs allowed over the S steps.
+    units: quantisation steps per full-width call.
+
+  Returns:
+    (schedule [S] int64 width indices, its total FLOPs, its summed loss).
+
+  Raises:
+    ValueError: bad shapes, or a budget below S calls of the cheapest width.
+  """
+  table = np.asarray(loss_table, np.float64)
+  f = np.asarray(flops, np.float64)
+  if table.ndim != 2 or f.shape != (table.shape[1],):
+    raise ValueError(f"loss_table [S, W] and flops [W] expected, got {table.shape}, {f.shape}")
+  steps = table.shape[0]
+  if budget < steps * f.min() * (1 - 1e-12):
+    raise ValueError(
+      f"FLOPs budget {budget:.4g} is below {steps} calls of the cheapest width ({f.min():.4g} each)"
+    )
+  unit = f.max() / units
+  cost = np.ceil(f / unit - 1e-9).astype(np.int64)
+  cap = int(math.floor(budget / unit + 1e-9))
+  cap = max(cap, int(steps * cost.min()))  # the cheapest schedule fits however it rounds
+  best = np.zeros(cap + 1)  # best[b]: least loss of the steps so far with cost <= b
+  choice = np.zeros((steps, cap + 1), np.int8)
+  for s in range(steps):
+    new = np.full(cap + 1, np.inf)
+    for w in range(f.shape[0]):
+      c = int(cost[w])
+      if c > cap:
+        continue
+      cand = np.full(cap + 1, np.inf)
+      cand[c:] = best[: cap + 1 - c] + table[s, w]
+      better = cand < new
+      new[better] = cand[better]
+      choice[s, better] = w
+    best = new
+  schedule = np.zeros(steps, np.int64)
+  b = cap
+  for s in reversed(range(steps)):
+    w = int(choice[s, b])
+    schedule[s] = w
+    b -= int(cost[w])
+  return schedule, float(f[schedule].sum()), float(table[np.arange(steps), schedule].sum())
+
+
+def step_loss_table(method: Supernet, params, images: np.ndarray, *, per_step: int,
+                    seed: int = 0, labels: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+  """[S, W] held-out L_simple of every width at every sampler timestep.
+
+  Every width sees the same ``per_step`` (x0, eps) draws at a step, so the table's differences
+  along W are paired.
+
+  Args:
+    method: the supernet.
+    params: its parameters.
+    images: [M, H, W, C] float32 images the draws index (not the test split).
+    per_step: draws per sampler step.
+    seed: fixes the draws.
+    labels: [M] int32 for a class-conditional network.
+  """
+  chex.assert_rank(images, 4)
+  steps = routing.sampler_timesteps(method.config)
+  rng = np.random.default_rng(seed)
+  index = rng.integers(0, len(images), (len(steps), per_step))
+  noise = rng.standard_normal((len(steps), per_step, *images.shape[1:])).astype(np.float32)
+  t = np.repeat(steps[:, None], per_step, 1)
+  flat_i, flat_t, flat_n = index.reshape(-1), t.reshape(-1), noise.reshape(-1, *images.shape[1:])
+  batch = 256
+  out = np.zeros((len(steps) * per_step, len(method.widths)))
+  for w, (m, p) in enumerate(zip(method.members, method.subnet_params(params), strict=True)):
+    terms = heldout.make_terms_fn(method.diffusion, m.apply)
+    for s in range(0, len(flat_i), batch):
+      part = np.arange(s, min(s + batch, len(flat_i)))
+      padded = np.concatenate([part, np.full(batch - len(part), part[0])])
+      y = None if labels is None else jnp.asarray(labels[flat_i[padded]], jnp.int32)
+      mse, _ = terms(
+        p,
+        jnp.asarray(images[flat_i[padded]]),
+        jnp.asarray(flat_t[padded], jnp.int32),
+        jnp.asarray(flat_n[padded]),
+        y,
+      )
+      out[part, w] = np.asarray(mse)[: len(part)]
+  return out.reshape(len(steps), per_step, -1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The E6 run.
+
+
+def supernet_config(config, widths, steps: int, base_flops_per_step: float):
+  """The supernet run's config: method and widths, its own step count, B kept as budget_steps."""
+  c = copy.deepcopy(config)
+  c.unlock()
+  c.method = "adaptive"
+  c.adaptive.budget_steps = int(config.total_steps)
+  c.adaptive.base_flops_per_step = float(base_flops_per_step)
+  c.adaptive.supernet = ml_collections.ConfigDict({"widths": list(widths), "schedule": []})
+  c.total_steps = int(steps)
+  c.ckpt_every_steps = max(1, min(int(c.ckpt_every_steps), int(steps) or 1))
+  return c
+
+
+def training_steps(config, stage1_done: int, flops: list[float]) -> int:
+  """Supernet steps left under B's training FLOPs: floor((B - S1) F / sum_w F_w) (C7)."""
+  left = int(config.total_steps) - int(stage1_done)
+  return max(0, math.floor(left * flops[0] / sum(flops)))
+
+
+def save_schedule_png(path: str, method: Supernet, loss_table: np.ndarray) -> None:
+  """Width per sampler step over t, and each width's loss over t relative to the full width."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  t = routing.sampler_timesteps(method.config)
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+  ax1.step(t, [method.widths[i] for i in method.schedule], where="mid", color="C0")
+  ax1.set_xlabel("timestep t (0-based)")
+  ax1.set_ylabel("width multiplier")
+  ax1.set_title("searched width per sampler step")
+  for w in range(1, loss_table.shape[1]):
+    ax2.plot(t, loss_table[:, w] / loss_table[:, 0], label=f"width {method.widths[w]:g}")
+  ax2.axhline(1.0, color="gray", lw=0.8)
+  ax2.set_xlabel("timestep t (0-based)")
+  ax2.set_ylabel("L_simple / full width's")
+  ax2.set_yscale("log")
+  ax2.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 128,
+        devices: list | None = None) -> dict[str, Any]:  # fmt: skip
+  """E6 end to end: supernet from stage 1's base, joint training, schedule search.
+
+  Args:
+    config: a ``configs/adaptive.py`` config with ``adaptive.base_workdir`` / ``base_step`` set
+      (stage 1); ``total_steps`` is B.
+    workdir: the run directory.
+    widths: the supernet's widths (``validate_widths``).
+    target_ratio: the schedule's sampling FLOPs over the base network's (analytic), e.g. the
+      reference TDC arm's.
+    per_step: held-out draws per sampler step for the search.
+    devices: the devices the supernet trains on (default: all).
+
+  Returns:
+    the summary dict (also ``workdir/summary.json``); the searched schedule is written into
+    ``workdir/config.json``, so ``common.eval`` samples with it.
+  """
+  from adaptive import train as adaptive_train
+  from common import checkpoint
+  from common import eval as eval_lib
+  from common.train import loop
+
+  widths = validate_widths(widths)
+  if not 0.0 < float(target_ratio) <= 1.0:
+    raise ConfigError("target_ratio", target_ratio, "must lie in (0, 1]")
+  a = config.adaptive
+  if not a.base_workdir:
+    raise ConfigError("adaptive.base_workdir", "", "E6 starts from a stage-1 run; name it")
+  data_info = data.get_info(config.data)
+  os.makedirs(workdir, exist_ok=True)
+  _, _, base_params, base_step = eval_lib.load_params(str(a.base_workdir), step=int(a.base_step))
+  base_params = jax.device_get(base_params)
+  flops_fn = adaptive_train.flops_fn_for(config, data_info)
+  base = pruning.base_structure(config.model)
+  flops = [flops_fn(uniform_structure(base, w)) for w in widths]
+  steps = training_steps(config, base_step, flops)
+  base_call = DDPM(config, data_info).denoiser_call_flops(base_params, 1)
+  c6 = supernet_config(config, widths, steps, base_call)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    latest = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  if latest is None:
+    ranked = pruning.rank_channels(
+      base_params, config.model, image_size=int(config.data.resolution)
+    )
+    adaptive_train.write_start_checkpoint(c6, workdir, ranked, devices=devices)
+  logging.info("E6: supernet of widths %s, %d steps in %s", list(widths), steps, workdir)
+  if steps > 0 and (latest or 0) < steps:
+    loop.train(c6, workdir, devices=devices)
+
+  # --- the schedule ---------------------------------------------------------------------------
+  search_path = os.path.join(workdir, SEARCH_JSON)
+  sampler_t = routing.sampler_timesteps(c6)
+  budget = float(target_ratio) * len(sampler_t) * flops[0]
+  if os.path.exists(search_path):
+    with open(search_path) as f:
+      search = json.load(f)
+  else:
+    _, net, params, _ = eval_lib.load_params(workdir)
+    _, _, x_val, y_val = adaptive_train.proxy_split(config, int(config.seed))
+    labels = y_val if config.model.class_conditional else None
+    table = step_loss_table(net, params, x_val, per_step=per_step, seed=int(config.seed),
+                            labels=labels)  # fmt: skip
+    schedule, total, loss = schedule_search(table, np.asarray(flops), budget)
+    search = {
+      "widths": list(widths),
+      "flops_per_width": flops,
+      "target_ratio": float(target_ratio),
+      "budget_flops": budget,
+      "schedule": schedule.tolist(),
+      "sampler_timesteps": sampler_t.tolist(),
+      "sampling_flops_ratio": total / (len(sampler_t) * flops[0]),
+      "summed_loss": loss,
+      "summed_loss_full_width": float(table[:, 0].sum()),
+      "loss_table": table.tolist(),
+      "draws_per_step": int(per_step),
+    }
+    with open(search_path, "w") as f:
+      json.dump(search, f, indent=1)
+  c6.adaptive.supernet.schedule = list(search["schedule"])
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c6.to_json_best_effort(sort_keys=True, indent=2))
+  net = method_lib.load_method(c6, data_info)
+  save_schedule_png(os.path.join(workdir, "summary.png"), net, np.asarray(search["loss_table"]))
+  counts = np.bincount(search["schedule"], minlength=len(widths))
+  summary = {
+    "widths": list(widths),
+    "steps": steps,
+    "stage1_steps": base_step,
+    "budget_steps": int(config.total_steps),
+    "training_cost": {
+      "stage1": float(base_step),
+      "stage2": steps * sum(flops) / flops[0],
+      "single_model": float(config.total_steps),
+      "ratio": (base_step + steps * sum(flops) / flops[0]) / int(config.total_steps),
+    },
+    "sampling_flops_ratio": search["sampling_flops_ratio"],
+    "target_ratio": float(target_ratio),
+    "sampling_steps_per_width": counts.tolist(),
+    "flops_ratio_per_width": [f / flops[0] for f in flops],
+  }
+  with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
+    json.dump(summary, f, indent=1)
+  logging.info(
+    "E6: schedule at %.3f of the base's sampling FLOPs (target %.3f), steps per width %s, "
+    "training FLOPs %.3f of the single model",
+    summary["sampling_flops_ratio"], target_ratio, counts.tolist(),
+    summary["training_cost"]["ratio"],
+  )  # fmt: skip
+  return summary

@@ -1,0 +1,131 @@
+"""adaptive.supernet (E6): the exact width schedule, the supernet method, the campaign arm."""
+
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive import experiments, routing, supernet
+from adaptive import method as tdc_method
+from common import data
+from common import eval as eval_lib
+from common.train.validate import ConfigError
+from tests.adaptive.test_experiments import campaign_config
+from tests.adaptive.test_tdc import tiny
+
+
+def test_schedule_search_is_the_exact_optimum_under_the_budget():
+  rng = np.random.default_rng(0)
+  flops = np.array([1.0, 0.55, 0.3])
+  for trial in range(20):
+    table = rng.uniform(0, 1, (5, 3))
+    budget = rng.uniform(5 * 0.3, 5 * 1.0)
+    schedule, total, loss = supernet.schedule_search(table, flops, budget)
+    feasible = [
+      s for s in itertools.product(range(3), repeat=5) if flops[list(s)].sum() <= budget + 1e-12
+    ]
+    best = min(table[np.arange(5), list(s)].sum() for s in feasible)
+    assert total <= budget + 1e-9, trial
+    assert loss == pytest.approx(table[np.arange(5), schedule].sum())
+    # Exact up to rounding costs up to 1/2000 of a full call.
+    assert loss <= best + 1e-9 or flops[schedule].sum() > budget - 5 * 1.0 / 2000, trial
+  with pytest.raises(ValueError, match="below 5 calls of the cheapest width"):
+    supernet.schedule_search(np.zeros((5, 3)), flops, 5 * 0.29)
+
+
+def test_widths_are_validated():
+  assert supernet.validate_widths([1, 0.5]) == (1.0, 0.5)
+  for bad in ([], [0.5, 1.0], [1.0, 1.0], [1.0, 0.0], [0.75, 0.5]):
+    with pytest.raises(ConfigError, match="adaptive.supernet.widths"):
+      supernet.validate_widths(bad)
+
+
+def _supernet(schedule=()):
+  c = tiny(model__norm_group_size=4, adaptive__group_models=[], adaptive__cuts=[])
+  c.adaptive.supernet = {"widths": [1.0, 0.5], "schedule": list(schedule)}
+  return tdc_method.METHOD(c, data.get_info(c.data))
+
+
+def test_supernet_trains_every_width_and_routes_each_sampler_step():
+  steps = routing.sampler_timesteps(_supernet().config)  # 5 of T = 20
+  schedule = [0, 1, 1, 0, 1]
+  m = _supernet(schedule)
+  assert isinstance(m, supernet.Supernet)
+  # Random weights everywhere: the zero-initialised output convs would stop every gradient.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+    lambda a: jnp.asarray(rng.normal(0, 0.2, a.shape), jnp.float32),
+    m.init_params(jax.random.key(0)),
+  )
+  full, half = m.subnet_params(params)
+  assert full is params and half["input_blocks"][0]["layers"][0]["kernel"].shape[-1] == 4
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
+  loss, metrics = m.loss_fn(params, {"image": x}, jax.random.key(1), 0)
+  assert {"loss/width1", "loss/width0.5"} <= set(metrics)
+  assert loss == pytest.approx(metrics["loss/width1"] + metrics["loss/width0.5"], rel=1e-6)
+  # The half-width loss trains the supernet's first channels only.
+  grad = jax.grad(lambda p: m.members[1].loss_fn(m.subnet_params(p)[1], {"image": x},
+                                                 jax.random.key(1), 0)[0])(params)  # fmt: skip
+  stem = np.abs(np.asarray(grad["input_blocks"][0]["layers"][0]["kernel"]))
+  assert stem[..., :4].sum() > 0 and stem[..., 4:].sum() == 0
+  # Each sampler step runs its scheduled width; other t take the nearest step's.
+  fn = m.denoise_fn(params)
+  for t, w in zip(steps, schedule, strict=True):
+    tt = jnp.full((2,), t, jnp.int32)
+    want = m.members[w].apply((full, half)[w], x, tt)
+    np.testing.assert_allclose(np.asarray(fn(x, tt)), np.asarray(want), rtol=1e-5, atol=1e-6)
+  table = m.width_of_t()
+  assert table.shape == (20,) and (table[steps] == schedule).all()
+  assert m.sampling_steps_per_width().tolist() == [2, 3]
+  cost = m.cost_description(params)
+  assert 0.4 < cost["sampling_flops_ratio"] < 0.8
+  with pytest.raises(ConfigError, match="adaptive.supernet.schedule"):
+    _supernet([0, 2, 0, 0, 0])
+
+
+@pytest.mark.slow
+def test_campaign_arm_e6_starts_from_stage_one_and_meets_the_reference_flops(tmp_path, monkeypatch):
+  wd = str(tmp_path / "arms")
+  config = campaign_config()
+  config.experiments.e6_widths = (1.0, 0.5)
+  config.experiments.e6_draws_per_step = 4
+  one = jax.devices()[:1]
+  summary = experiments.run_experiments(config, wd, seeds=[0], arms=["E6"], devices=one)
+  rec = summary["runs"]["seed0/E6"]
+  e6_dir = os.path.join(wd, "seed0", "E6")
+  # C7: stage 1 (3 base steps) + the supernet's steps at (1 + 0.5-width) FLOPs each <= B = 6.
+  assert rec["training_cost"]["ratio"] <= 1.0 and rec["stage2_steps"] >= 1
+  # The schedule keeps the reference arm's sampling FLOPs (analytic), and common.eval's XLA
+  # count of the routed chain agrees.
+  s = rec["supernet"]
+  assert s["sampling_flops_ratio"] <= s["target_ratio"] + 1e-9
+  assert abs(rec["sampling_flops_ratio"] - s["sampling_flops_ratio"]) < 0.05
+  run_config, net, _, _ = eval_lib.load_params(e6_dir)
+  assert isinstance(net, supernet.Supernet)
+  assert len(run_config.adaptive.supernet.schedule) == config.diffusion.sample_steps
+  with open(os.path.join(e6_dir, supernet.SEARCH_JSON)) as f:
+    assert len(json.load(f)["loss_table"]) == config.diffusion.sample_steps
+  assert os.path.exists(os.path.join(e6_dir, "summary.png"))
+  # Step 0 is stage 1's network with its channels reordered: the same function at full width.
+  _, _, start, _ = eval_lib.load_params(e6_dir, step=0, use_ema=False)
+  _, base_net, base, _ = eval_lib.load_params(os.path.join(wd, "seed0", "stage1"))
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
+  t = jnp.asarray([3, 15], jnp.int32)
+  np.testing.assert_allclose(
+    np.asarray(net.members[0].apply(start, x, t)),
+    np.asarray(base_net.apply(base, x, t)),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  with open(os.path.join(wd, "experiments.md")) as f:
+    assert "## E6" in f.read()
+  # Resume: the record stands, nothing trains again.
+  monkeypatch.setattr(
+    experiments, "train_supernet_arm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+  )
+  again = experiments.run_experiments(config, wd, seeds=[0], arms=["E6"], devices=one)
+  assert again["runs"]["seed0/E6"] == rec
