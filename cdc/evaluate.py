@@ -418,7 +418,9 @@ def drift_demo(config, dataset, spec, graphdef, enc_state, head, the_cloud, enco
 
 def main(argv):
   del argv
-  result = evaluate(flags.FLAGS.workdir)
+  from common.train import cli
+
+  result = cli.run_or_exit(evaluate, flags.FLAGS.workdir)
   print(summary_table(result))
 
 

@@ -175,10 +175,16 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, name: str = "c
 
 
 def read_config(workdir: str, name: str = "config.json") -> ml_collections.ConfigDict:
-  """The config a binary wrote into ``workdir``."""
+  """The config a binary wrote into ``workdir``.
+
+  Raises:
+    ConfigError: it is not there (the binaries print one line and exit 2).
+  """
+  from common.train.validate import ConfigError
+
   path = os.path.join(workdir, name)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: run cdc.pretrain / cdc.train first")
+    raise ConfigError("--workdir", workdir, f"holds no {name}: run cdc.pretrain / cdc.train first")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -192,12 +198,36 @@ def new_encoders(spec: models.ModelSpec, seed: int) -> models.Encoders:
   return models.Encoders(spec, rngs=nnx.Rngs(seed))
 
 
+PRETRAIN_NPZ = "pretrain.npz"
+
+
+def require_pretrained(workdir: str) -> str:
+  """The path of ``<workdir>/pretrain.npz``.
+
+  Raises:
+    ConfigError: it does not exist (the binaries print one line and exit 2).
+  """
+  from common.train.validate import ConfigError
+
+  path = os.path.join(workdir, PRETRAIN_NPZ)
+  if not os.path.exists(path):
+    raise ConfigError(
+      "--workdir", workdir, f"holds no {PRETRAIN_NPZ}: run python -m cdc.pretrain on it first"
+    )
+  return path
+
+
 def load_pretrained(workdir: str, config, dataset):
-  """(spec, encoders graphdef, encoders state, pretrained head) from ``<workdir>/pretrain.npz``."""
+  """(spec, encoders graphdef, encoders state, pretrained head) from ``<workdir>/pretrain.npz``.
+
+  Raises:
+    ConfigError: no ``pretrain.npz`` in ``workdir``.
+  """
+  path = require_pretrained(workdir)
   spec = model_spec(config, dataset)
   graphdef, state = nnx.split(new_encoders(spec, 0))
   head = models.init_head(spec, jax.random.key(0))
-  (state, head), _ = load_npz(os.path.join(workdir, "pretrain.npz"), (state, head))
+  (state, head), _ = load_npz(path, (state, head))
   return spec, graphdef, state, head
 
 

@@ -105,7 +105,9 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
       experiment.save_npz(ckpt, (params, opt_state), step=s)
   log.close()
   enc_state, head = params
-  experiment.save_npz(os.path.join(workdir, "pretrain.npz"), (enc_state, head), step=p.steps)
+  experiment.save_npz(
+    os.path.join(workdir, experiment.PRETRAIN_NPZ), (enc_state, head), step=p.steps
+  )
   if os.path.exists(ckpt):
     os.remove(ckpt)
   result = evaluate_head(graphdef, enc_state, head, dataset.domain(cdc_data.SOURCE, "test"))

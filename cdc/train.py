@@ -191,6 +191,7 @@ def _episode(bank, pos, key, *, pool_size, query, text_anchors):
 
 def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs meta-training; returns the final logged record."""
+  experiment.require_pretrained(workdir)  # before the dataset is built
   experiment.write_config(workdir, config, "train_config.json")
   dataset = experiment.build_dataset(config)
   spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)

@@ -98,3 +98,21 @@ def test_recall_at_k_and_accuracy():
   flat = objectives.recall_at_k(np.ones((3, 2)), np.ones((3, 2)), np.arange(3), ks=(1,))
   assert flat["R@1"] == 0.0  # a collapsed embedding retrieves nothing
   assert objectives.qa_accuracy(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1])) == 0.5
+
+
+def test_a_workdir_without_pretraining_is_a_one_line_error(tmp_path):
+  import subprocess
+  import sys
+
+  from common.train.validate import ConfigError
+
+  with pytest.raises(ConfigError, match="holds no pretrain.npz"):
+    train.meta_train(_tiny(), str(tmp_path))
+  assert not os.path.exists(tmp_path / "train_config.json")  # refused before anything ran
+  for args in (
+    ["cdc.train", "--config=configs/cdc.py:tiny", f"--workdir={tmp_path}"],
+    ["cdc.evaluate", f"--workdir={tmp_path}"],
+  ):
+    out = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "holds no" in out.stderr and "Traceback" not in out.stderr
