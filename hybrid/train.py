@@ -62,12 +62,10 @@ def personal_config(config, cluster_source: str, cluster_step: int) -> ml_collec
 def validate(config: ml_collections.ConfigDict) -> None:
   """Every check that needs no training, so a bad config fails before stage 1 starts."""
   from common.train import loop
-  from common.train.validate import require
+  from common.train.validate import integer, require
 
-  require(config, "hybrid.personal_steps", lambda v: isinstance(v, int) and v >= 1, "must be >= 1")
-  require(
-    config, "hybrid.personal_batch_size", lambda v: isinstance(v, int) and v >= 1, "must be >= 1"
-  )
+  require(config, "hybrid.personal_steps", integer(1), "must be an integer >= 1")
+  require(config, "hybrid.personal_batch_size", integer(1), "must be an integer >= 1")
   require(config, "hybrid.personal_learning_rate", lambda v: v > 0, "must be > 0")
   require(config, "hybrid.personal_ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
   if not config.hybrid.cluster_workdir:

@@ -160,6 +160,7 @@ def test_users_hold_few_shots_of_their_class_and_the_cluster_sees_their_union():
     ({"hybrid.eval_split": 99}, "hybrid.eval_split"),
     ({"model.class_conditional": True}, "model.class_conditional"),
     ({"hybrid.personal_steps": 0}, "hybrid.personal_steps"),
+    ({"hybrid.personal_batch_size": 0}, "hybrid.personal_batch_size.*must be an integer"),
     ({"total_steps": 0}, "total_steps"),
   ],
 )
