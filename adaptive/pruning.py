@@ -21,6 +21,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -658,7 +659,7 @@ def gather_plan(base_params_like, base_model_config, structure: Structure, *,
     The subnetwork's pure dict whose leaves are int64 arrays of indices into the concatenation
     of ``jax.tree.leaves(base params)`` (each raveled), or float32 constants where the subnetwork
     has a weight the base does not (a 0/1 skip conv where pruned widths break an identity
-    residual). ``apply_plan`` in ``adaptive.supernet`` gathers it.
+    residual). ``apply_plan`` gathers it.
   """
   leaves, treedef = jax.tree.flatten(_to_pure(base_params_like))
   offsets = np.cumsum([0] + [int(np.size(x)) for x in leaves])
@@ -673,6 +674,31 @@ def gather_plan(base_params_like, base_model_config, structure: Structure, *,
     image_size=image_size,
     selection="prefix",
   )
+
+
+def apply_plan(params, plan) -> dict:
+  """A subnetwork's parameters gathered from the supernet's (differentiable in ``params``).
+
+  Args:
+    params: the supernet's pure dict (jax or numpy arrays), the tree ``plan`` was made for.
+    plan: from ``gather_plan``.
+
+  Returns:
+    The subnetwork's pure dict of jax arrays.
+  """
+  leaves = jax.tree.leaves(params)
+  flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
+
+  def take(p):
+    p = np.asarray(p)
+    return flat[p] if p.dtype.kind == "i" else jnp.asarray(p)
+
+  return jax.tree.map(take, plan)
+
+
+def uniform_structure(base: Structure, width: float) -> Structure:
+  """Every level at ``width``; all blocks and attention kept (DDSM varies width only)."""
+  return Structure((float(width),) * len(base.widths), base.blocks, base.attention)
 
 
 def load_params(model: nnx.Module, params: Mapping) -> nnx.Module:

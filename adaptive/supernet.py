@@ -17,8 +17,9 @@ sampling FLOPs as the reference TDC arm. Our version:
   (DP over quantised FLOPs). DDSM searches with an evolutionary algorithm on FID; an additive
   loss proxy makes the exact solution cheap, and the spec allows "a small GA or greedy".
 
-``Supernet`` is what ``adaptive.method.METHOD`` builds when ``config.adaptive.supernet.widths``
-is set: the shared loop trains it and ``common.eval`` samples it like any run.
+The network is ``adaptive.method.Supernet``, what ``adaptive.method.METHOD`` builds when
+``config.adaptive.supernet.widths`` is set: the shared loop trains it and ``common.eval``
+samples it like any run.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 from absl import logging
 
 from adaptive import heldout, pruning, routing
+from adaptive.method import Supernet, validate_widths
 from common import data
 from common.train import method as method_lib
 from common.train.method import DDPM
@@ -44,174 +46,6 @@ from common.train.validate import ConfigError
 
 SEARCH_JSON = "supernet_search.json"
 SUMMARY_JSON = "summary.json"
-
-
-def apply_plan(params, plan) -> dict:
-  """A subnetwork's parameters gathered from the supernet's (differentiable in ``params``).
-
-  Args:
-    params: the supernet's pure dict (jax or numpy arrays), the tree ``plan`` was made for.
-    plan: from ``pruning.gather_plan``.
-
-  Returns:
-    The subnetwork's pure dict of jax arrays.
-  """
-  leaves = jax.tree.leaves(params)
-  flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
-
-  def take(p):
-    p = np.asarray(p)
-    return flat[p] if p.dtype.kind == "i" else jnp.asarray(p)
-
-  return jax.tree.map(take, plan)
-
-
-def uniform_structure(base: pruning.Structure, width: float) -> pruning.Structure:
-  """Every level at ``width``; all blocks and attention kept (DDSM varies width only)."""
-  return pruning.Structure((float(width),) * len(base.widths), base.blocks, base.attention)
-
-
-def validate_widths(widths) -> tuple[float, ...]:
-  """The supernet's widths: strictly decreasing in (0, 1], the first 1.0 (the supernet itself).
-
-  Raises:
-    ConfigError: naming ``adaptive.supernet.widths``.
-  """
-  w = tuple(float(x) for x in widths)
-  if (
-    not w
-    or w[0] != 1.0
-    or any(not 0.0 < x <= 1.0 for x in w)
-    or any(a <= b for a, b in zip(w[:-1], w[1:], strict=True))
-  ):
-    raise ConfigError(
-      "adaptive.supernet.widths", list(w), "need strictly decreasing widths in (0, 1], first 1.0"
-    )
-  return w
-
-
-class Supernet(DDPM):
-  """One U-Net whose uniform-width prefixes are trained together and routed by sampler step.
-
-  Params are the full network's pure dict (``DDPM``'s). ``config.adaptive.supernet.schedule``
-  holds one index into ``widths`` per sampler step (``sampler_timesteps`` order); empty means
-  the full width everywhere (the schedule is searched after training).
-  """
-
-  name = "adaptive_supernet"
-
-  def __init__(self, config, data_info):
-    super().__init__(config, data_info)
-    from adaptive.method import group_model_config
-
-    s = config.adaptive.supernet
-    self.widths = validate_widths(s.widths)
-    base = pruning.base_structure(config.model)
-    self.structures = [uniform_structure(base, w) for w in self.widths]
-    self.members = [
-      DDPM(
-        group_model_config(config, pruning.structure_to_model_config(config.model, st)),
-        data_info,
-      )
-      for st in self.structures
-    ]
-    steps = routing.sampler_timesteps(config)
-    schedule = np.asarray(list(s.schedule or []), np.int64)
-    if schedule.size and (
-      schedule.shape != steps.shape or schedule.min() < 0 or schedule.max() >= len(self.widths)
-    ):
-      raise ConfigError(
-        "adaptive.supernet.schedule",
-        f"{schedule.size} entries",
-        f"need one width index in [0, {len(self.widths)}) per sampler step ({steps.size})",
-      )
-    self.schedule = schedule if schedule.size else np.zeros(steps.shape, np.int64)
-    self._plans = None
-    self._flops_per_step = None
-
-  # --- subnetworks ------------------------------------------------------------------------------
-  @property
-  def plans(self) -> list:
-    if self._plans is None:
-      like = jax.tree.map(
-        lambda x: np.zeros(x.shape, np.int8),
-        jax.eval_shape(lambda: self.init_params(jax.random.key(0))),
-      )
-      image_size = int(self.config.data.resolution)
-      self._plans = [
-        None
-        if w == 1.0
-        else pruning.gather_plan(like, self.config.model, st, image_size=image_size)
-        for w, st in zip(self.widths, self.structures, strict=True)
-      ]
-    return self._plans
-
-  def subnet_params(self, params) -> list:
-    """Per width, the subnetwork's parameters (the supernet's own at width 1)."""
-    return [params if p is None else apply_plan(params, p) for p in self.plans]
-
-  def width_of_t(self) -> np.ndarray:
-    """[T] width index per 0-based timestep: the schedule's entry of the nearest sampler step."""
-    steps = routing.sampler_timesteps(self.config)
-    t = np.arange(self.diffusion.num_timesteps)
-    nearest = np.abs(t[:, None] - steps[None, :]).argmin(1)
-    return self.schedule[nearest]
-
-  def routed_networks(self, params):
-    """``(route, [(network, params)])``: ``route(t [n]) -> [n]`` indices into the list."""
-    table = self.width_of_t()
-    nets = list(zip(self.members, self.subnet_params(params), strict=True))
-    return (lambda t: table[np.asarray(t)]), nets
-
-  # --- training ---------------------------------------------------------------------------------
-  def loss_fn(self, params, batch, rng, step):
-    total, metrics = 0.0, {}
-    for i, (m, p) in enumerate(zip(self.members, self.subnet_params(params), strict=True)):
-      loss, aux = m.loss_fn(p, batch, jax.random.fold_in(rng, i), step)
-      total = total + loss  # summed: each width's gradient as if it trained alone
-      metrics[f"loss/width{self.widths[i]:g}"] = loss
-      for k, v in aux.items():
-        metrics[f"{k}/width{self.widths[i]:g}"] = v
-    return total, metrics
-
-  # --- sampling ---------------------------------------------------------------------------------
-  def denoise_fn(self, params):
-    used = sorted(set(self.schedule.tolist()))
-    subs = self.subnet_params(params)
-    fns = [self.members[i].denoise_fn(subs[i]) for i in used]
-    remap = {w: j for j, w in enumerate(used)}
-    table = np.asarray([remap[w] for w in self.width_of_t()], np.int32)
-    return routing.table_routed_denoise_fn(table, fns)
-
-  def apply(self, params, x, t, y=None, dropout_rng=None):
-    del dropout_rng
-    return self.denoise_fn(params)(x, t, y)
-
-  def flops_per_step(self, params) -> list[float]:
-    """XLA FLOPs of one sampler step of every width's subnetwork at batch 1."""
-    if self._flops_per_step is None:
-      self._flops_per_step = [
-        m.denoiser_call_flops(p, 1)
-        for m, p in zip(self.members, self.subnet_params(params), strict=True)
-      ]
-    return self._flops_per_step
-
-  def sampling_steps_per_width(self) -> np.ndarray:
-    return np.bincount(self.schedule, minlength=len(self.widths))
-
-  def flops_per_sample(self, params) -> float:
-    return float(np.dot(self.sampling_steps_per_width(), self.flops_per_step(params)))
-
-  def cost_description(self, params) -> dict[str, Any]:
-    per_step = self.flops_per_step(params)
-    steps = self.sampling_steps_per_width()
-    return {
-      "widths": list(self.widths),
-      "group_flops_per_step": per_step,
-      "group_sampling_steps": steps.tolist(),
-      "base_flops_per_step": per_step[0],
-      "sampling_flops_ratio": float(np.dot(steps, per_step) / (per_step[0] * steps.sum())),
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,7 +232,7 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
   base_params = jax.device_get(base_params)
   flops_fn = adaptive_train.flops_fn_for(config, data_info)
   base = pruning.base_structure(config.model)
-  flops = [flops_fn(uniform_structure(base, w)) for w in widths]
+  flops = [flops_fn(pruning.uniform_structure(base, w)) for w in widths]
   steps = training_steps(config, base_step, flops)
   base_call = DDPM(config, data_info).denoiser_call_flops(base_params, 1)
   c6 = supernet_config(config, widths, steps, base_call)

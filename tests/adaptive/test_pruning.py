@@ -244,16 +244,14 @@ def test_rank_channels_keeps_the_function_and_puts_l1_choices_first(base):
   ],
 )
 def test_gather_plan_gathers_the_prefix_subnetwork(base, structure):
-  from adaptive.supernet import apply_plan
-
   params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
   plan = pruning.gather_plan(params, _MC, structure, image_size=8)
-  gathered = apply_plan(params, plan)
+  gathered = pruning.apply_plan(params, plan)
   sliced = pruning.inherit_weights(params, _MC, structure, image_size=8, selection="prefix")
   assert jax.tree.structure(gathered) == jax.tree.structure(sliced)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, gathered), sliced)
   # Differentiable: a subnetwork loss's gradient lands on the supernet weights it uses only.
-  grad = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(apply_plan(p, plan))))(
+  grad = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(pruning.apply_plan(p, plan))))(
     jax.tree.map(jnp.asarray, params)
   )
   stem = np.asarray(grad["input_blocks"][0]["layers"][0]["kernel"])

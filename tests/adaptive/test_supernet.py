@@ -38,10 +38,10 @@ def test_schedule_search_is_the_exact_optimum_under_the_budget():
 
 
 def test_widths_are_validated():
-  assert supernet.validate_widths([1, 0.5]) == (1.0, 0.5)
+  assert tdc_method.validate_widths([1, 0.5]) == (1.0, 0.5)
   for bad in ([], [0.5, 1.0], [1.0, 1.0], [1.0, 0.0], [0.75, 0.5]):
     with pytest.raises(ConfigError, match="adaptive.supernet.widths"):
-      supernet.validate_widths(bad)
+      tdc_method.validate_widths(bad)
 
 
 def _supernet(schedule=()):
@@ -54,7 +54,7 @@ def test_supernet_trains_every_width_and_routes_each_sampler_step():
   steps = routing.sampler_timesteps(_supernet().config)  # 5 of T = 20
   schedule = [0, 1, 1, 0, 1]
   m = _supernet(schedule)
-  assert isinstance(m, supernet.Supernet)
+  assert isinstance(m, tdc_method.Supernet)
   # Random weights everywhere: the zero-initialised output convs would stop every gradient.
   rng = np.random.default_rng(0)
   params = jax.tree.map(
@@ -105,7 +105,7 @@ def test_campaign_arm_e6_starts_from_stage_one_and_meets_the_reference_flops(tmp
   assert s["sampling_flops_ratio"] <= s["target_ratio"] + 1e-9
   assert abs(rec["sampling_flops_ratio"] - s["sampling_flops_ratio"]) < 0.05
   run_config, net, _, _ = eval_lib.load_params(e6_dir)
-  assert isinstance(net, supernet.Supernet)
+  assert isinstance(net, tdc_method.Supernet)
   assert len(run_config.adaptive.supernet.schedule) == config.diffusion.sample_steps
   with open(os.path.join(e6_dir, supernet.SEARCH_JSON)) as f:
     assert len(json.load(f)["loss_table"]) == config.diffusion.sample_steps
