@@ -85,6 +85,8 @@ def test_supernet_trains_every_width_and_routes_each_sampler_step():
   assert 0.4 < cost["sampling_flops_ratio"] < 0.8
   with pytest.raises(ConfigError, match="adaptive.supernet.schedule"):
     _supernet([0, 2, 0, 0, 0])
+  with pytest.raises(ValueError, match="indices into 2 networks"):
+    routing.table_routed_denoise_fn(np.array([0, 1, 2]), [lambda x, t, y: x] * 2)
 
 
 @pytest.mark.slow
