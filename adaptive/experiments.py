@@ -180,16 +180,9 @@ def seed_config(config, seed: int):
 
 
 def _latest_step(workdir: str) -> int | None:
-  from common import checkpoint
+  from adaptive import train as adaptive_train
 
-  path = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(path):
-    return None
-  ckpt = checkpoint.Checkpointer(path)
-  try:
-    return ckpt.latest_step()
-  finally:
-    ckpt.close()
+  return adaptive_train.latest_step(workdir)
 
 
 def _copy_latest_checkpoint(src: str, dst: str) -> int:

@@ -216,7 +216,6 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
     ``workdir/config.json``, so ``common.eval`` samples with it.
   """
   from adaptive import train as adaptive_train
-  from common import checkpoint
   from common import eval as eval_lib
   from common.train import loop
 
@@ -237,11 +236,7 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
   base_call = DDPM(config, data_info).denoiser_call_flops(base_params, 1)
   c6 = supernet_config(config, widths, steps, base_call)
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  try:
-    latest = ckpt.latest_step()
-  finally:
-    ckpt.close()
+  latest = adaptive_train.latest_step(workdir)
   if latest is None:
     ranked = pruning.rank_channels(
       base_params, config.model, image_size=int(config.data.resolution)

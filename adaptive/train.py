@@ -310,7 +310,7 @@ def write_inherited_start(
   The EMA starts from the pruned weights (spec §3.4). The shared loop then resumes from it, so
   stage 2 is an ordinary run of the loop (and a killed stage 2 resumes like any run).
   """
-  if _has_checkpoint(workdir):
+  if latest_step(workdir) is not None:
     return
   inherited = {
     method.group_key(g): pruning.inherit_weights(
@@ -326,12 +326,17 @@ def write_inherited_start(
   write_start_checkpoint(config, workdir, inherited, devices=devices)
 
 
-def _has_checkpoint(workdir: str) -> bool:
+def latest_step(workdir: str) -> int | None:
+  """The latest checkpoint step of the run in ``workdir``; None if it has none (or no
+  ``checkpoints/`` folder, which is then not created)."""
   from common import checkpoint
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  path = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(path):
+    return None
+  ckpt = checkpoint.Checkpointer(path)
   try:
-    return ckpt.latest_step() is not None
+    return ckpt.latest_step()
   finally:
     ckpt.close()
 
