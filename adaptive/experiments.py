@@ -372,7 +372,8 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   Returns:
     as ``heldout.heldout_losses`` over ``ref.groups``.
   """
-  import jax.numpy as jnp
+
+  from adaptive import heldout
 
   if hasattr(method, "routed_networks"):
     route, members = method.routed_networks(params)
@@ -386,26 +387,15 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   per_group = []
   for g in range(ref.groups.num_groups):
     t, index, noise = ref.draws.t[g], ref.draws.index[g], ref.draws.noise[g]
-    n = len(t)
-    batch = min(256, n)  # one compiled shape: short batches are padded
-    mse, vlb = np.zeros(n), np.zeros(n)
+    batch = min(256, len(t))  # one compiled shape per network: short batches are padded
+    mse, vlb = np.zeros(len(t)), np.zeros(len(t))
     which = route(t)
     for h in np.unique(which):
       terms_fn, p = nets[int(h)]
       sel = np.flatnonzero(which == h)
-      for s in range(0, len(sel), batch):
-        part = sel[s : s + batch]
-        padded = np.concatenate([part, np.full(batch - len(part), part[0])])
-        y = None if ref.labels is None else jnp.asarray(ref.labels[index[padded]], jnp.int32)
-        m, v = terms_fn(
-          p,
-          jnp.asarray(ref.x_test[index[padded]]),
-          jnp.asarray(t[padded]),
-          jnp.asarray(noise[padded]),
-          y,
-        )
-        mse[part] = np.asarray(m)[: len(part)]
-        vlb[part] = np.asarray(v)[: len(part)]
+      mse[sel], vlb[sel] = heldout.per_example_terms(
+        terms_fn, p, ref.x_test, index[sel], t[sel], noise[sel], ref.labels, batch_size=batch
+      )
     size = int(ref.groups.sizes[g])
     per_group.append(
       {

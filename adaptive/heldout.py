@@ -78,6 +78,41 @@ def make_terms_fn(diffusion: GaussianDiffusion, apply: ApplyFn):
   return terms
 
 
+def per_example_terms(terms_fn, params, x0: np.ndarray, index: np.ndarray, t: np.ndarray,
+                      noise: np.ndarray, labels: np.ndarray | None = None, *,
+                      batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+  """Per-draw L_simple and VLB term of one network, in padded batches of one compiled shape.
+
+  Args:
+    terms_fn: from ``make_terms_fn``.
+    params: its network's parameters.
+    x0: [M, H, W, C] float32 images the draws index.
+    index: [n] ints into ``x0``; ``t`` [n] ints; ``noise`` [n, H, W, C] float32.
+    labels: [M] int32 for a class-conditional network, else None.
+    batch_size: every call's batch, so one program serves every call (a short last batch is
+      padded with its first draw).
+
+  Returns:
+    (mse [n], vlb bits/dim [n]) as float64 numpy arrays.
+  """
+  n, batch = len(t), int(batch_size)
+  mse, vlb = np.zeros(n), np.zeros(n)
+  for s in range(0, n, batch):
+    part = np.arange(s, min(s + batch, n))
+    padded = np.concatenate([part, np.full(batch - len(part), part[0])])
+    y = None if labels is None else jnp.asarray(labels[index[padded]], jnp.int32)
+    m, v = terms_fn(
+      params,
+      jnp.asarray(x0[index[padded]]),
+      jnp.asarray(t[padded], jnp.int32),
+      jnp.asarray(noise[padded]),
+      y,
+    )
+    mse[part] = np.asarray(m)[: len(part)]
+    vlb[part] = np.asarray(v)[: len(part)]
+  return mse, vlb
+
+
 def heldout_losses(
   diffusion: GaussianDiffusion,
   groups: Groups,

@@ -32,7 +32,6 @@ from typing import Any
 
 import chex
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -130,22 +129,10 @@ def step_loss_table(method: Supernet, params, images: np.ndarray, *, per_step: i
   noise = rng.standard_normal((len(steps), per_step, *images.shape[1:])).astype(np.float32)
   t = np.repeat(steps[:, None], per_step, 1)
   flat_i, flat_t, flat_n = index.reshape(-1), t.reshape(-1), noise.reshape(-1, *images.shape[1:])
-  batch = 256
   out = np.zeros((len(steps) * per_step, len(method.widths)))
   for w, (m, p) in enumerate(zip(method.members, method.subnet_params(params), strict=True)):
     terms = heldout.make_terms_fn(method.diffusion, m.apply)
-    for s in range(0, len(flat_i), batch):
-      part = np.arange(s, min(s + batch, len(flat_i)))
-      padded = np.concatenate([part, np.full(batch - len(part), part[0])])
-      y = None if labels is None else jnp.asarray(labels[flat_i[padded]], jnp.int32)
-      mse, _ = terms(
-        p,
-        jnp.asarray(images[flat_i[padded]]),
-        jnp.asarray(flat_t[padded], jnp.int32),
-        jnp.asarray(flat_n[padded]),
-        y,
-      )
-      out[part, w] = np.asarray(mse)[: len(part)]
+    out[:, w], _ = heldout.per_example_terms(terms, p, images, flat_i, flat_t, flat_n, labels)
   return out.reshape(len(steps), per_step, -1).mean(1)
 
 
