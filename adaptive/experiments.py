@@ -839,11 +839,39 @@ def pruner_claims(results, seeds) -> dict[str, Any]:
           stds.append(float(np.std(vals, ddof=1)))
     return float(np.mean(stds)) if stds else float("nan")
 
+  def cells(variant):
+    """proxy_memory's final score against ``variant``'s on every (seed, group, proxy seed) both
+    ran: the same score function, so a tie is the same structure or an equal proxy value."""
+    lower = tie = higher = 0
+    for rec in recs.values():
+      ours, theirs = rec["variants"].get("proxy_memory", {}), rec["variants"].get(variant, {})
+      for q, by_g in theirs.items():
+        for g, r in by_g.items():
+          if g not in ours.get(q, {}):
+            continue
+          d = ours[q][g]["score"] - r["score"]
+          if abs(d) <= 1e-6 * max(1.0, abs(r["score"])):
+            tie += 1
+          elif d < 0:
+            lower += 1
+          else:
+            higher += 1
+    return {"lower": lower, "tie": tie, "higher": higher}
+
   ref_scores = per_seed("proxy_memory", "score")
   for variant in variants:
     scores = per_seed(variant, "score")
     both = np.isfinite(scores) & np.isfinite(ref_scores)
     out["variants"][variant] = {
+      "cells": cells(variant),
+      "evaluations_all_cells": stats.mean_std(
+        [
+          r["evaluations"]
+          for rec in recs.values()
+          for by_g in rec["variants"].get(variant, {}).values()
+          for r in by_g.values()
+        ]
+      ),
       "score": stats.mean_std(scores),
       "evaluations": stats.mean_std(per_seed(variant, "evaluations")),
       "rounds": stats.mean_std(per_seed(variant, "rounds")),
@@ -978,17 +1006,29 @@ def write_markdown(path: str, summary: dict[str, Any], command: str) -> None:
   lines += ["", f"## C6: {c6['rule']}", ""]
   lines += [
     "| pruner | final proxy score | proxy evaluations | rounds | FLOPs / base | spread over "
-    "proxy seeds | proxy_memory lower |",
-    "|---|---|---|---|---|---|---|",
+    "proxy seeds | proxy_memory lower | every search: proxy_memory lower / tie / higher | "
+    "every search: evaluations |",
+    "|---|---|---|---|---|---|---|---|---|",
   ]
   if not c6["variants"]:
-    lines.append("| (not run) | | | | | | |")
+    lines.append("| (not run) | | | | | | | | |")
   for v, r in c6["variants"].items():
+    cells = r["cells"]
     lines.append(
       f"| {v} | {_pm(r['score'])} | {_pm(r['evaluations'], 1)} | {_pm(r['rounds'], 1)} | "
       f"{_pm(r['flops_ratio'], 3)} | {r['spread_over_proxy_seeds']:.4f} | "
-      f"{r['proxy_memory_wins']}/{r['n']} |"
+      f"{r['proxy_memory_wins']}/{r['n']} | "
+      f"{cells['lower']} / {cells['tie']} / {cells['higher']} | "
+      f"{_pm(r['evaluations_all_cells'], 1)} |"
     )
+  if c6["variants"]:
+    lines += [
+      "",
+      "Score, evaluations, rounds and FLOPs: per training seed the mean over pruned groups at "
+      "proxy seed 0, then mean ± std over training seeds. Spread: the std over proxy seeds of "
+      "one (training seed, group), averaged. The last two columns pool every (training seed, "
+      "group, proxy seed) search the pruner ran.",
+    ]
   e6 = c.get("E6", {"rule": "E6", "vs": {}})
   lines += ["", f"## E6: {e6['rule']}", "", *_COMPARE_HEADER]
   if not e6["vs"]:

@@ -185,6 +185,30 @@ def test_claims_tables_have_a_row_per_claim_and_paired_verdicts(tmp_path):
   assert "| 1 | E0plus |" in md and "| E1 | TDC, N=2, full width |" in md
 
 
+def test_pruner_claims_pair_every_search_and_measure_the_proxy_seed_spread():
+  def res(score, evals):
+    return {"score": score, "evaluations": evals, "rounds": 2, "flops_ratio": 0.75}
+
+  results = {}
+  for s in range(2):
+    # Group 1: memory ties uniform at proxy seed 0 and beats it at seed 1; group 2: loses once.
+    mem = {"0": {"1": res(0.10, 5), "2": res(0.20, 6)}, "1": {"1": res(0.12, 5), "2": res(0.22, 6)}}
+    uni = {"0": {"1": res(0.10, 1), "2": res(0.19, 1)}, "1": {"1": res(0.15, 1), "2": res(0.30, 1)}}
+    results[f"seed{s}/E5"] = {
+      "pruners": {"groups": [1, 2], "variants": {"proxy_memory": mem, "uniform": uni}}
+    }
+  c6 = experiments.pruner_claims(results, [0, 1])
+  u = c6["variants"]["uniform"]
+  assert u["cells"] == {"lower": 4, "tie": 2, "higher": 2}
+  assert c6["variants"]["proxy_memory"]["cells"] == {"lower": 0, "tie": 8, "higher": 0}
+  assert u["evaluations_all_cells"]["mean"] == 1.0
+  assert c6["variants"]["proxy_memory"]["evaluations_all_cells"]["mean"] == 5.5
+  # Std over the two proxy seeds, per (seed, group): group 1 0.0354, group 2 0.0778.
+  assert u["spread_over_proxy_seeds"] == pytest.approx((0.05 + 0.11) / 2 / np.sqrt(2))
+  # At proxy seed 0 (the per-seed means 0.15 vs 0.145), memory is not lower on either seed.
+  assert u["proxy_memory_wins"] == 0 and u["n"] == 2
+
+
 def test_bad_arms_are_refused_with_the_valid_names():
   config = campaign_config()
   with pytest.raises(ConfigError, match=r"--arms='E9'.*E2_k0.5"):
