@@ -179,15 +179,11 @@ def seed_config(config, seed: int):
   return c
 
 
-def _latest_step(workdir: str) -> int | None:
-  from adaptive import train as adaptive_train
-
-  return adaptive_train.latest_step(workdir)
-
-
 def _copy_latest_checkpoint(src: str, dst: str) -> int:
   """Starts run ``dst`` from ``src``'s latest checkpoint (state, data iterator, metrics log)."""
-  step = _latest_step(src)
+  from adaptive import train as adaptive_train
+
+  step = adaptive_train.latest_step(src)
   if step is None:
     raise FileNotFoundError(f"{src} has no checkpoint to continue from")
   os.makedirs(os.path.join(dst, "checkpoints"), exist_ok=True)
@@ -212,7 +208,7 @@ def train_single(config, workdir: str, steps: int, *, start_from: str = "", devi
 
   c = adaptive_train.stage1_config(config)
   c.total_steps = int(steps)
-  latest = _latest_step(workdir)
+  latest = adaptive_train.latest_step(workdir)
   if latest is None and start_from:
     latest = _copy_latest_checkpoint(start_from, workdir)
   if latest == steps:
@@ -220,7 +216,7 @@ def train_single(config, workdir: str, steps: int, *, start_from: str = "", devi
   if latest is not None and latest > steps:
     raise ConfigError("total_steps", steps, f"{workdir} is already at step {latest}")
   loop.train(c, workdir, devices=devices)
-  if _latest_step(workdir) != steps:
+  if adaptive_train.latest_step(workdir) != steps:
     raise RuntimeError(f"{workdir} stopped before step {steps}; run again to resume")
 
 
@@ -372,7 +368,6 @@ def routed_heldout(method, params, ref: Reference) -> dict[str, Any]:
   Returns:
     as ``heldout.heldout_losses`` over ``ref.groups``.
   """
-
   from adaptive import heldout
 
   if hasattr(method, "routed_networks"):
@@ -1302,7 +1297,11 @@ def run_experiments(
       _write_json(record_path, rec)
       results[key] = rec
     s1 = adaptive_train.stage1_steps(cfg)
-    if f"seed{seed}/{STAGE1}" not in results and not report_only and _latest_step(stage1_dir) == s1:
+    if (
+      f"seed{seed}/{STAGE1}" not in results
+      and not report_only
+      and adaptive_train.latest_step(stage1_dir) == s1
+    ):
       ref = ref or make_reference(cfg)
       from common import eval as eval_lib
 
