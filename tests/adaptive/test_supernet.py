@@ -66,7 +66,9 @@ def test_supernet_trains_every_width_and_routes_each_sampler_step():
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
   loss, metrics = m.loss_fn(params, {"image": x}, jax.random.key(1), 0)
   assert {"loss/width1", "loss/width0.5"} <= set(metrics)
-  assert loss == pytest.approx(metrics["loss/width1"] + metrics["loss/width0.5"], rel=1e-6)
+  assert float(loss) == pytest.approx(
+    float(metrics["loss/width1"]) + float(metrics["loss/width0.5"]), rel=1e-6
+  )
   # The half-width loss trains the supernet's first channels only.
   grad = jax.grad(lambda p: m.members[1].loss_fn(m.subnet_params(p)[1], {"image": x},
                                                  jax.random.key(1), 0)[0])(params)  # fmt: skip
