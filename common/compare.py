@@ -32,6 +32,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
+from common import fileio
 from common import headline as headline_lib
 
 TABLE_COLUMNS = (
@@ -326,8 +327,7 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
         "```",
         "",
       ]
-  with open(paths["md"], "w") as f:
-    f.write("\n".join(lines).rstrip() + "\n")
+  fileio.write_text(paths["md"], "\n".join(lines).rstrip() + "\n")
 
   _write_csv(runs, summary, paths["csv"])
   _pareto_plot(generative, paths["png"], meta)
@@ -356,7 +356,7 @@ def _write_csv(runs: list[dict], summary: list[dict], path: str) -> None:
       rows.append({**metrics, **base, "arm": arm, "role": "baseline", "method": r["method"]})
   first = ["run", "arm", "role", "kind", "section", "method", "wall_time_s"]
   keys = sorted({k for row in rows for k in row} - set(first))
-  with open(path, "w", newline="") as f:
+  with fileio.atomic_open(path, "w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow([*first, *keys])
     for row in rows:
@@ -385,7 +385,8 @@ def _pareto_plot(runs: list[dict], path: str, meta: dict | None = None) -> None:
   ax.set_title("Quality against sampling compute (lower left is better)")
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path)
+  with fileio.atomic_path(path) as tmp:  # the temporary name keeps .png: same format
+    fig.savefig(tmp)
   plt.close(fig)
 
 

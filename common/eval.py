@@ -17,7 +17,6 @@ given by ``--inception_weights`` (never downloaded).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,6 +24,8 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+
+from common import fileio
 
 
 def _define_flags() -> dict[str, Any]:
@@ -246,8 +247,7 @@ def evaluate(
 
   out_dir = os.path.join(workdir, out_name)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2, sort_keys=True)
+  fileio.write_json(os.path.join(out_dir, "metrics.json"), result, sort_keys=True)
   _save_grid(os.path.join(out_dir, "samples.png"), samples, groups, names)
   logging.info(
     "FID %.3f | KID %.4f +- %.4f | precision %.3f | recall %.3f -> %s",

@@ -30,6 +30,8 @@ import math
 import os
 from typing import Any
 
+from common import fileio
+
 FILENAME = "headline.json"
 VERSION = 1
 KINDS = ("generative", "scheduler", "adaptation")
@@ -94,13 +96,8 @@ def make(
 def write(workdir: str, **fields: Any) -> str:
   """Writes ``make(**fields)`` to ``<workdir>/headline.json``; returns the path."""
   record = make(**fields)
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, FILENAME)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(tmp, path)  # a reader (quickstart's resume) never sees half a file
-  return path
+  # Whole or not at all (common.fileio): a reader (quickstart's resume) never sees half a file.
+  return fileio.write_json(os.path.join(workdir, FILENAME), record)
 
 
 def read(workdir: str) -> dict[str, Any] | None:

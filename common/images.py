@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from common import fileio
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -57,7 +58,9 @@ def make_grid(
 
 
 def save_grid(path: str, images: np.ndarray, **kwargs) -> str:
-  """Writes ``make_grid(images, **kwargs)`` to ``path`` (directories created); returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  make_grid(images, **kwargs).save(path)
+  """Writes ``make_grid(images, **kwargs)`` to ``path`` (directories created) whole or not at all
+  (``common.fileio``); returns the path."""
+  grid = make_grid(images, **kwargs)
+  with fileio.atomic_path(path) as tmp:  # the temporary name keeps the extension: same format
+    grid.save(tmp)
   return path

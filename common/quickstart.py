@@ -33,6 +33,8 @@ from typing import Any
 
 from absl import app, flags
 
+from common import fileio
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_DIR = ".quickstart"  # one record per finished run: its command, status, wall time
 PLAN_FILE = "runs.json"  # what common.compare reads with --plan
@@ -139,11 +141,7 @@ def _read_record(workdir: str, name: str) -> dict | None:
 
 
 def _write_record(workdir: str, name: str, record: dict) -> None:
-  path = _record_path(workdir, name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=2)
-  os.replace(path + ".tmp", path)
+  fileio.write_json(_record_path(workdir, name), record)
 
 
 def is_finished(entry, name: str, workdir: str, argv: list[str]) -> dict | None:
@@ -444,8 +442,7 @@ def plan_report(
 
 def _compare(config, workdir, outcomes, total, echo, shown_workdir) -> str | None:
   plan = plan_report(config, workdir, outcomes, total, shown_workdir)
-  with open(os.path.join(workdir, PLAN_FILE), "w") as f:
-    json.dump(plan, f, indent=2)
+  fileio.write_json(os.path.join(workdir, PLAN_FILE), plan)
   specs = [f"{n}={r['workdir']}" for n, r in plan["runs"].items() if r["status"] == "ok"]
   argv = [
     sys.executable,

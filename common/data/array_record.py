@@ -103,8 +103,11 @@ def read_metadata(data_dir: str) -> dict:
       f"data.data_dir={data_dir!r} has no {METADATA_FILE} ({path}); it was not written by "
       "common.data.prepare or the preparation did not finish; " + hint
     )
-  with open(path) as f:
-    meta = json.load(f)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except ValueError as e:  # torn or hand-edited: say which file, not a bare JSONDecodeError
+    raise ValueError(f"{path}: not valid JSON ({e}); " + hint) from None
   if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
     raise ValueError(
       f"{path}: format {meta.get('format')!r} version {meta.get('format_version')!r} is not "

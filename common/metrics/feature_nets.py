@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import fileio
+
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 FEATURE_DIM = 128
 
@@ -146,7 +148,7 @@ def save_params(model: FeatureNet, path: str) -> str:
       info.compress_type = zipfile.ZIP_DEFLATED
       zf.writestr(info, member.getvalue())
   data = buf.getvalue()
-  with open(path, "wb") as f:
+  with fileio.atomic_open(path, "wb") as f:
     f.write(data)
   return hashlib.sha256(data).hexdigest()
 

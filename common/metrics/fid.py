@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
+from common import fileio
+
 
 def _as_features(features: Any, name: str = "features") -> np.ndarray:
   # Cast before any arithmetic so sums are accumulated in float64, not the input dtype.
@@ -155,7 +157,11 @@ def save_statistics(path: str | os.PathLike, mu: Any, sigma: Any, /, **meta: Any
   mu = np.asarray(mu, dtype=np.float64)
   sigma = np.asarray(sigma, dtype=np.float64)
   _check_stats(mu, sigma, "")
-  np.savez(path, mu=mu, sigma=sigma, **{f"meta_{k}": np.asarray(v) for k, v in meta.items()})
+  path = os.fspath(path)
+  if not path.endswith(".npz"):  # np.savez's naming, kept
+    path += ".npz"
+  meta_arrays = {f"meta_{k}": np.asarray(v) for k, v in meta.items()}
+  fileio.save_npz(path, mu=mu, sigma=sigma, **meta_arrays)
 
 
 def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import fileio
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 BN_EPS = 1e-3
@@ -456,7 +458,7 @@ def save_state_dict(arrays: Mapping[str, np.ndarray], path: str) -> str:
       np.lib.format.write_array(member, np.ascontiguousarray(arrays[key], np.float32))
       zf.writestr(zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
   data = buf.getvalue()
-  with open(path, "wb") as f:
+  with fileio.atomic_open(path, "wb") as f:
     f.write(data)
   return hashlib.sha256(data).hexdigest()
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import logging
 
+from common import fileio
 from common.metrics import fid
 
 EMBEDDED_FEATURE_NETS = ("digits", "shapes")
@@ -129,16 +130,19 @@ def reference_features(
   if max_examples:
     path = path.replace(".npz", f"_n{max_examples}.npz")
   if os.path.exists(path):
-    with np.load(path) as f:
-      return f["features"], f["labels"], path
+    try:
+      with np.load(path, allow_pickle=False) as f:
+        return f["features"], f["labels"], path
+    except Exception as e:  # a damaged cache file (zip, zlib, key, EOF errors): recompute it
+      logging.warning("%s unreadable (%s: %s); recomputing it", path, type(e).__name__, e)
   t0 = time.perf_counter()
   images, labels = data.load_split(data_config, split, max_examples=max_examples)
   feats = net.features(images)
   mu, sigma = fid.compute_statistics(feats)
-  os.makedirs(cache_dir, exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(
-    tmp,
+  # A unique temporary file, replaced into place whole: concurrent evaluations computing the same
+  # statistics never share a temporary file, and a reader never sees half a file.
+  fileio.save_npz(
+    path,
     features=feats,
     labels=labels,
     mu=mu,
@@ -150,7 +154,6 @@ def reference_features(
     feature_net_sha256=net.sha256,
     count=len(feats),
   )
-  os.replace(tmp, path)  # atomic: concurrent evaluations never read half a file
   logging.info(
     "reference statistics of %s/%s (%d images) -> %s in %.1fs",
     data_config.name,

@@ -20,7 +20,7 @@ import optax
 from absl import app, flags
 from flax import nnx
 
-from common import data
+from common import data, fileio
 from common.metrics import feature_nets
 
 # Defaults per dataset: (steps, batch_size, lr, max shift in pixels for augmentation).
@@ -133,9 +133,7 @@ def main(argv):
     "train_seconds": round(seconds, 1),
     "command": "python -m common.metrics.train_feature_net " + " ".join(sys.argv[1:]),
   }
-  with open(os.path.join(FLAGS.out, f"{name}.json"), "w") as f:
-    json.dump(record, f, indent=2)
-    f.write("\n")
+  fileio.write_text(os.path.join(FLAGS.out, f"{name}.json"), json.dumps(record, indent=2) + "\n")
   print(f"{name}: held-out accuracy {accuracy:.4f} on the test split, {seconds:.1f}s")
   print(f"wrote {weights_path} ({os.path.getsize(weights_path)} bytes) sha256 {sha}")
 

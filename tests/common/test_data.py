@@ -352,6 +352,9 @@ def test_array_record_config_errors(tmp_path):
     data.get_info(wrong)
   with pytest.raises(ValueError, match=r"no split 'test'.*\['train'\]"):
     data.load_split(dict(wrong, resolution=16), "test")
+  (tmp_path / "ds" / "metadata.json").write_text('{"format": "segdiff-im')  # a torn file
+  with pytest.raises(ValueError, match=r"metadata\.json: not valid JSON.*common\.data\.prepare"):
+    data.get_info(dict(wrong, resolution=16))
 
 
 # ----------------------------------------------------------------------------- partition

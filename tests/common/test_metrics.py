@@ -1,5 +1,7 @@
 """Tests for common.metrics: FID maths, KID, improved precision/recall, FLOPs/params/latency."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -317,3 +319,90 @@ def test_count_flops_of_the_unet_is_stable_and_scales_with_width_and_resolution(
   assert 4.0 < _unet_forward_flops((16, 32), 16) / base < 4.8
   # ... and with width squared: 2x the width, ~4x the FLOPs (norms and biases grow only 2x).
   assert 3.2 < _unet_forward_flops((32, 64), 8) / base < 4.1
+
+
+# ----------------------------------------------------------------------------- reference cache
+
+
+def _fake_net(barrier=None):
+  """A cheap feature network; with ``barrier``, every call waits for the barrier."""
+  from common.metrics import reference
+
+  def features(x):
+    if barrier is not None:
+      barrier.wait(timeout=30)
+    return np.asarray(x, np.float32).reshape(len(x), -1)[:, :16]
+
+  return reference.FeatureNetwork("fake", "0" * 64, "", features)
+
+
+def _digits_config():
+  import ml_collections
+
+  return ml_collections.ConfigDict(dict(name="digits", resolution=8, data_dir="", num_examples=0))
+
+
+def test_reference_statistics_computed_twice_at_once_leave_one_valid_file(tmp_path, monkeypatch):
+  import threading
+
+  from common.metrics import reference
+
+  # Both evaluations enter np.savez together and both finish writing before either moves its
+  # file into place: with a shared temporary name (the old ``path + ".tmp.npz"``) the second
+  # ``os.replace`` found no file (FileNotFoundError); with unique names both succeed.
+  both, savez = threading.Barrier(2), np.savez
+
+  def savez_together(*args, **kwargs):
+    both.wait(timeout=30)
+    savez(*args, **kwargs)
+    both.wait(timeout=30)
+
+  monkeypatch.setattr(np, "savez", savez_together)
+  results, errors = [], []
+
+  def compute():
+    try:
+      cfg = _digits_config()
+      results.append(
+        reference.reference_features(cfg, "test", _fake_net(), cache_dir=str(tmp_path))
+      )
+    except BaseException as e:  # noqa: BLE001 -- reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=compute) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  monkeypatch.undo()
+  assert not errors, errors
+  assert len(results) == 2 and results[0][2] == results[1][2]
+  path = results[0][2]
+  assert sorted(os.listdir(tmp_path)) == [os.path.basename(path)]  # no temporary file left
+  with np.load(path, allow_pickle=False) as f:
+    np.testing.assert_array_equal(f["features"], results[0][0])
+    np.testing.assert_array_equal(f["labels"], results[1][1])
+    assert int(f["count"]) == 300 and f["mu"].shape == (16,)
+  # A later evaluation reads the cache (this net would time out if it computed).
+  feats, _, again = reference.reference_features(
+    _digits_config(), "test", _fake_net(threading.Barrier(2)), cache_dir=str(tmp_path)
+  )
+  assert again == path
+  np.testing.assert_array_equal(feats, results[0][0])
+
+
+def test_damaged_reference_cache_is_recomputed(tmp_path):
+  from common.metrics import reference
+
+  feats, _, path = reference.reference_features(
+    _digits_config(), "test", _fake_net(), cache_dir=str(tmp_path)
+  )
+  with open(path, "r+b") as f:  # a torn file, as a crash of an older version could leave
+    f.truncate(100)
+  again, _, same = reference.reference_features(
+    _digits_config(), "test", _fake_net(), cache_dir=str(tmp_path)
+  )
+  assert same == path and sorted(os.listdir(tmp_path)) == [os.path.basename(path)]
+  np.testing.assert_array_equal(again, feats)
+  with np.load(path) as f:
+    np.testing.assert_array_equal(f["features"], feats)
