@@ -26,29 +26,84 @@ BATCH_AXES = ("data", "fsdp")
 MIN_FSDP_SIZE = 2**12
 
 
-def maybe_initialize_distributed() -> None:
-  """Calls ``jax.distributed.initialize()`` when this is a multi-process launch, once.
+class LaunchError(ValueError):
+  """A multi-process launch that is only half specified; the message is one line."""
 
-  On a TPU pod slice or a SLURM/Kubernetes GPU job JAX discovers the coordinator itself; locally
-  (one process) initialization is skipped so nothing waits for peers that do not exist.
+
+# Cluster environments whose coordinator JAX finds itself (TPU pods, SLURM, Kubernetes jobs).
+_AUTO_DETECTED = (
+  "COORDINATOR_ADDRESS",
+  "TPU_WORKER_HOSTNAMES",
+  "MEGASCALE_COORDINATOR_ADDRESS",
+  "OMPI_COMM_WORLD_SIZE",
+)
+
+
+def launch_settings(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  env: Mapping[str, str] | None = None,
+) -> dict[str, Any] | None:
+  """How this process joins a multi-process run, from flags, else the environment.
+
+  Each of the three comes from its argument (the binaries' ``--coordinator_address``,
+  ``--num_processes``, ``--process_id``) or, when that is None, ``JAX_COORDINATOR_ADDRESS``,
+  ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``. Returns ``{"coordinator_address", "num_processes",
+  "process_id"}`` when all three are set; ``{}`` when none is but a cluster JAX detects by itself
+  is (a TPU pod slice, SLURM with more than one task, ...); None for a single-process run.
+
+  Raises:
+    LaunchError: some of the three are set and others are not, or a value is malformed.
   """
-  multi_process_env = (
-    any(
-      k in os.environ
-      for k in (
-        "JAX_COORDINATOR_ADDRESS",
-        "COORDINATOR_ADDRESS",
-        "TPU_WORKER_HOSTNAMES",
-        "MEGASCALE_COORDINATOR_ADDRESS",
-      )
+  env = os.environ if env is None else env
+  given = {
+    "coordinator_address": coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None,
+    "num_processes": num_processes if num_processes is not None else env.get("JAX_NUM_PROCESSES"),
+    "process_id": process_id if process_id is not None else env.get("JAX_PROCESS_ID"),
+  }
+  missing = [k for k, v in given.items() if v is None]
+  if len(missing) == 3:
+    auto = any(k in env for k in _AUTO_DETECTED) or int(env.get("SLURM_NTASKS", "1")) > 1
+    return {} if auto else None
+  flag = {k: f"--{k} (or JAX_{k.upper()})" for k in given}
+  if missing:
+    have = ", ".join(flag[k] for k in given if k not in missing)
+    raise LaunchError(
+      f"launch error: {have} given but not {', '.join(flag[k] for k in missing)}: a "
+      "multi-process launch names all three (or none, on a cluster JAX detects)"
     )
-    or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  )
-  if not multi_process_env:
+  try:
+    n, i = int(given["num_processes"]), int(given["process_id"])
+  except ValueError as e:
+    raise LaunchError(f"launch error: process count and id must be integers ({e})") from None
+  if n < 1 or not 0 <= i < n:
+    raise LaunchError(f"launch error: --process_id={i} must be in [0, --num_processes={n})")
+  if ":" not in str(given["coordinator_address"]):
+    raise LaunchError(
+      f"launch error: --coordinator_address={given['coordinator_address']!r} must be host:port"
+    )
+  return {"coordinator_address": str(given["coordinator_address"]), "num_processes": n,
+          "process_id": i}  # fmt: skip
+
+
+def maybe_initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Calls ``jax.distributed.initialize`` when this is a multi-process launch (``launch_settings``),
+  once, before anything asks JAX for its devices.
+
+  The CPU backend's cross-process collectives go through gloo (what a multi-process test on one
+  machine runs; GPUs and TPUs use their own, unaffected by it). One process: nothing is
+  initialized, so nothing waits for peers that do not exist.
+  """
+  settings = launch_settings(coordinator_address, num_processes, process_id)
+  if settings is None or jax.distributed.is_initialized():
     return
-  if jax.distributed.is_initialized():
-    return
-  jax.distributed.initialize()
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**settings)
   logging.info(
     "jax.distributed initialized: process %d of %d, %d local / %d global devices",
     jax.process_index(),

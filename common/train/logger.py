@@ -10,6 +10,8 @@ import time
 
 from absl import logging
 
+from common import fileio
+
 _CHATTY_LIBRARIES = ("/orbax/", "/grain/", "/etils/")
 
 
@@ -38,6 +40,34 @@ def _fmt_seconds(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def truncate_jsonl(path: str, step: int, *, key: str = "step") -> int:
+  """Rewrites the JSON-lines log ``path`` (atomically) keeping the records with ``key <= step``.
+
+  What a resumed run calls with its restored step, so the log reads as one clean run. A line that
+  does not parse (the torn last line a kill mid-write leaves, or any damaged one) is dropped with a
+  warning instead of blocking the resume. A missing file is left missing. Returns the records kept.
+  """
+  if not os.path.exists(path):
+    return 0
+  keep, torn = [], []
+  with open(path, errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        torn.append(number)
+        continue
+      if not isinstance(record, dict) or record.get(key, 0) <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  if torn:
+    logging.warning("%s: dropped %d unreadable line(s) (line %s): a write cut off", path,
+                    len(torn), ", ".join(map(str, torn)))  # fmt: skip
+  fileio.write_text(path, "".join(keep))
+  return len(keep)
+
+
 class MetricLogger:
   """Writes one record per logged step; only process 0 writes files.
 
@@ -57,12 +87,8 @@ class MetricLogger:
 
   def truncate_after(self, step: int) -> None:
     """Keeps only the records with ``step <= step`` (called when resuming from a checkpoint)."""
-    if not self.enabled or not os.path.exists(self.path):
-      return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(self.path, "w") as f:
-      f.writelines(keep)
+    if self.enabled:
+      truncate_jsonl(self.path, step)
 
   def start(self, step: int) -> None:
     self._last_time, self._last_step = time.perf_counter(), step

@@ -8,6 +8,7 @@ in the tests, on a GPU and on a TPU slice; only ``config.mesh`` changes.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import optax
 from absl import logging
 
 from common import checkpoint, images, parallel
+from common.train import drift
 from common.train import validate as validate_lib
 from common.train.logger import MetricLogger
 from common.train.method import Method, load_method
@@ -28,7 +30,8 @@ from common.train.state import TrainState
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+  """The loss diverged (NaN, infinite, or ``DIVERGED_LOSS_FACTOR`` above its recent median); the
+  message names the step and the last good checkpoint."""
 
 
 def setup(config: ml_collections.ConfigDict, *, devices: list | None = None):
@@ -96,13 +99,53 @@ def build(config, method: Method, mesh):
   }
 
 
-def _check_finite(host_metrics: list[tuple[int, dict]], last_good: int | None) -> None:
-  for step, m in host_metrics:
-    if not math.isfinite(float(m["loss"])):
-      raise NonFiniteLossError(
-        f"non-finite loss ({float(m['loss'])}) at step {step}; stopping without saving. "
-        f"The last good checkpoint is step {last_good}."
-      )
+# A loss this many times the median of the recent ones is a divergence even while it is finite:
+# healthy diffusion losses move by a few x over a run, an exploding update by orders of magnitude.
+DIVERGED_LOSS_FACTOR = 1e3
+_RECENT_LOSSES = 50
+
+
+def _divergence(loss: float, recent: collections.deque) -> str | None:
+  if not math.isfinite(loss):
+    return f"non-finite loss ({loss})"
+  if recent and loss > DIVERGED_LOSS_FACTOR * float(np.median(recent)):
+    return (
+      f"loss {loss:.4g}, over {DIVERGED_LOSS_FACTOR:g}x the recent median {np.median(recent):.4g},"
+    )
+  return None
+
+
+def _vouch_for_checkpoints(host_metrics, ckpt, provisional: list[int], recent) -> None:
+  """Confirms or discards the provisional checkpoints by the losses of the steps after them.
+
+  ``host_metrics``: ``(done, metrics)`` pairs in order, where ``metrics["loss"]`` was computed
+  from the parameters after ``done - 1`` updates. A healthy loss (finite, and not over
+  ``DIVERGED_LOSS_FACTOR`` times the median of the ``recent`` ones) confirms every provisional
+  checkpoint up to ``done - 1``; a diverged one discards checkpoint ``done - 1`` (the parameters
+  that produced it) and raises, naming the newest checkpoint that is still good.
+  """
+  for done, m in host_metrics:
+    loss = float(m["loss"])
+    why = _divergence(loss, recent)
+    if why is None:
+      recent.append(loss)
+      for step in [s for s in provisional if s <= done - 1]:
+        ckpt.confirm(step)
+        provisional.remove(step)
+      continue
+    removed = [s for s in provisional if s >= done - 1]
+    for step in removed:
+      ckpt.discard(step)
+      provisional.remove(step)
+    good = ckpt.latest_good_step()
+    where = (
+      f"The last good checkpoint is step {good}: a rerun with a lower learning rate and "
+      f"--allow_config_change=optimizer.learning_rate resumes from it."
+      if good is not None
+      else "No checkpoint was saved yet."
+    )
+    gone = f"checkpoint {removed[0]} (past the divergence) was removed. " if removed else ""
+    raise NonFiniteLossError(f"{why} at step {done}; stopping without saving, {gone}{where}")
 
 
 def save_samples(method: Method, params, config, path: str, seed_offset: int) -> str:
@@ -118,8 +161,14 @@ def train(
   *,
   devices: list | None = None,
   method: Method | None = None,
+  resumable: tuple[str, ...] = (),
 ) -> TrainState:
-  """Trains (or resumes) the run in ``workdir`` to ``config.total_steps``; returns the state."""
+  """Trains (or resumes) the run in ``workdir`` to ``config.total_steps``; returns the state.
+
+  A resume refuses a config that differs from the saved one (``drift``) except in the fields
+  ``drift.RESUMABLE``, ``resumable`` (patterns this caller knows do not affect this run) and
+  ``--allow_config_change`` name.
+  """
   # --- Validate and set up: nothing is written before this succeeds. ------------------------
   mesh, default_method = setup(config, devices=devices)
   method = method or default_method
@@ -136,67 +185,90 @@ def train(
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(fns["abstract_state"].params))
   logging.info("parameters: %s", f"{n_params:,}")
 
-  # --- Checkpoint: resume from the latest one if the workdir has any. ------------------------
+  # --- Checkpoint: resume from the newest intact one if the workdir has any. -----------------
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+  config_changes = drift.check_resume(workdir, config, resumable) if resuming else {}
   os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(sort_keys=True, indent=2)
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_json)
-  ckpt = checkpoint.Checkpointer(
-    os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints
-  )
+  ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
   ckpt.install_signal_handler()
   logger = MetricLogger(
     workdir, total_steps=config.total_steps, batch_size=method.images_per_step(), enabled=is_main
   )
-  latest = ckpt.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s/%d", ckpt.directory, latest)
-    state = ckpt.restore(latest, fns["abstract_state"], data_iter)
-    logger.truncate_after(latest)
-  else:
-    state = fns["init"]()
-  start = int(jax.device_get(state.step))
-
-  # --- Loop. ----------------------------------------------------------------------------------
-  total = config.total_steps
-  pending: list[tuple[int, Any]] = []  # device metrics not yet checked or logged
-  window: list[dict] = []  # host metrics since the last log line
-  logger.start(start)
   try:
-    for step in range(start, total):
-      batch = parallel.global_batch(next(data_iter), fns["batch_sharding"])
-      state, metrics = fns["step"](state, batch)
-      done = step + 1
-      pending.append((done, metrics))
-      is_last = done == total
-      stop = ckpt.should_stop(done)
-      log_now = done % config.log_every_steps == 0 or is_last
-      save_now = done % config.ckpt_every_steps == 0 or is_last or stop
-      if log_now or save_now:
-        # One device->host copy per log/save interval; a NaN is always caught before a save.
-        host = jax.device_get(pending)
-        pending = []
-        _check_finite(host, ckpt.latest_step())
-        window.extend(m for _, m in host)
-      if log_now:
-        scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-        scalars["lr"] = float(window[-1]["lr"])
-        logger.write(done, scalars)
-        window = []
-      if save_now:
-        ckpt.save(done, state, data_iter, config_json, force=True)
-      sample_every = config.sample_every_steps
-      if is_main and ((sample_every and done % sample_every == 0) or is_last):
-        path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
-        save_samples(method, state.ema_params, config, path, done)
-        logging.info("sample grid (EMA weights): %s", path)
-      if stop:
-        logging.warning("preempted: saved step %d, stopping cleanly", done)
-        break
+    ckpt.set_compiling(True, "no checkpoint yet: a rerun starts from step 0")
+    latest, state = ckpt.restore_latest(fns["abstract_state"], data_iter)
+    if latest is not None:
+      logging.info("resuming from %s/%d", ckpt.directory, latest)
+      ckpt.set_compiling(True, f"a rerun resumes from step {latest}")
+    else:
+      state = fns["init"]()
+    start = int(jax.device_get(state.step))
+    if is_main:
+      drift.record(workdir, config_json, config_changes, start)
+    logger.truncate_after(start)
+    state = _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, config_json)
   finally:
     ckpt.close()
     logger.close()
+  return state
+
+
+def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, config_json):
+  """The loop from ``state.step`` to ``config.total_steps`` (or a preemption); returns the state.
+
+  Checkpoints at regular steps are provisional until the next step's loss is finite
+  (``_vouch_for_checkpoints``); the last step's and a preemption's are sealed on finite parameters.
+  """
+  is_main = jax.process_index() == 0
+  start, total = int(jax.device_get(state.step)), config.total_steps
+  pending: list[tuple[int, Any]] = []  # device metrics not yet checked or logged
+  window: list[dict] = []  # host metrics since the last log line
+  provisional = [start] if ckpt.is_adopted(start) else []
+  recent: collections.deque = collections.deque(maxlen=_RECENT_LOSSES)
+  logger.start(start)
+  for step in range(start, total):
+    batch = parallel.global_batch(next(data_iter), fns["batch_sharding"])
+    state, metrics = fns["step"](state, batch)
+    if step == start:
+      ckpt.set_compiling(False)
+    done = step + 1
+    pending.append((done, metrics))
+    is_last = done == total
+    stop = ckpt.should_stop(done)
+    log_now = done % config.log_every_steps == 0 or is_last
+    save_now = done % config.ckpt_every_steps == 0 or is_last or stop
+    if log_now or save_now:
+      # One device->host copy per log/save interval; a NaN is always caught before a save.
+      host = jax.device_get(pending)
+      pending = []
+      _vouch_for_checkpoints(host, ckpt, provisional, recent)
+      window.extend(m for _, m in host)
+    if log_now:
+      scalars = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
+      scalars["lr"] = float(window[-1]["lr"])
+      logger.write(done, scalars)
+      window = []
+    if save_now:
+      bad = checkpoint.integrity.nonfinite_leaves(state)
+      if bad:
+        raise NonFiniteLossError(
+          f"non-finite values in {bad[0]} after step {done} ({len(bad)} arrays); stopping "
+          f"without saving. The last good checkpoint is step {ckpt.latest_good_step()}"
+          " (None: no checkpoint was saved yet)."
+        )
+      final = is_last or stop
+      if ckpt.save(done, state, data_iter, config_json, force=True, provisional=not final):
+        provisional.extend([] if final else [done])
+    sample_every = config.sample_every_steps
+    if is_main and ((sample_every and done % sample_every == 0) or is_last):
+      path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
+      save_samples(method, state.ema_params, config, path, done)
+      logging.info("sample grid (EMA weights): %s", path)
+    if stop:
+      logging.warning("preempted: saved step %d, stopping cleanly", done)
+      break
   return state
 
 
