@@ -52,6 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from common import fileio
 from common.metrics import stats
 from common.train.validate import ConfigError
 
@@ -187,11 +188,16 @@ def _copy_latest_checkpoint(src: str, dst: str) -> int:
   if step is None:
     raise FileNotFoundError(f"{src} has no checkpoint to continue from")
   os.makedirs(os.path.join(dst, "checkpoints"), exist_ok=True)
-  shutil.copytree(
-    os.path.join(src, "checkpoints", str(step)), os.path.join(dst, "checkpoints", str(step))
-  )
+  # Copied under a staging name and renamed whole: a kill mid-copy never leaves a checkpoint
+  # folder that looks complete.
+  staging = os.path.join(dst, f".checkpoint_{step}.partial")
+  if os.path.exists(staging):
+    shutil.rmtree(staging)
+  shutil.copytree(os.path.join(src, "checkpoints", str(step)), staging)
+  os.replace(staging, os.path.join(dst, "checkpoints", str(step)))
   if os.path.exists(os.path.join(src, "metrics.jsonl")):
-    shutil.copy(os.path.join(src, "metrics.jsonl"), os.path.join(dst, "metrics.jsonl"))
+    with fileio.atomic_path(os.path.join(dst, "metrics.jsonl")) as tmp:
+      shutil.copy(os.path.join(src, "metrics.jsonl"), tmp)
   return step
 
 
@@ -268,7 +274,8 @@ def reference_structures(config, arm_dir: str, stage1_dir: str, ref_dir: str, *,
   if os.path.isdir(src):
     for f in sorted(os.listdir(src)):
       if f.endswith(".json") and not os.path.exists(os.path.join(dst, f)):
-        shutil.copy(os.path.join(src, f), os.path.join(dst, f))
+        with fileio.atomic_path(os.path.join(dst, f)) as tmp:
+          shutil.copy(os.path.join(src, f), tmp)
   info = data.get_info(config.data)
   _, _, base_params, _ = eval_lib.load_params(stage1_dir, step=int(config.adaptive.base_step))
   groups = adaptive_train.validate(config)
@@ -640,10 +647,7 @@ def _slim(search: dict, full: float) -> dict:
 
 
 def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(path + ".tmp", path)
+  fileio.write_json(path, obj, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1040,8 +1044,7 @@ def write_markdown(path: str, summary: dict[str, Any], command: str) -> None:
     lines.append(
       f"| {name} | {tc['stage1']:.0f} | {tc['stage2']:.0f} | {tc['ratio']:.4f} | {r['holds']} |"
     )
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fileio.write_text(path, "\n".join(lines) + "\n")
 
 
 def write_plot(path: str, summary: dict[str, Any]) -> None:
@@ -1081,7 +1084,8 @@ def write_plot(path: str, summary: dict[str, Any]) -> None:
   axes[2].set_title("E5: final proxy score per pruner (lower better, log)", fontsize=9)
   fig.suptitle(f"TDC experiments, seeds {summary['seeds']}")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
 
 
@@ -1332,8 +1336,7 @@ def run_experiments(
       "runs": results,
     }
   )
-  with open(os.path.join(workdir, "experiments.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  _write_json(os.path.join(workdir, "experiments.json"), summary)
   write_markdown(os.path.join(workdir, "experiments.md"), summary, command)
   write_plot(os.path.join(workdir, "experiments.png"), summary)
   logging.info("wrote %s/experiments.{json,md,png}", workdir)
@@ -1376,4 +1379,6 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from common.train import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -38,7 +38,7 @@ from absl import logging
 
 from adaptive import heldout, pruning, routing
 from adaptive.method import Supernet, validate_widths
-from common import data
+from common import data, fileio
 from common.train import method as method_lib
 from common.train.method import DDPM
 from common.train.validate import ConfigError
@@ -180,7 +180,8 @@ def save_schedule_png(path: str, method: Supernet, loss_table: np.ndarray) -> No
   ax2.set_yscale("log")
   ax2.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
 
 
@@ -260,11 +261,11 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
       "loss_table": table.tolist(),
       "draws_per_step": int(per_step),
     }
-    with open(search_path, "w") as f:
-      json.dump(search, f, indent=1)
+    fileio.write_json(search_path, search, indent=1)
   c6.adaptive.supernet.schedule = list(search["schedule"])
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c6.to_json_best_effort(sort_keys=True, indent=2))
+  fileio.write_text(
+    os.path.join(workdir, "config.json"), c6.to_json_best_effort(sort_keys=True, indent=2)
+  )
   net = method_lib.load_method(c6, data_info)
   save_schedule_png(os.path.join(workdir, "summary.png"), net, np.asarray(search["loss_table"]))
   counts = np.bincount(search["schedule"], minlength=len(widths))
@@ -284,8 +285,7 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
     "sampling_steps_per_width": counts.tolist(),
     "flops_ratio_per_width": [f / flops[0] for f in flops],
   }
-  with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
-    json.dump(summary, f, indent=1)
+  fileio.write_json(os.path.join(workdir, SUMMARY_JSON), summary, indent=1)
   logging.info(
     "E6: schedule at %.3f of the base's sampling FLOPs (target %.3f), steps per width %s, "
     "training FLOPs %.3f of the single model",

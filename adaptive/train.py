@@ -12,7 +12,9 @@ Every stage resumes: stage 1 and 2 from their checkpoints, the pruning per group
 ``DIR/pruning/group<g>.json``. The stage-2 run's ``total_steps`` is its own step count (what the
 shared loop runs to); the single model's budget B stays in ``adaptive.budget_steps``.
 Writes ``DIR/summary.json`` and ``DIR/summary.png`` (SNR curve with the group boundaries, FLOPs
-per group against the target).
+per group against the target), each atomically (``common.fileio``). Every config field is
+checked (``validate`` and the shared loop's ``setup`` of stage 1) before ``DIR`` is created: a bad
+one is one line naming it and exit 2.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from absl import logging
 
 from adaptive import grouping, heldout, method, proxy, pruning
 from adaptive.search import get_pruner
-from common import data
+from common import data, fileio
 from common.train import method as method_lib
 from common.train.validate import ConfigError
 
@@ -126,11 +128,59 @@ def flops_targets(config, groups: grouping.Groups, flops_fn) -> list[float]:
   return targets
 
 
+def _validate_fields(config: ml_collections.ConfigDict) -> None:
+  """``adaptive.*``'s own numbers and choices, each named in its one-line error."""
+  from common.train.validate import integer, require, require_choice
+
+  def real(ok):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)
+
+  a, big_t = "adaptive.", int(config.diffusion.num_timesteps)
+  require(
+    config,
+    a + "base_workdir",
+    lambda v: not v or os.path.exists(os.path.join(v, "config.json")),
+    "must be empty or a run holding config.json",
+  )
+  for k in ("base_step", "stage2_steps"):
+    require(config, a + k, integer(-1), "must be an integer >= 0 or -1 (latest / by FLOPs)")
+  g = a + "grouping."
+  require_choice(config, g + "method", grouping.METHODS)
+  require(config, g + "num_groups", integer(1, big_t), f"must be an integer in [1, T={big_t}]")
+  require(config, g + "seed", integer(0), "must be an integer >= 0")
+  if "dp_cost" in config.adaptive.grouping:  # older configs lack it (default log_snr)
+    require_choice(config, g + "dp_cost", grouping.DP_COSTS)
+  require(config, g + "clip_lo_db", real(lambda v: v < config.adaptive.grouping.clip_hi_db),
+          "must be a number < clip_hi_db")  # fmt: skip
+  s = a + "scaling."
+  require(config, s + "prune", lambda v: isinstance(v, bool), "must be true or false")
+  require_choice(config, s + "full_model_end", grouping.FULL_MODEL_ENDS)
+  require(config, s + "rank_from", lambda v: v in (0, 1), "must be 0 or 1")
+  p = a + "pruner."
+  require_choice(config, p + "name", ("proxy_search(det)", "uniform", "random"))
+  require(config, p + "use_memory", lambda v: isinstance(v, bool), "must be true or false")
+  require(config, p + "tol", real(lambda v: 0 <= v < 1), "must be in [0, 1)")
+  require_choice(config, p + "selection", pruning.SELECTIONS)
+  for k, lo in (("beam", 1), ("max_rounds", 1), ("max_evals_per_round", 0)):
+    if k in config.adaptive.pruner:  # max_evals_per_round is optional (0: off)
+      require(config, p + k, integer(lo), f"must be an integer >= {lo}")
+  for k, lo in (("random_candidates", 1), ("proxy_steps", 0), ("proxy_batch", 1)):
+    require(config, p + k, integer(lo), f"must be an integer >= {lo}")
+  require(config, p + "proxy_eval_examples", integer(1), "must be an integer >= 1")
+
+
 def validate(config: ml_collections.ConfigDict) -> grouping.Groups:
-  """Every check that needs no training, so a bad config fails before stage 1 starts."""
+  """Every check that needs no training, so a bad config fails before stage 1 starts.
+
+  ``run`` adds the shared loop's checks of stage 1's config (``loop.setup``) before it writes.
+  """
+  from common.train.validate import validate_data
+
   stage1_steps(config)
+  _validate_fields(config)
+  info = validate_data(config)
   groups = make_groups(config)
-  flops_targets(config, groups, flops_fn_for(config, data.get_info(config.data)))
+  flops_targets(config, groups, flops_fn_for(config, info))
   _pruner(config)
   return groups
 
@@ -243,9 +293,7 @@ def prune_groups(
       "search": search,
       "seconds": round(time.time() - t0, 1),
     }
-    with open(path + ".tmp", "w") as f:
-      json.dump(record, f, indent=1)
-    os.replace(path + ".tmp", path)
+    fileio.write_json(path, record, indent=1)
     evals = search["evaluations"] if search else 0
     logging.info(
       "pruning: group %d t=%s target %.3f F -> %.3f F (%d proxy evaluations, %d programs compiled,"
@@ -429,7 +477,8 @@ def save_summary_png(path: str, config, groups, pruned) -> None:
   ax2.set_title(f"{config.adaptive.pruner.name}, k={config.adaptive.scaling.k}")
   ax2.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
 
 
@@ -463,15 +512,18 @@ def run(
   if stage2_init not in ("inherit", "scratch"):
     raise ValueError(f"stage2_init must be 'inherit' or 'scratch', got {stage2_init!r}")
   a = config.adaptive
+  groups = validate(config)
+  if not a.base_workdir:  # the shared loop's checks of stage 1, before anything is written
+    loop.setup(stage1_config(config), devices=devices)
   data_info = data.get_info(config.data)
   os.makedirs(workdir, exist_ok=True)
-  groups = validate(config)
 
   # --- Stage 1. ---------------------------------------------------------------------------
   base_dir = str(a.base_workdir) or os.path.join(workdir, STAGE1_DIR)
   if not a.base_workdir:
     logging.info("stage 1: base DDPM for %d steps in %s", stage1_steps(config), base_dir)
-    loop.train(stage1_config(config), base_dir, devices=devices)
+    # Stage 1 is the plain DDPM: the adaptive.* fields (stage 2's) do not change it.
+    loop.train(stage1_config(config), base_dir, devices=devices, resumable=("adaptive.*",))
     base_step = stage1_steps(config)
   else:
     base_step = int(a.get("base_step", -1))
@@ -501,7 +553,8 @@ def run(
     write_inherited_start(c2, workdir, base_params, pruned, seed=int(config.seed), devices=devices)
   logging.info("stage 2: %d steps of %d group networks in %s", steps2, groups.num_groups, workdir)
   if steps2 > 0:
-    loop.train(c2, workdir, devices=devices)
+    # stage2_steps is stage 2's length (its total_steps), which a resume may change.
+    loop.train(c2, workdir, devices=devices, resumable=("adaptive.stage2_steps",))
 
   # --- Measurements. ----------------------------------------------------------------------
   c2_run, tdc, params, _ = eval_lib.load_params(workdir)
@@ -546,8 +599,7 @@ def run(
     ],
     "heldout": held,
   }
-  with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
-    json.dump(summary, f, indent=1)
+  fileio.write_json(os.path.join(workdir, SUMMARY_JSON), summary, indent=1)
   save_summary_png(os.path.join(workdir, "summary.png"), config, groups, pruned)
   logging.info(
     "done: sampling FLOPs %.3f of the base, training FLOPs %.3f of the single model, held-out "

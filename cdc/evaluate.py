@@ -18,14 +18,15 @@ downlink bytes, device FLOPs (XLA) and device seconds per adaptation, cloud seco
 end-to-end latency at ``cdc.eval.link_mbps`` (device + upload + cloud + download + install). A drift
 demonstration runs the trigger on a stream that switches between two held-out devices.
 
-Writes ``<workdir>/eval/metrics.json`` (per device and means) and ``eval/summary.md``. Toy-scale,
-CDC-MMPG-style figures: never the paper's.
+Writes ``<workdir>/eval/metrics.json`` (per device and means) and ``eval/summary.md``, each
+atomically; the recorded ``train_config.json`` is validated and ``pretrain.npz`` / ``fda.npz`` are
+checked (checksums, finite) before anything is written: a bad one is one line and exit 2.
+Toy-scale, CDC-MMPG-style figures: never the paper's.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -37,6 +38,7 @@ from flax import nnx
 
 from cdc import cloud, device, experiment, finetune, models, objectives, train
 from cdc import data as cdc_data
+from common import fileio
 from common.metrics import flops as flops_lib
 
 METRICS = ("qa_accuracy", "R@1", "R@5")
@@ -142,6 +144,7 @@ def evaluate(workdir: str) -> dict:
   """Runs every arm on every held-out device; returns (and writes) the metrics."""
   t_start = time.perf_counter()
   config = experiment.read_config(workdir, "train_config.json")
+  experiment.validate(config)  # the recorded config, before anything is read or written
   dataset = experiment.build_dataset(config)
   spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)
   fspec = experiment.fda_spec(config)
@@ -287,11 +290,8 @@ def evaluate(workdir: str) -> dict:
       config, dataset, spec, graphdef, enc_state, head, the_cloud, encoders
     )
   out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "metrics.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(out, "summary.md"), "w") as f:
-    f.write(summary_table(result))
+  fileio.write_json(os.path.join(out, "metrics.json"), result)
+  fileio.write_text(os.path.join(out, "summary.md"), summary_table(result))
   write_headline(workdir, config, result, time.perf_counter() - t_start)
   return result
 
@@ -427,4 +427,6 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "workdir of cdc.pretrain and cdc.train")
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  from common.train import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

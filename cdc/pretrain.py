@@ -7,6 +7,10 @@ cross-entropy + symmetric InfoNCE), then freezes the encoders: they are what eve
 and the head is the "static source model" baseline and the FDA's initial base weights. Writes
 ``<workdir>/pretrain.npz`` (encoders + head), ``pretrain_metrics.jsonl`` and
 ``pretrain_eval.json`` (source test QA accuracy and R@1/R@5).
+
+Faults: the config is validated before anything is written; ``pretrain_ckpt.npz`` (+
+``pretrain_ckpt.prev.npz``) every ``ckpt_every_steps``, restored from the newest intact one
+(``experiment.restore_checkpoint``); ``pretrain_metrics.jsonl`` is cut back to the restored step.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from flax import nnx
 
 from cdc import data as cdc_data
 from cdc import device, experiment, models, objectives
+from common import fileio
+from common.train.logger import truncate_jsonl
 
 
 def _batch(dom: cdc_data.DomainData, rng: np.random.Generator, size: int) -> dict:
@@ -46,8 +52,12 @@ def _batch(dom: cdc_data.DomainData, rng: np.random.Generator, size: int) -> dic
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs pretraining; returns the source test metrics."""
-  experiment.write_config(workdir, config)
+  """Runs pretraining; returns the source test metrics.
+
+  Raises:
+    ConfigError: a bad config or no intact checkpoint to resume from; before anything is written.
+  """
+  experiment.validate(config)
   dataset = experiment.build_dataset(config)
   spec = experiment.model_spec(config, dataset)
   p, meta = config.cdc.pretrain, config.cdc.meta
@@ -86,11 +96,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = os.path.join(workdir, "pretrain_ckpt.npz")
   start = 0
-  if os.path.exists(ckpt):
-    (params, opt_state), m = experiment.load_npz(ckpt, (params, opt_state))
-    start = int(m["step"])
+  restored = experiment.restore_checkpoint(ckpt, (params, opt_state))
+  if restored is not None:
+    (params, opt_state), start = restored
     logging.info("pretrain: resumed at step %d", start)
-  log = open(os.path.join(workdir, "pretrain_metrics.jsonl"), "a" if start else "w")
+  experiment.write_config(workdir, config)
+  log_path = os.path.join(workdir, "pretrain_metrics.jsonl")
+  truncate_jsonl(log_path, start)  # a fresh run keeps nothing of an earlier one
+  log = open(log_path, "a")  # appended record by record on purpose: cut back on resume
   t0 = time.time()
   for s in range(start + 1, p.steps + 1):
     b = _batch(source, np.random.default_rng([config.seed, 7, s]), p.batch_size)
@@ -102,17 +115,15 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log.flush()
       logging.info("pretrain %s", rec)
     if s % config.ckpt_every_steps == 0 and s < p.steps:
-      experiment.save_npz(ckpt, (params, opt_state), step=s)
+      experiment.save_checkpoint(ckpt, (params, opt_state), step=s)
   log.close()
   enc_state, head = params
   experiment.save_npz(
     os.path.join(workdir, experiment.PRETRAIN_NPZ), (enc_state, head), step=p.steps
   )
-  if os.path.exists(ckpt):
-    os.remove(ckpt)
+  experiment.remove_checkpoint(ckpt)
   result = evaluate_head(graphdef, enc_state, head, dataset.domain(cdc_data.SOURCE, "test"))
-  with open(os.path.join(workdir, "pretrain_eval.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  fileio.write_json(os.path.join(workdir, "pretrain_eval.json"), result)
   logging.info("pretrain: source test %s", result)
   return result
 

@@ -13,6 +13,11 @@ so the devices' features are computed once (``build_bank``).
 
 Held-out devices cannot enter: ``build_bank`` takes its devices through the dataset's
 ``check_meta_train``. Writes ``<workdir>/fda.npz`` and ``train_metrics.jsonl``.
+
+Faults: the config is validated (``experiment.validate``) and the bank built before anything is
+written; ``train_ckpt.npz`` (+ ``train_ckpt.prev.npz``) every ``ckpt_every_steps``, restored from the
+newest intact one (``experiment.restore_checkpoint``); on resume ``train_metrics.jsonl`` is cut back
+to the restored step (a torn last line dropped), so it reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from absl import logging
 from flax import nnx
 
 from cdc import adr, device, experiment, models, objectives
+from common.train.logger import truncate_jsonl
+from common.train.validate import ConfigError
 
 
 @dataclasses.dataclass
@@ -190,30 +197,34 @@ def _episode(bank, pos, key, *, pool_size, query, text_anchors):
 
 
 def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs meta-training; returns the final logged record."""
+  """Runs meta-training; returns the final logged record.
+
+  Raises:
+    ConfigError: a bad config, no intact ``pretrain.npz``, no intact checkpoint to resume from;
+      raised before anything is written.
+  """
+  experiment.validate(config)
   experiment.require_pretrained(workdir)  # before the dataset is built
-  experiment.write_config(workdir, config, "train_config.json")
   dataset = experiment.build_dataset(config)
   spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)
   fspec = experiment.fda_spec(config)
   a, meta, f = config.cdc.adr, config.cdc.meta, config.cdc.fda
-  if config.batch_size % meta.devices_per_step:
-    raise ValueError(
-      f"batch_size={config.batch_size} must be a multiple of cdc.meta.devices_per_step="
-      f"{meta.devices_per_step}"
-    )
   query = config.batch_size // meta.devices_per_step
   pool_size = meta.pool_videos * config.data.num_frames
   bank = build_bank(config, dataset, graphdef, enc_state, dataset.meta_train_devices)
   if bank.pool_count.min() < pool_size:
-    raise ValueError(
+    raise ConfigError(
+      "cdc.meta.pool_videos",
+      meta.pool_videos,
       f"a device has {bank.pool_count.min()} pool frames < cdc.meta.pool_videos * num_frames = "
-      f"{pool_size}"
+      f"{pool_size}",
     )
-  if pool_size < a.num_anchors:
-    raise ValueError(f"cdc.adr.num_anchors={a.num_anchors} > the episode pool {pool_size}")
   if len(bank.devices) < meta.devices_per_step:
-    raise ValueError(f"{len(bank.devices)} meta-train devices < devices_per_step")
+    raise ConfigError(
+      "cdc.meta.devices_per_step",
+      meta.devices_per_step,
+      f"> {len(bank.devices)} meta-train devices",
+    )
   logging.info(
     "meta-train: %d devices, pool %d frames, %d queries each", len(bank.devices), pool_size, query
   )
@@ -266,11 +277,14 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpt = os.path.join(workdir, "train_ckpt.npz")
   start = 0
-  if os.path.exists(ckpt):
-    (params, opt_state), m = experiment.load_npz(ckpt, (params, opt_state))
-    start = int(m["step"])
+  restored = experiment.restore_checkpoint(ckpt, (params, opt_state))
+  if restored is not None:
+    (params, opt_state), start = restored
     logging.info("meta-train: resumed at step %d", start)
-  log = open(os.path.join(workdir, "train_metrics.jsonl"), "a" if start else "w")
+  experiment.write_config(workdir, config, "train_config.json")
+  log_path = os.path.join(workdir, "train_metrics.jsonl")
+  truncate_jsonl(log_path, start)  # a fresh run keeps nothing of an earlier one
+  log = open(log_path, "a")  # appended record by record on purpose: cut back on resume
   t0, rec = time.time(), {}
   for s in range(start + 1, config.total_steps + 1):
     rng = np.random.default_rng([config.seed, 11, s])
@@ -286,11 +300,10 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log.flush()
       logging.info("meta-train %s", rec)
     if s % config.ckpt_every_steps == 0 and s < config.total_steps:
-      experiment.save_npz(ckpt, (params, opt_state), step=s)
+      experiment.save_checkpoint(ckpt, (params, opt_state), step=s)
   log.close()
   experiment.save_npz(os.path.join(workdir, "fda.npz"), params, step=config.total_steps)
-  if os.path.exists(ckpt):
-    os.remove(ckpt)
+  experiment.remove_checkpoint(ckpt)
   return rec
 
 
@@ -303,10 +316,14 @@ def _zero_base(grads, base_names):
 
 
 def load_fda(workdir: str, config, dataset, spec, head):
-  """(graphdef, params) of the meta-trained FDA in ``workdir``."""
+  """(graphdef, params) of the meta-trained FDA in ``workdir``.
+
+  Raises:
+    ConfigError: no intact ``fda.npz`` of this config in ``workdir``.
+  """
   fda = models.FDA(spec, experiment.fda_spec(config), head, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(fda, nnx.Param)
-  params, _ = experiment.load_npz(os.path.join(workdir, "fda.npz"), params)
+  params, _ = experiment.load_result(workdir, "fda.npz", "cdc.train", params)
   return graphdef, params
 
 

@@ -10,6 +10,7 @@ own batch (all K at once, ``vmap``), computes its cut images from the same noise
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -62,6 +63,14 @@ def validate(config, data_info) -> None:
     )
   if config.partition not in PARTITIONS:
     raise ConfigError("partition", config.partition, "allowed: " + ", ".join(PARTITIONS))
+  per_client = config.classes_per_client
+  if not isinstance(per_client, int) or isinstance(per_client, bool) or per_client < 1:
+    raise ConfigError("classes_per_client", per_client, "must be an integer >= 1")
+  alpha = config.dirichlet_alpha
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+    raise ConfigError("dirichlet_alpha", alpha, "must be a finite number > 0")
+  if not isinstance(config.share_labels, bool):
+    raise ConfigError("share_labels", config.share_labels, "must be true or false")
   if config.diffusion.loss != "simple":
     raise ConfigError(
       "diffusion.loss",

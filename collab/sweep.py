@@ -33,6 +33,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from common import fileio
 from common.metrics import stats
 
 
@@ -438,8 +439,7 @@ def write_markdown(path: str, summary: dict[str, Any], big_t: int, command: str)
   for name, claim in summary["claims"].items():
     details = json.dumps({k: v for k, v in claim.items() if k != "verdict"})
     lines.append(f"- **{name}**: {claim['verdict']}. `{details}`")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fileio.write_text(path, "\n".join(lines) + "\n")
 
 
 def _f(v, scale=1.0) -> str:
@@ -486,7 +486,8 @@ def write_plot(path: str, summary: dict[str, Any], big_t: int) -> None:
   axes[0].legend(fontsize=7)
   fig.suptitle(f"CollaFuse sweep (t_cut={big_t}: local-only), seeds {summary['seeds']}")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
 
 
@@ -562,8 +563,7 @@ def run_sweep(
         "arm": run.arm,
       }
     )
-    with open(eval_path, "w") as f:
-      json.dump(res, f, indent=1)
+    fileio.write_json(eval_path, res, indent=1)
     results[key] = res
     trained += 1
 
@@ -578,8 +578,7 @@ def run_sweep(
       "runs": results,
     }
   )
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  fileio.write_json(os.path.join(workdir, "sweep.json"), summary, indent=1)
   write_markdown(os.path.join(workdir, "sweep.md"), summary, big_t, command)
   write_plot(os.path.join(workdir, "sweep.png"), summary, big_t)
   logging.info("wrote %s/sweep.{json,md,png}", workdir)
@@ -613,4 +612,6 @@ def main(argv):
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from common.train import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

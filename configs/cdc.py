@@ -15,7 +15,10 @@ sampling, random anchors), ``total_steps`` (optimizer updates of the FDA in ``cd
 ``batch_size`` (labeled query examples per update, summed over the meta-batch's devices),
 ``log_every_steps``, ``ckpt_every_steps``, ``keep_checkpoints``, ``optimizer.*`` (the FDA's
 optimizer), ``data.*``, ``model.*`` (the device model; ``model.name = "cdc_device"``). The
-``diffusion.*`` block and the sampling keys of ``ddpm.base_config`` are kept and unused.
+``diffusion.*`` block and the sampling keys of ``ddpm.base_config`` are kept and unused; so is
+``keep_checkpoints``: a cdc binary keeps its newest checkpoint and the one before it
+(``cdc.experiment.save_checkpoint``). ``total_steps = 0`` is allowed (the untrained FDA). Every
+field is checked by ``cdc.experiment.validate`` before a binary reads or writes anything.
 The held-out devices depend on ``data.split_seed`` only, never on ``seed``.
 
 Everything under ``cdc.*`` is an inferred choice of the reference design (spec section 5), not a

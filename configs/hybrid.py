@@ -23,7 +23,8 @@ The scheduler's fields live under ``scheduler.*``; the rest of the file is ``ddp
 so that the model half of hybrid (cluster-wide and personalized models, T = 200) shares it.
 ``scheduler.profile`` is ``paper`` or the path of a measured profile JSON (the layout is in
 ``hybrid/system.py``; ``hybrid.profile`` writes one). The physical transmission formula:
-``--config.scheduler.system.transmission=physical``.
+``--config.scheduler.system.transmission=physical``. Every ``scheduler.*`` field is checked by
+``hybrid.optimize.validate`` before the binary reads or writes anything (one line, exit 2).
 
 The model half's fields live under ``hybrid.*`` (``_models``). Stage 1 (the cluster-wide model)
 uses the top-level ``total_steps``, ``batch_size``, ``optimizer`` and ``ema_decay``; stage 2 (the

@@ -42,6 +42,8 @@ import optax
 from absl import logging
 from flax import nnx, struct
 
+from common import fileio
+from common.train.validate import ConfigError
 from hybrid import baselines, env, system
 
 REPLAYS = ("prioritized", "uniform")
@@ -375,11 +377,42 @@ def drl_decide(
 # Training, with resumable checkpoints.
 
 
+CKPT_NAME = "agent.npz"
+PREV_NAME = "agent.prev.npz"
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  """(arrays, meta) of one ``Trainer.save`` file: checksums verified, the state's floats finite.
+
+  Raises:
+    fileio.DamagedFileError: naming the file and what failed.
+  """
+  arrays = fileio.load_npz_checked(path)
+  if "__meta__" not in arrays:
+    raise fileio.DamagedFileError(f"{path}: no __meta__ record")
+  meta = json.loads(str(arrays.pop("__meta__")))
+  for k, a in sorted(arrays.items()):
+    # The loss history holds NaN on purpose (episodes before learning starts): state leaves only.
+    if k.startswith("leaf") and a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+      raise fileio.DamagedFileError(f"{path}: array {k!r} has non-finite values")
+  return arrays, meta
+
+
 class Trainer:
   """Trains a PerDQN on a scenario stream; checkpoints (params, optimizer, replay, RNGs) to a dir.
 
   A checkpoint is written at episode boundaries, so a resumed run continues with the same
   replay contents, network, optimizer moments, epsilon and scenario draws as an uninterrupted one.
+
+  Layout (issue 19): ``agent.npz`` holds the state's leaves, the history and the metadata (episode,
+  RNG state, agent settings) in one file with a sha256 per array; ``agent.prev.npz`` is the one
+  before it. ``save`` stages the new file as ``agent.next.npz``, reads it back intact, and only
+  then rotates (old -> ``.prev``, staged -> ``agent.npz``); ``agent.json`` repeats the metadata for
+  readers of the network alone (``hybrid.serve``). ``restore`` takes the newest intact file
+  (checksums, finite state), with one warning line naming a damaged or missing newer one (a
+  damaged ``agent.npz`` is set aside as ``agent.damaged.npz``, so the next rotation keeps the
+  intact one); none intact, or one of other agent settings, is a ``ConfigError`` (exit 2 in the
+  binaries).
   """
 
   def __init__(
@@ -399,25 +432,25 @@ class Trainer:
     self.episode = 0
     self.history: dict[str, list[float]] = {"utility_per_user": [], "loss": [], "epsilon": []}
     self.stored_nonterminal = 0  # host copy of ts.stored[0]: no device sync per step
-    if ckpt_dir and os.path.exists(self._ckpt_path):
+    if ckpt_dir and any(os.path.exists(self._path(n)) for n in (CKPT_NAME, PREV_NAME)):
       self.restore()
+
+  def _path(self, name: str) -> str:
+    return os.path.join(self.ckpt_dir, name)
 
   @property
   def _ckpt_path(self) -> str:
-    return os.path.join(self.ckpt_dir, "agent.npz")
+    return self._path(CKPT_NAME)
 
   # --- checkpoints ------------------------------------------------------------------------------
   def save(self) -> None:
-    """Writes the whole training state atomically (``agent.npz`` + ``agent.json``)."""
+    """Writes the whole training state (see the class docstring for the files and the order)."""
     if not self.ckpt_dir:
       return
-    os.makedirs(self.ckpt_dir, exist_ok=True)
     leaves = jax.tree.leaves(self.ts)
     arrays = {f"leaf{i:05d}": np.asarray(v) for i, v in enumerate(leaves)}
     for k, v in self.history.items():
       arrays[f"history_{k}"] = np.asarray(v, np.float64)
-    tmp = self._ckpt_path + ".tmp.npz"
-    np.savez(tmp, **arrays)
     meta = {
       "episode": self.episode,
       "rng": self.rng.bit_generator.state,
@@ -425,33 +458,54 @@ class Trainer:
       "seed": self.seed,
       "agent": dataclasses.asdict(self.agent.cfg),
     }
-    with open(tmp + ".json", "w") as f:
-      json.dump(meta, f)
-    os.replace(tmp, self._ckpt_path)
-    os.replace(tmp + ".json", os.path.join(self.ckpt_dir, "agent.json"))
+    arrays["__meta__"] = np.asarray(json.dumps(meta))
+    fileio.save_npz_rotated(self._ckpt_path, read_checkpoint, **arrays)
+    fileio.write_json(self._path("agent.json"), meta, indent=None)
+
+  def _newest_intact(self) -> tuple[str, dict[str, np.ndarray], dict]:
+    try:
+      found = fileio.newest_intact_npz(self._ckpt_path, read_checkpoint)
+    except fileio.NoIntactFileError as e:
+      raise ConfigError(
+        "--workdir",
+        self.ckpt_dir,
+        f"no intact agent checkpoint: {'; '.join(e.failures)} (delete them to start over)",
+      ) from None
+    path, (arrays, meta), failures = found
+    if failures:
+      damaged = any(not f.endswith(": missing") for f in failures)
+      logging.warning(
+        "agent checkpoint %s; resuming from %s (episode %d)%s",
+        "; ".join(failures),
+        path,
+        meta["episode"],
+        " (the damaged file is kept as agent.damaged.npz)" if damaged else "",
+      )
+    return path, arrays, meta
 
   def restore(self) -> None:
-    with open(os.path.join(self.ckpt_dir, "agent.json")) as f:
-      meta = json.load(f)
+    """Loads the newest intact checkpoint (see the class docstring)."""
+    path, arrays, meta = self._newest_intact()
     if meta["agent"] != dataclasses.asdict(self.agent.cfg):
-      raise ValueError(
-        f"{self.ckpt_dir}: the checkpoint was written with other agent settings "
-        f"({meta['agent']}); use a fresh workdir"
+      raise ConfigError(
+        "--workdir",
+        self.ckpt_dir,
+        f"the checkpoint was written with other agent settings ({meta['agent']}); "
+        "use a fresh workdir",
       )
     template, treedef = jax.tree.flatten(self.ts)
-    with np.load(self._ckpt_path) as z:
-      leaves = [z[f"leaf{i:05d}"] for i in range(meta["num_leaves"])]
-      self.history = {k: z[f"history_{k}"].tolist() for k in self.history}
+    leaves = [arrays.get(f"leaf{i:05d}") for i in range(meta["num_leaves"])]
     if len(leaves) != len(template) or any(
-      a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype
+      a is None or a.shape != np.shape(b) or a.dtype != np.asarray(b).dtype
       for a, b in zip(leaves, template, strict=True)
     ):
-      raise ValueError(f"{self.ckpt_dir}: checkpoint does not match the agent's structure")
+      raise ConfigError("--workdir", self.ckpt_dir, f"{path} does not match the agent's structure")
+    self.history = {k: arrays[f"history_{k}"].tolist() for k in self.history}
     self.ts = jax.tree.unflatten(treedef, [jnp.asarray(v) for v in leaves])
     self.rng.bit_generator.state = meta["rng"]
     self.episode = int(meta["episode"])
     self.stored_nonterminal = int(self.ts.stored[0])
-    logging.info("resumed agent from %s at episode %d", self.ckpt_dir, self.episode)
+    logging.info("resumed agent from %s at episode %d", path, self.episode)
 
   # --- the loop ---------------------------------------------------------------------------------
   def run_episode(self) -> tuple[float, float]:

@@ -19,6 +19,10 @@ Metrics per (G, N) and method: utility per user (mean of U / N); the gap to the 
 ``gain_share`` = (U - U_local) / (U_opt - U_local) on scenario means, the share of the optimum's
 gain over all-local that a method gets (1 = optimal; defined whatever the sign of U); the raw
 ratio U / U_opt where U_opt > 0; the fraction of scenarios solved optimally; decision time.
+
+Faults (issue 19): ``validate`` checks every ``seed`` / ``scheduler.*`` field before anything is
+read or written (one line, exit 2); results and figures are written atomically; each agent's
+checkpoint keeps the previous one and a damaged one falls back to it (``hybrid.agent.Trainer``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from common import fileio
+from common.train.validate import ConfigError, integer, require, require_choice
 from hybrid import agent as agent_lib
 from hybrid import baselines, env, system
 
@@ -62,26 +68,140 @@ class _Stop:
     return self.flag
 
 
+def _real(ok):
+  """A predicate for ``require``: a finite int or float (not a bool) with ``ok(v)``."""
+  return lambda v: (
+    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+  )
+
+
+def _each(config, field: str, ok, allowed: str) -> None:
+  require(config, field, lambda v: len(v) > 0 and all(map(ok, v)), allowed)
+
+
+def _validate_system(config) -> None:
+  """``seed``, ``scheduler.profile`` / ``setting`` / ``system.*``."""
+  require(config, "seed", integer(0), "must be an integer >= 0")
+  s = config.scheduler
+  extra = set(s.system.keys()) - {f.name for f in dataclasses.fields(system.SystemParams)}
+  if extra:
+    raise ConfigError("scheduler.system", sorted(extra), "unknown fields")
+  t = require(config, "scheduler.system.num_steps", integer(1), "must be an integer >= 1")
+  require(
+    config, "scheduler.system.min_split", _real(lambda v: 0 <= v <= t), f"must be in [0, T={t}]"
+  )
+  for k in ("capacity", "max_users"):
+    require(config, f"scheduler.system.{k}", integer(1), "must be an integer >= 1")
+  for k in ("window", "bandwidth_hz", "spectral_efficiency", "alpha_upper_scale"):
+    require(config, f"scheduler.system.{k}", _real(lambda v: v > 0), "must be > 0")
+  for k in ("prompt_bits", "latent_bits"):
+    require(config, f"scheduler.system.{k}", _real(lambda v: v >= 0), "must be >= 0")
+  require_choice(config, "scheduler.system.transmission", system.TRANSMISSION_FORMULAS)
+  require(
+    config,
+    "scheduler.profile",
+    lambda v: v == "paper" or os.path.isfile(v),
+    "must be paper or an existing profile.json (hybrid.profile writes one)",
+  )
+  require(
+    config,
+    "scheduler.setting",
+    lambda v: v in ("static", "dynamic"),
+    "must be static or dynamic for the binary",
+  )
+  require(config, "scheduler.plain_dqn", lambda v: isinstance(v, bool), "must be true or false")
+
+
+def _validate_grid(config) -> None:
+  """The training and evaluation grids and ``scheduler.eval.*``."""
+  s, max_users = config.scheduler, config.scheduler.system.max_users
+  g_ok, g_msg = _real(lambda v: v > 0), "edge sizes G must be > 0 (a non-empty list)"
+  n_ok = integer(1, max_users)
+  n_msg = f"user counts N must be integers in [1, {max_users}] (a non-empty list)"
+  for prefix in ("scheduler.train_", "scheduler.eval."):
+    _each(config, f"{prefix}num_gpus", g_ok, g_msg)
+    _each(config, f"{prefix}num_users", n_ok, n_msg)
+  for k, lo in (("scenarios", 1), ("seed_offset", 0), ("enum_max_users", 0)):
+    require(config, f"scheduler.eval.{k}", integer(lo), f"must be an integer >= {lo}")
+  require(config, "scheduler.eval.ortools_max_users", integer(0), "must be an integer >= 0")
+  require_choice(config, "scheduler.eval.ortools_solver", ("cp_sat", "scip"))
+  require(
+    config,
+    "scheduler.eval.ga_population",
+    lambda v: integer(2)(v) and v % 2 == 0,
+    "must be an even integer >= 2",
+  )
+  require(config, "scheduler.eval.ga_generations", integer(1), "must be an integer >= 1")
+  require(config, "scheduler.eval.ga_mutation", _real(lambda v: 0 <= v <= 1), "must be in [0, 1]")
+  t = s.system.num_steps
+  require(
+    config,
+    "scheduler.eval.fixed_splits",
+    lambda v: all(map(_real(lambda n: 0 <= n <= t), v)),
+    f"must be split points in [0, T={t}]",
+  )
+
+
+def _validate_agent(config) -> None:
+  """``scheduler.agent.*``: the PER-DQN hyper-parameters and the training loop's."""
+  a = config.scheduler.agent
+  names = {f.name for f in dataclasses.fields(agent_lib.AgentConfig)} | agent_lib.LOOP_KEYS
+  if set(a.keys()) - names:
+    raise ConfigError("scheduler.agent", sorted(set(a.keys()) - names), "unknown fields")
+  f = "scheduler.agent."
+  for k, lo in (("episodes", 1), ("log_every_episodes", 1), ("ckpt_every_episodes", 1)):
+    require(config, f + k, integer(lo), f"must be an integer >= {lo}")
+  for k, lo in (("hidden", 1), ("depth", 1), ("embed_dim", 1), ("target_every", 1)):
+    require(config, f + k, integer(lo), f"must be an integer >= {lo}")
+  for k in ("learn_start", "eps_decay_start"):
+    require(config, f + k, integer(0), "must be an integer >= 0")
+  require(config, f + "eps_decay_episodes", integer(1), "must be an integer >= 1")
+  for k in ("learning_rate", "grad_clip_norm", "priority_eps", "priority_clip"):
+    require(config, f + k, _real(lambda v: v > 0), "must be > 0")
+  for k in ("weight_decay", "beta_increment"):
+    require(config, f + k, _real(lambda v: v >= 0), "must be >= 0")
+  for k in ("gamma", "priority_exponent", "beta_start", "eps_start"):
+    require(config, f + k, _real(lambda v: 0 <= v <= 1), "must be in [0, 1]")
+  eps = a.eps_start
+  require(config, f + "eps_min", _real(lambda v: 0 <= v <= eps), f"must be in [0, eps_start={eps}]")
+  require_choice(config, f + "replay", agent_lib.REPLAYS)
+  require(config, f + "apply_is_weights", lambda v: isinstance(v, bool), "must be true or false")
+  frac = require(config, f + "terminal_fraction", _real(lambda v: 0 < v < 1), "must be in (0, 1)")
+  require(
+    config,
+    f + "batch_size",
+    lambda v: integer(2)(v) and 1 <= int(v * frac) < v,
+    f"must be an integer whose terminal_fraction={frac} part and the rest are both >= 1",
+  )
+  require(
+    config,
+    f + "capacity",
+    lambda v: integer(2)(v) and 1 <= int(v * frac) < v,
+    f"must be an integer whose terminal_fraction={frac} part and the rest are both >= 1",
+  )
+
+
+def validate(config) -> None:
+  """Every ``seed`` / ``scheduler.*`` field the binary uses; raises ``ConfigError`` naming the
+  first bad one, before anything is read or written."""
+  _validate_system(config)
+  _validate_grid(config)
+  _validate_agent(config)
+
+
 def build(config) -> tuple[system.SystemParams, system.Profile]:
-  """The system constants and the profile of a config, validated."""
+  """The system constants and the profile of a config, validated (``validate``).
+
+  Raises:
+    ConfigError: a bad field, or a profile JSON that cannot be read.
+  """
+  validate(config)
   s = config.scheduler
   sysp = system.SystemParams.from_config(s.system)
-  profile = system.load_profile(s.profile, sysp.num_steps)
-  if s.setting not in ("static", "dynamic"):
-    raise ValueError(
-      f"scheduler.setting must be static or dynamic for the binary, got {s.setting!r}"
-    )
-  for name in ("num_gpus", "num_users"):
-    if not len(s.eval[name]):
-      raise ValueError(f"scheduler.eval.{name} must not be empty")
-  for g in list(s.eval.num_gpus) + list(s.train_num_gpus):
-    if not g > 0:
-      raise ValueError(f"edge sizes G must be > 0, got {g}")
-  for n in list(s.eval.num_users) + list(s.train_num_users):
-    if int(n) != n or not 1 <= n <= sysp.max_users:
-      raise ValueError(f"user counts N must be integers in [1, {sysp.max_users}], got {n}")
-  if s.eval.scenarios < 1:
-    raise ValueError("scheduler.eval.scenarios must be >= 1")
+  try:
+    profile = system.load_profile(s.profile, sysp.num_steps)
+  except (OSError, ValueError) as e:
+    raise ConfigError("scheduler.profile", s.profile, " ".join(str(e).split())) from None
   return sysp, profile
 
 
@@ -380,8 +500,7 @@ def write_markdown(path: str, config, cells, summary_claims, train_info) -> None
     lines.append(f"| {m} | {ms:.3f} |")
   lines += ["", "## Relative claims (spec §11 E)", "", "```", json.dumps(summary_claims, indent=2)]
   lines += ["```", ""]
-  with open(path, "w") as f:
-    f.write("\n".join(lines))
+  fileio.write_text(path, "\n".join(lines))
 
 
 def plot(path: str, cells, config) -> None:
@@ -446,7 +565,8 @@ def plot(path: str, cells, config) -> None:
   ax.grid(alpha=0.3)
   fig.suptitle(f"hybrid scheduler, transmission={config.scheduler.system.transmission}")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
 
 
@@ -469,7 +589,8 @@ def plot_training(path: str, agents) -> None:
   if len(agents) <= 8:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
 
 
@@ -526,9 +647,7 @@ def run(config, workdir: str, stop: _Stop | None = None) -> dict[str, Any]:
   """The whole binary; returns what results.json holds."""
   stop = stop or _Stop()
   sysp, profile = build(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   logging.info("jax %s on %s", jax.__version__, jax.devices()[0].platform)
   t0 = time.perf_counter()
   agents = train_agents(config, sysp, profile, workdir, stop)
@@ -579,8 +698,7 @@ def run(config, workdir: str, stop: _Stop | None = None) -> dict[str, Any]:
     "cells": cells,
     "claims": summary_claims,
   }
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  fileio.write_json(os.path.join(workdir, "results.json"), result, indent=1)
   write_markdown(os.path.join(workdir, "results.md"), config, cells, summary_claims, train_info)
   plot(os.path.join(workdir, "results.png"), cells, config)
   plot_training(os.path.join(workdir, "training.png"), agents)
@@ -605,10 +723,14 @@ def main(argv):
     stop.flag = True
 
   signal.signal(signal.SIGTERM, on_term)
-  run(flags.FLAGS.config, flags.FLAGS.workdir, stop)
+  from common.train import cli
+
+  cli.run_or_exit(run, flags.FLAGS.config, flags.FLAGS.workdir, stop)
 
 
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  from common.train import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from common import fileio
 from hybrid import models as models_lib
 from hybrid import system
 
@@ -411,8 +412,8 @@ def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
   ax2.set_xlabel("split point n")
   ax2.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
 
 
@@ -439,8 +440,8 @@ def save_latency_png(path: str, lat: dict[str, Any]) -> None:
   ax.set_title(lat["device"], fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=120)
+  with fileio.atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=120)
   plt.close(fig)
 
 
@@ -484,15 +485,13 @@ def profile_models(models, out_dir: str, *, net=None, seed: int = 0) -> dict[str
     "latency: k=%.3g s h=%.3g s (R2 %.4f)", lat["fit"]["k"], lat["fit"]["h"], lat["fit"]["r2"]
   )
   for name, obj in (("accuracy", acc), ("latency", lat)):
-    with open(os.path.join(prof_dir, f"{name}.json"), "w") as f:
-      json.dump(obj, f, indent=1)
+    fileio.write_json(os.path.join(prof_dir, f"{name}.json"), obj, indent=1)
   save_accuracy_png(os.path.join(prof_dir, "accuracy.png"), acc)
   save_latency_png(os.path.join(prof_dir, "latency.png"), lat)
   prof = profile_dict(acc, lat, models.num_timesteps)
   # The optimizer's reader must accept it: fail here rather than in hybrid.optimize.
   system.Profile.from_dict(prof, models.num_timesteps)
-  with open(os.path.join(out_dir, PROFILE_JSON), "w") as f:
-    json.dump(prof, f, indent=1)
+  fileio.write_json(os.path.join(out_dir, PROFILE_JSON), prof, indent=1)
   return {**prof, "measured": {"accuracy": acc, "latency": lat}}
 
 
@@ -507,8 +506,7 @@ def rewrite(workdir: str) -> dict[str, Any]:
   save_latency_png(os.path.join(prof_dir, "latency.png"), lat)
   prof = profile_dict(acc, lat, int(acc["num_timesteps"]))
   system.Profile.from_dict(prof, int(acc["num_timesteps"]))
-  with open(os.path.join(workdir, PROFILE_JSON), "w") as f:
-    json.dump(prof, f, indent=1)
+  fileio.write_json(os.path.join(workdir, PROFILE_JSON), prof, indent=1)
   return {**prof, "measured": {"accuracy": acc, "latency": lat}}
 
 

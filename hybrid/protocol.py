@@ -6,7 +6,11 @@ one array (C order) whose ``shape`` and ``dtype`` the header names. Lengths are 
 the receiver's caps *before* anything else is read, so a peer cannot make it buffer an
 oversized payload; after such a refusal the rest of the stream cannot be trusted and the
 connection is closed (``FramingError``). A frame that was read whole but says something wrong
-(``RequestError``: a bad shape, an unknown user) leaves the stream in sync.
+(``RequestError``: a header that is not UTF-8 JSON, is nested deeper than ``MAX_HEADER_DEPTH`` or
+is not an object, a bad shape, an unknown user) leaves the stream in sync. Header parsing never
+raises anything else: invalid UTF-8, invalid JSON, JSON the decoder cannot take (nesting past the
+recursion limit, an integer over Python's digit limit) are all ``malformed``. A frame must arrive
+whole within its deadline once its first byte is read (``timeout``).
 
 Messages (``header["type"]``):
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 import select
 import socket
 import struct
@@ -36,9 +41,11 @@ MAGIC = b"HYB1"
 _PREFIX = struct.Struct("!4sII")
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADER_DEPTH = 8  # a request's header is 2 deep (the key and shape lists)
+MAX_ID_CHARS = 128
 
 # Why a request was refused; the client sees exactly one of these.
-MALFORMED = "malformed"  # not a frame, bad JSON, a header that is not an object, a truncated frame
+MALFORMED = "malformed"  # not a frame, bad UTF-8 / JSON, too deep, not an object, truncated
 OVERSIZED = "oversized"  # a length prefix over the receiver's cap
 BAD_TYPE = "bad_type"  # a message type the receiver does not take
 BAD_FIELD = "bad_field"  # a missing or out-of-range header field
@@ -47,7 +54,8 @@ BAD_DTYPE = "bad_dtype"
 BAD_VALUE = "bad_value"  # non-finite array values
 UNKNOWN_USER = "unknown_user"
 BUSY = "busy"  # the server is shutting down or at its connection cap
-INTERNAL = "internal"  # the edge failed on this window's batch
+INTERNAL = "internal"  # the edge failed on this window's batch (or on this frame)
+TIMEOUT = "timeout"  # a started frame not whole by its deadline, or an idle connection closed
 ERROR_CODES = (
   MALFORMED,
   OVERSIZED,
@@ -59,7 +67,16 @@ ERROR_CODES = (
   UNKNOWN_USER,
   BUSY,
   INTERNAL,
+  TIMEOUT,
 )
+
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 3, 80, 80, 40
+
+
+def show(v: Any) -> str:
+  """A short ``repr`` of a peer's value for an error message (bounded length and depth)."""
+  return _SHOW.repr(v)
 
 
 class ProtocolError(Exception):
@@ -99,18 +116,14 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload: bytes = b""
 
 
 def _recv_exact(sock: socket.socket, n: int, deadline: float, started: bool) -> bytes:
+  """``n`` bytes by ``deadline``; waits with poll, so the socket's own timeout (the send
+  deadline of ``hybrid.connections``) is left alone."""
   buf = bytearray()
   while len(buf) < n:
     remaining = deadline - time.monotonic()
-    if remaining <= 0:
-      raise FramingError(
-        MALFORMED, f"frame incomplete: {len(buf)} of {n} bytes before the deadline"
-      )
-    sock.settimeout(remaining)
-    try:
-      chunk = sock.recv(min(n - len(buf), 1 << 20))
-    except TimeoutError:
-      continue
+    if remaining <= 0 or not wait_readable(sock, remaining):
+      raise FramingError(TIMEOUT, f"frame incomplete: {len(buf)} of {n} bytes by the deadline")
+    chunk = sock.recv(min(n - len(buf), 1 << 20))
     if not chunk:
       raise ConnectionClosed(partial=started or bool(buf))
     buf += chunk
@@ -129,7 +142,9 @@ def recv_frame(
   Raises:
     ConnectionClosed: EOF (before or inside the frame).
     FramingError: bad magic, a length over ``max_header`` / ``max_payload`` (raised before the
-      body is read), bad JSON, a truncated frame.
+      body is read), or ``timeout``: the frame was not whole within ``timeout_s``.
+    RequestError: ``malformed``, a whole frame whose header is not a JSON object (see
+      ``parse_header``); the stream is still in sync.
   """
   deadline = time.monotonic() + timeout_s
   prefix = _recv_exact(sock, PREFIX_BYTES, deadline, started=False)
@@ -144,19 +159,52 @@ def recv_frame(
     )
   head = _recv_exact(sock, head_len, deadline, started=True)
   payload = _recv_exact(sock, payload_len, deadline, started=True) if payload_len else b""
+  return parse_header(head), payload
+
+
+def parse_header(head: bytes) -> dict[str, Any]:
+  """A header's bytes as a JSON object at most ``MAX_HEADER_DEPTH`` deep.
+
+  Raises:
+    RequestError: ``malformed`` for anything else: not UTF-8, not JSON, JSON the decoder refuses
+      (``RecursionError`` from deep nesting, ``ValueError`` from an over-long integer), nested too
+      deep, not an object. Nothing else escapes.
+  """
   try:
-    header = json.loads(head.decode())
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise FramingError(MALFORMED, f"header is not UTF-8 JSON ({e})") from None
+    header = json.loads(head.decode("utf-8"))
+  except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError are ValueErrors
+    raise RequestError(MALFORMED, f"header is not UTF-8 JSON ({type(e).__name__}: {e})") from None
   if not isinstance(header, dict):
-    raise FramingError(MALFORMED, f"header must be a JSON object, got {type(header).__name__}")
-  return header, payload
+    raise RequestError(MALFORMED, f"header must be a JSON object, got {type(header).__name__}")
+  # Iterative, so no later repr or json.dumps of a header value can recurse deeply.
+  stack = [(header, 1)]
+  while stack:
+    value, depth = stack.pop()
+    if depth > MAX_HEADER_DEPTH:
+      raise RequestError(MALFORMED, f"header nested deeper than {MAX_HEADER_DEPTH} levels")
+    children = value.values() if isinstance(value, dict) else value
+    stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+  return header
+
+
+def request_id(header: Any) -> str | None:
+  """The header's ``id`` as text to echo back (a string or number, at most ``MAX_ID_CHARS``);
+  None for anything else."""
+  v = header.get("id") if isinstance(header, dict) else None
+  if isinstance(v, str | int | float) and not isinstance(v, bool):
+    return str(v)[:MAX_ID_CHARS]
+  return None
 
 
 def wait_readable(sock: socket.socket, timeout_s: float) -> bool:
-  """True once ``sock`` has bytes (or EOF) to read, False after ``timeout_s``."""
-  readable, _, _ = select.select([sock], [], [], timeout_s)
-  return bool(readable)
+  """True once ``sock`` has bytes (or EOF, or an error) to read, False after ``timeout_s``.
+
+  ``poll``, not ``select``: a server with hundreds of connections may hold descriptors past
+  ``select``'s limit of 1024.
+  """
+  poller = select.poll()
+  poller.register(sock, select.POLLIN | select.POLLPRI)
+  return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,10 +228,10 @@ def decode_array(header: dict[str, Any], payload: bytes, shape: tuple[int, ...])
       it) or BAD_VALUE (NaN / inf).
   """
   if header.get("dtype") != "float32":
-    raise RequestError(BAD_DTYPE, f"array dtype must be 'float32', got {header.get('dtype')!r}")
+    raise RequestError(BAD_DTYPE, f"array dtype must be 'float32', got {show(header.get('dtype'))}")
   got = header.get("shape")
   if not isinstance(got, list) or got != list(shape):
-    raise RequestError(BAD_SHAPE, f"array shape must be {list(shape)}, got {got!r}")
+    raise RequestError(BAD_SHAPE, f"array shape must be {list(shape)}, got {show(got)}")
   want = math.prod(shape) * 4
   if len(payload) != want:
     raise RequestError(
@@ -199,7 +247,7 @@ def get_int(header: dict[str, Any], name: str, lo: int, hi: int) -> int:
   """An integer field in [lo, hi) (bools are not integers here)."""
   v = header.get(name)
   if not isinstance(v, int) or isinstance(v, bool):
-    raise RequestError(BAD_FIELD, f"field {name!r} must be an integer, got {v!r}")
+    raise RequestError(BAD_FIELD, f"field {name!r} must be an integer, got {show(v)}")
   if not lo <= v < hi:
     raise RequestError(BAD_FIELD, f"field {name!r} must lie in [{lo}, {hi}), got {v}")
   return v
@@ -209,7 +257,7 @@ def get_float(header: dict[str, Any], name: str, lo: float, hi: float) -> float:
   """A finite number in [lo, hi]."""
   v = header.get(name)
   if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
-    raise RequestError(BAD_FIELD, f"field {name!r} must be a finite number, got {v!r}")
+    raise RequestError(BAD_FIELD, f"field {name!r} must be a finite number, got {show(v)}")
   if not lo <= v <= hi:
     raise RequestError(BAD_FIELD, f"field {name!r} must lie in [{lo}, {hi}], got {v}")
   return float(v)
@@ -223,7 +271,9 @@ def get_key(header: dict[str, Any], words: int) -> np.ndarray:
     or len(v) != words
     or not all(isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 2**32 for w in v)
   ):
-    raise RequestError(BAD_FIELD, f"field 'key' must be a list of {words} uint32 values, got {v!r}")
+    raise RequestError(
+      BAD_FIELD, f"field 'key' must be a list of {words} uint32 values, got {show(v)}"
+    )
   return np.asarray(v, np.uint32)
 
 

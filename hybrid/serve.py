@@ -11,7 +11,13 @@ the edge down. Pieces, in the order a request meets them:
   (``hybrid.protocol``) from any number of device connections, one thread per connection. A frame
   that is malformed, over the payload cap (refused from its length prefix, before the body is
   read), of the wrong shape or dtype, or from an unknown user gets an error reply on its own
-  connection; nothing else sees it.
+  connection; nothing else sees it. So does a header that does not parse, whatever the reason
+  (bad UTF-8 or JSON, nesting past the recursion limit, not an object, wrong types). Connections
+  (``hybrid.connections``) have two timeouts: a frame that has started must arrive whole within
+  ``--frame_timeout`` (default 5 s), and a connection with no request awaiting its answer that
+  sends nothing for ``--idle_timeout`` (default 30 s) is closed (a ``timeout`` error frame, then
+  the close), so idle sockets cannot hold the ``--max_connections`` cap (default 256; ``busy``
+  beyond it).
 * The batcher opens a window at the first queued request and closes it ``window`` seconds later
   (the paper's K; earlier once ``max_users`` requests are in, the most the policy's state holds).
   Requests whose device hung up are dropped at the close. The ``Scheduler`` then decides who is
@@ -74,8 +80,9 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from common import fileio
 from hybrid import agent as agent_lib
-from hybrid import baselines, env, protocol, system
+from hybrid import baselines, connections, env, protocol, system
 
 DEFAULT_HOST = "127.0.0.1"
 FALLBACKS = ("optimum", "greedy", "admit_all", "all_local")
@@ -125,6 +132,21 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Scenario, noise and key seed.")
   flags.DEFINE_string("host", DEFAULT_HOST, "Address the server binds.")
   flags.DEFINE_integer("port", 0, "Port (0: any free one).")
+  flags.DEFINE_float(
+    "frame_timeout",
+    connections.FRAME_TIMEOUT_S,
+    "Seconds a device has to send a whole frame once its first byte arrived (and the edge to "
+    "send an answer); then a 'timeout' error and the connection is closed.",
+  )
+  flags.DEFINE_float(
+    "idle_timeout",
+    connections.IDLE_TIMEOUT_S,
+    "Seconds a connection with no request awaiting its answer may send nothing before it gets "
+    "a 'timeout' error and is closed (so idle sockets cannot hold --max_connections).",
+  )
+  flags.DEFINE_integer(
+    "max_connections", connections.MAX_CONNECTIONS, "Open connections; more are refused 'busy'."
+  )
   flags.DEFINE_string("out", "", "Output directory ('': WORKDIR/serve).")
 
 
@@ -295,8 +317,9 @@ def load_agent(
     agent_lib.QNetwork(max_users, cfg.hidden, cfg.depth, cfg.embed_dim, rngs=nnx.Rngs(0))
   )
   leaves, treedef = jax.tree.flatten(template)
-  with np.load(os.path.join(agents_dir, name, "agent.npz")) as z:
-    loaded = [z[f"leaf{i:05d}"] for i in range(len(leaves))]
+  # Checksums verified and the state finite (fileio.DamagedFileError names a damaged file).
+  arrays, _ = agent_lib.read_checkpoint(os.path.join(agents_dir, name, "agent.npz"))
+  loaded = [arrays[f"leaf{i:05d}"] for i in range(len(leaves))]
   for i, (a, b) in enumerate(zip(loaded, leaves, strict=True)):
     if a.shape != b.shape or a.dtype != b.dtype:
       raise ValueError(
@@ -339,28 +362,7 @@ class _Request:
   key: np.ndarray  # [words] uint32
   x_T: np.ndarray  # [H, W, C] float32
   arrival: float  # server's monotonic clock
-  conn: _Conn
-
-
-class _Conn:
-  """One device connection, with serialized writes (the batcher and the reader both answer)."""
-
-  def __init__(self, sock: socket.socket, peer):
-    self.sock, self.peer = sock, peer
-    self.lock = threading.Lock()
-    self.closed = threading.Event()
-
-  def send(self, header: dict[str, Any], payload: bytes = b"") -> bool:
-    """False if the device is gone (its request is then lost to it alone)."""
-    with self.lock:
-      if self.closed.is_set():
-        return False
-      try:
-        protocol.send_frame(self.sock, header, payload)
-        return True
-      except OSError:
-        self.closed.set()
-        return False
+  conn: connections.Connection
 
 
 class EdgeServer:
@@ -377,7 +379,8 @@ class EdgeServer:
     window: K in seconds.
     max_requests: the most requests one window takes (the policy's state rows by default).
     host, port: where to bind (127.0.0.1 unless told otherwise; port 0 picks a free one).
-    frame_timeout: seconds a started frame has to arrive whole.
+    frame_timeout: seconds a started frame has to arrive whole (and an answer to go out).
+    idle_timeout: seconds a connection with no request awaiting its answer may stay silent.
     max_connections: connections beyond this are refused with ``busy``.
   """
 
@@ -392,11 +395,19 @@ class EdgeServer:
     max_requests: int | None = None,
     host: str = DEFAULT_HOST,
     port: int = 0,
-    frame_timeout: float = 10.0,
-    max_connections: int = 256,
+    frame_timeout: float = connections.FRAME_TIMEOUT_S,
+    idle_timeout: float = connections.IDLE_TIMEOUT_S,
+    max_connections: int = connections.MAX_CONNECTIONS,
   ):
-    if not window > 0:
-      raise ValueError(f"EdgeServer: window must be > 0 seconds, got {window}")
+    for name, v in (
+      ("window", window),
+      ("frame_timeout", frame_timeout),
+      ("idle_timeout", idle_timeout),
+    ):
+      if not v > 0:
+        raise ValueError(f"EdgeServer: {name} must be > 0 seconds, got {v}")
+    if max_connections < 1:
+      raise ValueError(f"EdgeServer: max_connections must be >= 1, got {max_connections}")
     cap = scheduler.sysp.max_users
     self.max_requests = cap if max_requests is None else int(max_requests)
     if not 1 <= self.max_requests <= cap:
@@ -404,7 +415,8 @@ class EdgeServer:
     self.edge, self.scheduler = edge, scheduler
     self.image_shape = tuple(int(v) for v in image_shape)
     self.num_users, self.window = int(num_users), float(window)
-    self.frame_timeout, self.max_connections = frame_timeout, max_connections
+    self.frame_timeout, self.idle_timeout = float(frame_timeout), float(idle_timeout)
+    self.max_connections = int(max_connections)
     self.max_payload = math.prod(self.image_shape) * 4  # exactly one float32 x_T
     self.key_words = int(jax.random.key_data(jax.random.key(0)).shape[-1])
     self.num_steps = scheduler.sysp.num_steps
@@ -414,10 +426,10 @@ class EdgeServer:
     self._lock = threading.Lock()
     self._threads: list[threading.Thread] = []
     self._handlers: list[threading.Thread] = []  # one reader per connection
-    self._conns: set[_Conn] = set()
+    self._conns: set[connections.Connection] = set()
     self._next_id = 0
     self.windows: list[dict[str, Any]] = []  # one record per decided window
-    self.errors: list[dict[str, Any]] = []  # refused frames: code, message, peer
+    self.errors: list[dict[str, Any]] = []  # refusals and timeouts: code, message, id
     self.lost: list[dict[str, Any]] = []  # requests whose device hung up before its answer
     self._sock: socket.socket | None = None
 
@@ -453,11 +465,7 @@ class EdgeServer:
     with self._lock:
       handlers, conns = list(self._handlers), list(self._conns)
     for c in conns:
-      c.closed.set()
-      try:
-        c.sock.shutdown(socket.SHUT_RDWR)
-      except OSError:
-        pass
+      c.abort()
     for t in handlers:
       t.join(timeout)
 
@@ -476,8 +484,10 @@ class EdgeServer:
         continue
       except OSError:
         break
-      conn = _Conn(sock, peer)
+      conn = connections.Connection(sock, peer, send_timeout=self.frame_timeout)
       with self._lock:
+        # A connection being closed (lingering, see connections.Connection.close) holds no slot.
+        self._conns = {c for c in self._conns if not c.closed.is_set()}
         full = len(self._conns) >= self.max_connections
         if not full:
           self._conns.add(conn)
@@ -485,59 +495,51 @@ class EdgeServer:
         conn.send(
           protocol.error_header(protocol.RequestError(protocol.BUSY, "too many connections"))
         )
-        sock.close()
+        conn.close(0.0)  # no lingering: the accept loop goes straight on
         continue
       t = threading.Thread(target=self._handle, args=(conn,), name="edge-conn", daemon=True)
       t.start()
       with self._lock:
         self._handlers = [h for h in self._handlers if h.is_alive()] + [t]
 
-  def _refuse(self, conn: _Conn, err: protocol.ProtocolError, header=None) -> None:
-    rid = header.get("id") if isinstance(header, dict) else None
+  def _refuse(self, conn: connections.Connection, err: protocol.ProtocolError, header=None):
+    rid = protocol.request_id(header)
     self.errors.append({"code": err.code, "message": err.message, "id": rid})
     conn.send(protocol.error_header(err, id=rid))
 
-  def _handle(self, conn: _Conn) -> None:
+  def _handle(self, conn: connections.Connection) -> None:
+    """The connection's reader (``connections.serve_connection``): frame and idle deadlines,
+    an error frame for every refused frame."""
     try:
-      while not self._stop.is_set():
-        if not protocol.wait_readable(conn.sock, 0.1):
-          continue
-        try:
-          header, payload = protocol.recv_frame(
-            conn.sock, max_payload=self.max_payload, timeout_s=self.frame_timeout
-          )
-        except protocol.ConnectionClosed:
-          break
-        except protocol.FramingError as e:
-          self._refuse(conn, e)
-          break
-        try:
-          req = self._parse(header, payload, conn)
-        except protocol.RequestError as e:
-          self._refuse(conn, e, header)
-          continue
-        self._queue.put(req)
-    except OSError:
-      pass
+      connections.serve_connection(
+        conn,
+        stop=self._stop,
+        max_payload=self.max_payload,
+        frame_timeout=self.frame_timeout,
+        idle_timeout=self.idle_timeout,
+        on_frame=self._take,
+        on_refused=self._refuse,
+      )
     finally:
-      # Any request still pending is lost to this device only; the batcher drops it.
-      conn.closed.set()
-      try:
-        conn.sock.close()
-      except OSError:
-        pass
       with self._lock:
         self._conns.discard(conn)
 
-  def _parse(self, header: dict[str, Any], payload: bytes, conn: _Conn) -> _Request:
+  def _take(self, conn: connections.Connection, header: dict[str, Any], payload: bytes) -> None:
+    req = self._parse(header, payload, conn)
+    conn.expect(req.rid)  # not idle until answered
+    self._queue.put(req)
+
+  def _parse(
+    self, header: dict[str, Any], payload: bytes, conn: connections.Connection
+  ) -> _Request:
     if header.get("type") != "request":
       raise protocol.RequestError(
-        protocol.BAD_TYPE, f"expected a 'request', got {header.get('type')!r}"
+        protocol.BAD_TYPE, f"expected a 'request', got {protocol.show(header.get('type'))}"
       )
     user = header.get("user")
     if not isinstance(user, int) or isinstance(user, bool):
       raise protocol.RequestError(
-        protocol.BAD_FIELD, f"field 'user' must be an integer, got {user!r}"
+        protocol.BAD_FIELD, f"field 'user' must be an integer, got {protocol.show(user)}"
       )
     if not 0 <= user < self.num_users:
       raise protocol.RequestError(
@@ -553,7 +555,7 @@ class EdgeServer:
       rid, self._next_id = self._next_id, self._next_id + 1
     return _Request(
       rid=rid,
-      client_id=str(header.get("id", ""))[:128],
+      client_id=protocol.request_id(header) or "",
       user=user,
       tau=tau,
       alpha=alpha,
@@ -586,7 +588,7 @@ class EdgeServer:
         logging.exception("edge window failed")
         err = protocol.RequestError(protocol.INTERNAL, f"the edge failed on this window: {e}")
         for r in batch:
-          r.conn.send(protocol.error_header(err, id=r.client_id))
+          r.conn.answer(r.rid, protocol.error_header(err, id=r.client_id))
 
   def _run_window(self, batch: list[_Request], closed_at: float) -> None:
     live = []
@@ -629,8 +631,9 @@ class EdgeServer:
     # Denied users start their T local steps as soon as the window closes.
     for i, r in enumerate(live):
       if not dec.admit[i]:
-        if not r.conn.send(
-          {"type": "local", "id": r.client_id, "split": int(self.num_steps), "batch": dec.batch}
+        if not r.conn.answer(
+          r.rid,
+          {"type": "local", "id": r.client_id, "split": int(self.num_steps), "batch": dec.batch},
         ):
           self.lost.append({"id": r.client_id, "stage": "local answer"})
     admitted = [i for i in range(len(live)) if dec.admit[i]]
@@ -657,7 +660,7 @@ class EdgeServer:
           **protocol.array_header(x_n[j]),
         }
         # A device that hung up loses its own latent; the loop goes on to the next one.
-        if not r.conn.send(head, protocol.array_bytes(x_n[j])):
+        if not r.conn.answer(r.rid, head, protocol.array_bytes(x_n[j])):
           self.lost.append({"id": r.client_id, "stage": "latent"})
         ready[r.client_id] = time.perf_counter() - t0
     record["edge_seconds"] = time.perf_counter() - t0
@@ -922,9 +925,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_report(out: str, result: dict[str, Any]) -> None:
   """``serve.json``, ``serve.md`` and ``serve.png`` in ``out``."""
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "serve.json"), "w") as f:
-    json.dump(result, f, indent=1)
+  fileio.write_json(os.path.join(out, "serve.json"), result, indent=1)
   rows, s = result["rows"], result["summary"]
   lines = [
     "# hybrid.serve: measured edge loop vs the latency model",
@@ -959,8 +960,7 @@ def write_report(out: str, result: dict[str, Any]) -> None:
       f"{_fmt(r['measured'] / r['predicted'] if r.get('predicted') else None, '.3f')} |"
     )
   lines += ["", "```", json.dumps(s, indent=2), "```", ""]
-  with open(os.path.join(out, "serve.md"), "w") as f:
-    f.write("\n".join(lines))
+  fileio.write_text(os.path.join(out, "serve.md"), "\n".join(lines))
   import matplotlib
 
   matplotlib.use("Agg")
@@ -990,7 +990,8 @@ def write_report(out: str, result: dict[str, Any]) -> None:
   axes[0].legend(fontsize=7)
   fig.suptitle(f"hybrid.serve: {result['users']} devices x {result['rounds']} rounds", fontsize=10)
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "serve.png"), dpi=110)
+  with fileio.atomic_path(os.path.join(out, "serve.png")) as tmp:
+    fig.savefig(tmp, dpi=110)
   plt.close(fig)
 
 
@@ -1065,6 +1066,9 @@ class ServeSpec:
   edge: str = "staged"
   host: str = DEFAULT_HOST
   port: int = 0
+  frame_timeout: float = connections.FRAME_TIMEOUT_S
+  idle_timeout: float = connections.IDLE_TIMEOUT_S
+  max_connections: int = connections.MAX_CONNECTIONS
 
   def system(self, models) -> tuple[system.SystemParams, system.Profile, str]:
     """(serving SystemParams, profile, profile path) for ``models``."""
@@ -1110,6 +1114,9 @@ def _edge_side(models, spec: ServeSpec) -> EdgeServer:
     window=scheduler.sysp.window,
     host=spec.host,
     port=spec.port,
+    frame_timeout=spec.frame_timeout,
+    idle_timeout=spec.idle_timeout,
+    max_connections=spec.max_connections,
   ).start()
 
 
@@ -1184,6 +1191,9 @@ def run(
   seed: int = 0,
   host: str = DEFAULT_HOST,
   port: int = 0,
+  frame_timeout: float = connections.FRAME_TIMEOUT_S,
+  idle_timeout: float = connections.IDLE_TIMEOUT_S,
+  max_connections: int = connections.MAX_CONNECTIONS,
   out: str = "",
   edge: str = "staged",
   server_process: bool = True,
@@ -1217,6 +1227,11 @@ def run(
     )
   if edge not in EDGE_MODES:
     raise ValueError(f"--edge must be one of {EDGE_MODES}, got {edge!r}")
+  if not (frame_timeout > 0 and idle_timeout > 0 and max_connections >= 1):
+    raise ValueError(
+      "--frame_timeout and --idle_timeout must be > 0 and --max_connections >= 1, got "
+      f"{frame_timeout}, {idle_timeout}, {max_connections}"
+    )
   factory = models_factory or functools.partial(models_lib.load_run, workdir)
   spec = ServeSpec(
     workdir=workdir,
@@ -1230,6 +1245,9 @@ def run(
     edge=edge,
     host=host,
     port=port,
+    frame_timeout=float(frame_timeout),
+    idle_timeout=float(idle_timeout),
+    max_connections=int(max_connections),
   )
   # The server process starts before this process touches JAX, so that the nice below reaches
   # every XLA thread of the device side and none of the edge's.
@@ -1346,6 +1364,8 @@ def run(
     "server_process": server_process,
     "device_nice": device_nice if server_process else 0,
     "address": f"{address[0]}:{address[1]}",
+    "timeouts": {"frame": spec.frame_timeout, "idle": spec.idle_timeout},
+    "max_connections": spec.max_connections,
     "system": dataclasses.asdict(sysp),
     "max_abs_diff_vs_hybrid_sample": max(diffs) if diffs else None,
     "rows": rows,
@@ -1385,6 +1405,9 @@ def _run_from_flags(f) -> None:
     seed=f.seed,
     host=f.host,
     port=f.port,
+    frame_timeout=f.frame_timeout,
+    idle_timeout=f.idle_timeout,
+    max_connections=f.max_connections,
     out=f.out,
     edge=f.edge,
     server_process=f.server_process,
@@ -1396,4 +1419,6 @@ def _run_from_flags(f) -> None:
 if __name__ == "__main__":
   _define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  from common.train import cli
+
+  app.run(main, flags_parser=cli.parse_flags_or_exit)

@@ -13,6 +13,10 @@ for ``hybrid.personal_steps`` steps of ``hybrid.personal_batch_size`` images per
 initial weights are written as the run's step-0 checkpoint, so stage 2 is an ordinary run of the
 shared loop: both stages resume, and ``python -m common.eval --workdir=DIR`` samples the hybrid
 chain at ``hybrid.eval_split`` per user.
+
+Faults: ``validate`` checks both stages' configs (every ``hybrid.*`` field through
+``hybrid.method.validate`` and the shared loop's checks) before ``DIR`` is created; a bad field is
+one line and exit 2. ``train_summary.json`` is written atomically.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from common import data
+from common import data, fileio
 from common.train.validate import ConfigError
 
 CLUSTER_DIR = "cluster"
@@ -68,6 +72,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(config, "hybrid.personal_batch_size", integer(1), "must be an integer >= 1")
   require(config, "hybrid.personal_learning_rate", lambda v: v > 0, "must be > 0")
   require(config, "hybrid.personal_ema_decay", lambda v: 0 <= v < 1, "must be in [0, 1)")
+  require(config, "hybrid.personal_warmup_steps", integer(0), "must be an integer >= 0")
+  require(config, "hybrid.cluster_step", integer(-1), "must be an integer >= 0 or -1 (latest)")
+  require(
+    config,
+    "hybrid.cluster_workdir",
+    lambda v: not v or os.path.exists(os.path.join(v, "config.json")),
+    "must be empty or a run holding config.json (common.train, collab)",
+  )
   if not config.hybrid.cluster_workdir:
     loop.setup(cluster_config(config), devices=jax.devices()[:1])
   loop.setup(personal_config(config, "", -1), devices=jax.devices()[:1])
@@ -200,8 +212,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "personal_steps": int(c2.total_steps),
     "prior_weight": float(config.hybrid.prior_weight),
   }
-  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  fileio.write_json(os.path.join(workdir, "train_summary.json"), summary, indent=1)
   return summary
 
 

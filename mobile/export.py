@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import sys
 from typing import Any
@@ -31,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
+
+from common import fileio
 
 DTYPES = ("float32", "bfloat16")
 
@@ -162,7 +163,7 @@ def export_run(
       blob = bytes(exported.serialize())
       name = f"{kind}_{dtype}"
       path = os.path.join(out_dir, f"{name}.jaxexport")
-      with open(path, "wb") as f:
+      with fileio.atomic_open(path, "wb") as f:
         f.write(blob)
       artifacts[name] = {
         "file": os.path.basename(path),
@@ -210,8 +211,7 @@ def export_run(
     manifest["architecture"] = dataclasses.asdict(spec)
     manifest["param_count_formula"] = formulas.param_count(spec)
     manifest["flops_per_call_formula"] = formulas.flops(spec, res)
-  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-    json.dump(manifest, f, indent=2)
+  fileio.write_json(os.path.join(out_dir, "manifest.json"), manifest)
   return manifest
 
 
@@ -260,8 +260,7 @@ def main(argv):
     print(f"error: {e}".splitlines()[0], file=sys.stderr)
     sys.exit(2)
   manifest["checkpoint_step"] = int(step)
-  with open(os.path.join(out, "manifest.json"), "w") as f:
-    json.dump(manifest, f, indent=2)
+  fileio.write_json(os.path.join(out, "manifest.json"), manifest)
   for name, a in sorted(manifest["artifacts"].items()):
     print(f"{name:20s} {a['bytes'] / 1e6:8.2f} MB  {os.path.join(out, a['file'])}")
 

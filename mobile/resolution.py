@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from common import fileio
+
 
 def sample_at(method, params, rng, num_samples: int, resolution: int, labels=None) -> np.ndarray:
   """``num_samples`` images [N, resolution, resolution, C] in [-1, 1] from the run's sampler."""
@@ -79,7 +81,8 @@ def main(argv):
   out = f["out"] or os.path.join(f["workdir"], f"samples_{f['resolution']}px.png")
   ncols = None if labels is None else int(np.ceil(f["num_samples"] / method.data_info.num_classes))
   images.save_grid(out, samples, ncols=ncols, row_labels=row_names)
-  np.save(os.path.splitext(out)[0] + ".npy", samples)
+  with fileio.atomic_open(os.path.splitext(out)[0] + ".npy", "wb") as f:
+    np.save(f, samples)
   print(f"{out}: {f['num_samples']} samples at {f['resolution']}px, checkpoint {step}")
 
 

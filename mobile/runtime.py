@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
@@ -78,7 +79,23 @@ def main() -> None:
   if art.manifest["num_classes"]:
     label = args.label if args.label >= 0 else art.manifest["num_classes"]
     inputs.append(np.full((shape[0],), label, np.int32))
-  np.save(args.out, np.asarray(art.sampler(args.dtype)(*inputs)))
+  _save_whole(args.out, np.asarray(art.sampler(args.dtype)(*inputs)))
+
+
+def _save_whole(path: str, array: np.ndarray) -> None:
+  """``np.save`` whole or not at all: a unique temporary file, then ``os.replace`` (this file
+  imports nothing of the repo, so not ``common.fileio``; the same protocol)."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                             dir=os.path.dirname(os.path.abspath(path)))  # fmt: skip
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, array)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 if __name__ == "__main__":

@@ -40,8 +40,8 @@ def tiny_models():
   return models_lib.from_params(config, params, programs=method.programs)
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_setup():
+  """(models, serving SystemParams with the test window, profile): the ``tiny`` fixture's value."""
   models = tiny_models()
   big_t = models.num_timesteps
   sysp = serve.serving_system(models.config, big_t, models.image_shape)
@@ -55,6 +55,11 @@ def tiny():
     big_t,
   )
   return models, sysp, profile
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return tiny_setup()
 
 
 def _server(tiny, edge=None, **kw):

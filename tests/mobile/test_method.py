@@ -95,7 +95,8 @@ def test_binary_refuses_bad_stride_with_one_line(tmp_path):
     cwd=REPO, capture_output=True, text=True, timeout=120,
   )  # fmt: skip
   assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith("config error: data.resolution=8:")
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("config error: data.resolution=8:"), lines
   assert not os.path.exists(tmp_path / "run")
 
 
