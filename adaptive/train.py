@@ -130,10 +130,7 @@ def flops_targets(config, groups: grouping.Groups, flops_fn) -> list[float]:
 
 def _validate_fields(config: ml_collections.ConfigDict) -> None:
   """``adaptive.*``'s own numbers and choices, each named in its one-line error."""
-  from common.train.validate import integer, require, require_choice
-
-  def real(ok):
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)
+  from common.train.validate import boolean, integer, number, require, require_choice
 
   a, big_t = "adaptive.", int(config.diffusion.num_timesteps)
   require(
@@ -150,16 +147,16 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
   require(config, g + "seed", integer(0), "must be an integer >= 0")
   if "dp_cost" in config.adaptive.grouping:  # older configs lack it (default log_snr)
     require_choice(config, g + "dp_cost", grouping.DP_COSTS)
-  require(config, g + "clip_lo_db", real(lambda v: v < config.adaptive.grouping.clip_hi_db),
+  require(config, g + "clip_lo_db", number(lambda v: v < config.adaptive.grouping.clip_hi_db),
           "must be a number < clip_hi_db")  # fmt: skip
   s = a + "scaling."
-  require(config, s + "prune", lambda v: isinstance(v, bool), "must be true or false")
+  require(config, s + "prune", boolean, "must be true or false")
   require_choice(config, s + "full_model_end", grouping.FULL_MODEL_ENDS)
   require(config, s + "rank_from", lambda v: v in (0, 1), "must be 0 or 1")
   p = a + "pruner."
   require_choice(config, p + "name", ("proxy_search(det)", "uniform", "random"))
-  require(config, p + "use_memory", lambda v: isinstance(v, bool), "must be true or false")
-  require(config, p + "tol", real(lambda v: 0 <= v < 1), "must be in [0, 1)")
+  require(config, p + "use_memory", boolean, "must be true or false")
+  require(config, p + "tol", number(lambda v: 0 <= v < 1), "must be in [0, 1)")
   require_choice(config, p + "selection", pruning.SELECTIONS)
   for k, lo in (("beam", 1), ("max_rounds", 1), ("max_evals_per_round", 0)):
     if k in config.adaptive.pruner:  # max_evals_per_round is optional (0: off)

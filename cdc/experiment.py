@@ -20,7 +20,6 @@ binaries use before anything is read or written.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Any
 
@@ -35,7 +34,15 @@ from flax import nnx
 from cdc import adr, models
 from cdc import data as cdc_data
 from common import fileio
-from common.train.validate import ConfigError, integer, require, require_choice
+from common.train.validate import (
+  ConfigError,
+  boolean,
+  each,
+  integer,
+  number,
+  require,
+  require_choice,
+)
 
 
 def build_dataset(config: ml_collections.ConfigDict):
@@ -70,13 +77,6 @@ SELECTORS = adr.SELECTORS + ("gaussian",)  # what a device can run (cdc.adr.sele
 WIRE_DTYPES = ("float32", "float16")
 
 
-def _real(ok):
-  """A predicate for ``require``: a finite int or float (not a bool) with ``ok(v)``."""
-  return lambda v: (
-    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
-  )
-
-
 def _ints(config, lo: int, *fields: str) -> None:
   for f in fields:
     require(config, f, integer(lo), f"must be an integer >= {lo}")
@@ -84,16 +84,7 @@ def _ints(config, lo: int, *fields: str) -> None:
 
 def _bools(config, *fields: str) -> None:
   for f in fields:
-    require(config, f, lambda v: isinstance(v, bool), "must be true or false")
-
-
-def _each(config, field: str, ok, allowed: str, *, nonempty: bool = True) -> None:
-  require(
-    config,
-    field,
-    lambda v: isinstance(v, (tuple, list)) and (len(v) or not nonempty) and all(map(ok, v)),
-    allowed,
-  )
+    require(config, f, boolean, "must be true or false")
 
 
 def _validate_run(config) -> None:
@@ -101,11 +92,11 @@ def _validate_run(config) -> None:
   _ints(config, 0, "seed", "total_steps")
   _ints(config, 1, "batch_size", "log_every_steps", "ckpt_every_steps", "keep_checkpoints")
   require_choice(config, "optimizer.name", ("adam",))
-  require(config, "optimizer.learning_rate", _real(lambda v: v > 0), "must be > 0")
+  require(config, "optimizer.learning_rate", number(lambda v: v > 0), "must be > 0")
   _ints(config, 0, "optimizer.warmup_steps")
-  require(config, "optimizer.grad_clip_norm", _real(lambda v: v >= 0), "must be >= 0 (0: off)")
+  require(config, "optimizer.grad_clip_norm", number(lambda v: v >= 0), "must be >= 0 (0: off)")
   for b in ("optimizer.b1", "optimizer.b2"):
-    require(config, b, _real(lambda v: 0 <= v < 1), "must be in [0, 1)")
+    require(config, b, number(lambda v: 0 <= v < 1), "must be in [0, 1)")
 
 
 def _validate_data_and_model(config) -> None:
@@ -131,7 +122,7 @@ def _validate_data_and_model(config) -> None:
       config, "data.max_objects", integer(1, n_words), f"must be an integer in [1, {n_words}]"
     )
     require(
-      config, "data.object_radius", _real(lambda v: 0.05 <= v <= 0.3), "must be in [0.05, 0.3]"
+      config, "data.object_radius", number(lambda v: 0.05 <= v <= 0.3), "must be in [0.05, 0.3]"
     )
     require(
       config,
@@ -139,14 +130,16 @@ def _validate_data_and_model(config) -> None:
       lambda v: len(set(v)) == len(v) >= 3 and set(v) <= set(shapes.SHAPES),
       f"need >= 3 distinct names from {shapes.SHAPES}",
     )
-    require(config, "data.shift_scale", _real(lambda v: v >= 0), "must be >= 0")
+    require(config, "data.shift_scale", number(lambda v: v >= 0), "must be >= 0")
     _ints(config, 1, *(f"data.{k}" for k in ("pool_videos", "train_videos", "test_videos")))
     _ints(config, 1, "data.source_train_videos", "data.source_test_videos")
   else:
     require(config, "data.data_dir", lambda v: os.path.isdir(v), "must be an existing directory")
     _ints(config, 1, "data.num_heldout", "data.num_frames")
     _ints(config, 0, "data.split_seed")
-    _each(config, "data.source_domains", integer(0), "must be integers >= 0", nonempty=False)
+    require(
+      config, "data.source_domains", each(integer(0), nonempty=False), "must be integers >= 0"
+    )
   frames, text = ("pixels", "tokens") if name == "moving_shapes" else ("features", "features")
   for field, want in (("model.frame_input", frames), ("model.text_input", text)):
     require(config, field, lambda v, want=want: v == want, f"must be {want} for data.name={name}")
@@ -162,10 +155,10 @@ def _validate_data_and_model(config) -> None:
 
 def _validate_fda_adr(config) -> None:
   f = config.cdc.fda
-  _each(
+  require(
     config,
     "cdc.fda.generated",
-    lambda v: v in models.HEAD_LAYERS,
+    each(lambda v: v in models.HEAD_LAYERS),
     f"must be a non-empty subset of {', '.join(models.HEAD_LAYERS)}",
   )
   require(config, "cdc.fda.generated", lambda v: len(set(v)) == len(v), "must not repeat a name")
@@ -173,8 +166,8 @@ def _validate_fda_adr(config) -> None:
   _ints(config, 0, "cdc.fda.rank")
   require_choice(config, "cdc.fda.set_pool", models.SET_POOLS)
   _bools(config, "cdc.fda.text_context", "cdc.fda.zero_init", "cdc.fda.train_base")
-  require(config, "cdc.fda.residual_scale_init", _real(lambda v: True), "must be a finite number")
-  require(config, "cdc.fda.delta_l2", _real(lambda v: v >= 0), "must be >= 0 (0: off)")
+  require(config, "cdc.fda.residual_scale_init", number(), "must be a finite number")
+  require(config, "cdc.fda.delta_l2", number(lambda v: v >= 0), "must be >= 0 (0: off)")
   require_choice(config, "cdc.adr.selector", SELECTORS)
   pool = config.cdc.meta.pool_videos * config.data.num_frames
   require(
@@ -215,23 +208,25 @@ def _validate_meta(config) -> None:
     + (f" and <= data.pool_videos={hi}" if d.name == "moving_shapes" else ""),
   )
   for k in ("qa_weight", "retrieval_weight"):
-    require(config, f"cdc.meta.{k}", _real(lambda v: v >= 0), "must be >= 0")
+    require(config, f"cdc.meta.{k}", number(lambda v: v >= 0), "must be >= 0")
   if not m.qa_weight and not m.retrieval_weight:
     raise ConfigError("cdc.meta.qa_weight", m.qa_weight, "and retrieval_weight are both 0")
-  require(config, "cdc.meta.temperature", _real(lambda v: v > 0), "must be > 0")
+  require(config, "cdc.meta.temperature", number(lambda v: v > 0), "must be > 0")
 
 
 def _validate_pretrain_finetune_eval(config) -> None:
   _ints(config, 1, "cdc.pretrain.steps", "cdc.pretrain.batch_size")
-  require(config, "cdc.pretrain.learning_rate", _real(lambda v: v > 0), "must be > 0")
+  require(config, "cdc.pretrain.learning_rate", number(lambda v: v > 0), "must be > 0")
   _ints(config, 0, "cdc.pretrain.warmup_steps")
-  _each(config, "cdc.finetune.shots", integer(1), "must be integers >= 1", nonempty=False)
+  require(config, "cdc.finetune.shots", each(integer(1), nonempty=False), "must be integers >= 1")
   _ints(config, 1, *(f"cdc.finetune.{k}" for k in ("steps", "batch_size", "oracle_steps")))
-  require(config, "cdc.finetune.learning_rate", _real(lambda v: v > 0), "must be > 0")
-  _each(config, "cdc.eval.selectors", lambda v: v in SELECTORS, "allowed: " + ", ".join(SELECTORS))
-  _each(config, "cdc.eval.anchor_counts", integer(1), "a non-empty list of integers >= 1")
-  require(config, "cdc.eval.link_mbps", _real(lambda v: v > 0), "must be > 0")
-  require(config, "cdc.eval.drift_threshold", _real(lambda v: v >= 0), "must be >= 0")
+  require(config, "cdc.finetune.learning_rate", number(lambda v: v > 0), "must be > 0")
+  require(
+    config, "cdc.eval.selectors", each(lambda v: v in SELECTORS), "allowed: " + ", ".join(SELECTORS)
+  )
+  require(config, "cdc.eval.anchor_counts", each(integer(1)), "a non-empty list of integers >= 1")
+  require(config, "cdc.eval.link_mbps", number(lambda v: v > 0), "must be > 0")
+  require(config, "cdc.eval.drift_threshold", number(lambda v: v >= 0), "must be >= 0")
   windows = require(config, "cdc.eval.drift_windows", integer(2), "must be an integer >= 2")
   require(
     config,

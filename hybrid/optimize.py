@@ -41,7 +41,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from common import fileio
-from common.train.validate import ConfigError, integer, require, require_choice
+from common.train.validate import (
+  ConfigError,
+  boolean,
+  each,
+  integer,
+  number,
+  require,
+  require_choice,
+)
 from hybrid import agent as agent_lib
 from hybrid import baselines, env, system
 
@@ -68,17 +76,6 @@ class _Stop:
     return self.flag
 
 
-def _real(ok):
-  """A predicate for ``require``: a finite int or float (not a bool) with ``ok(v)``."""
-  return lambda v: (
-    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
-  )
-
-
-def _each(config, field: str, ok, allowed: str) -> None:
-  require(config, field, lambda v: len(v) > 0 and all(map(ok, v)), allowed)
-
-
 def _validate_system(config) -> None:
   """``seed``, ``scheduler.profile`` / ``setting`` / ``system.*``."""
   require(config, "seed", integer(0), "must be an integer >= 0")
@@ -88,14 +85,14 @@ def _validate_system(config) -> None:
     raise ConfigError("scheduler.system", sorted(extra), "unknown fields")
   t = require(config, "scheduler.system.num_steps", integer(1), "must be an integer >= 1")
   require(
-    config, "scheduler.system.min_split", _real(lambda v: 0 <= v <= t), f"must be in [0, T={t}]"
+    config, "scheduler.system.min_split", number(lambda v: 0 <= v <= t), f"must be in [0, T={t}]"
   )
   for k in ("capacity", "max_users"):
     require(config, f"scheduler.system.{k}", integer(1), "must be an integer >= 1")
   for k in ("window", "bandwidth_hz", "spectral_efficiency", "alpha_upper_scale"):
-    require(config, f"scheduler.system.{k}", _real(lambda v: v > 0), "must be > 0")
+    require(config, f"scheduler.system.{k}", number(lambda v: v > 0), "must be > 0")
   for k in ("prompt_bits", "latent_bits"):
-    require(config, f"scheduler.system.{k}", _real(lambda v: v >= 0), "must be >= 0")
+    require(config, f"scheduler.system.{k}", number(lambda v: v >= 0), "must be >= 0")
   require_choice(config, "scheduler.system.transmission", system.TRANSMISSION_FORMULAS)
   require(
     config,
@@ -109,18 +106,18 @@ def _validate_system(config) -> None:
     lambda v: v in ("static", "dynamic"),
     "must be static or dynamic for the binary",
   )
-  require(config, "scheduler.plain_dqn", lambda v: isinstance(v, bool), "must be true or false")
+  require(config, "scheduler.plain_dqn", boolean, "must be true or false")
 
 
 def _validate_grid(config) -> None:
   """The training and evaluation grids and ``scheduler.eval.*``."""
   s, max_users = config.scheduler, config.scheduler.system.max_users
-  g_ok, g_msg = _real(lambda v: v > 0), "edge sizes G must be > 0 (a non-empty list)"
+  g_ok, g_msg = number(lambda v: v > 0), "edge sizes G must be > 0 (a non-empty list)"
   n_ok = integer(1, max_users)
   n_msg = f"user counts N must be integers in [1, {max_users}] (a non-empty list)"
   for prefix in ("scheduler.train_", "scheduler.eval."):
-    _each(config, f"{prefix}num_gpus", g_ok, g_msg)
-    _each(config, f"{prefix}num_users", n_ok, n_msg)
+    require(config, f"{prefix}num_gpus", each(g_ok), g_msg)
+    require(config, f"{prefix}num_users", each(n_ok), n_msg)
   for k, lo in (("scenarios", 1), ("seed_offset", 0), ("enum_max_users", 0)):
     require(config, f"scheduler.eval.{k}", integer(lo), f"must be an integer >= {lo}")
   require(config, "scheduler.eval.ortools_max_users", integer(0), "must be an integer >= 0")
@@ -132,12 +129,12 @@ def _validate_grid(config) -> None:
     "must be an even integer >= 2",
   )
   require(config, "scheduler.eval.ga_generations", integer(1), "must be an integer >= 1")
-  require(config, "scheduler.eval.ga_mutation", _real(lambda v: 0 <= v <= 1), "must be in [0, 1]")
+  require(config, "scheduler.eval.ga_mutation", number(lambda v: 0 <= v <= 1), "must be in [0, 1]")
   t = s.system.num_steps
   require(
     config,
     "scheduler.eval.fixed_splits",
-    lambda v: all(map(_real(lambda n: 0 <= n <= t), v)),
+    lambda v: all(map(number(lambda n: 0 <= n <= t), v)),
     f"must be split points in [0, T={t}]",
   )
 
@@ -157,16 +154,18 @@ def _validate_agent(config) -> None:
     require(config, f + k, integer(0), "must be an integer >= 0")
   require(config, f + "eps_decay_episodes", integer(1), "must be an integer >= 1")
   for k in ("learning_rate", "grad_clip_norm", "priority_eps", "priority_clip"):
-    require(config, f + k, _real(lambda v: v > 0), "must be > 0")
+    require(config, f + k, number(lambda v: v > 0), "must be > 0")
   for k in ("weight_decay", "beta_increment"):
-    require(config, f + k, _real(lambda v: v >= 0), "must be >= 0")
+    require(config, f + k, number(lambda v: v >= 0), "must be >= 0")
   for k in ("gamma", "priority_exponent", "beta_start", "eps_start"):
-    require(config, f + k, _real(lambda v: 0 <= v <= 1), "must be in [0, 1]")
+    require(config, f + k, number(lambda v: 0 <= v <= 1), "must be in [0, 1]")
   eps = a.eps_start
-  require(config, f + "eps_min", _real(lambda v: 0 <= v <= eps), f"must be in [0, eps_start={eps}]")
+  require(
+    config, f + "eps_min", number(lambda v: 0 <= v <= eps), f"must be in [0, eps_start={eps}]"
+  )
   require_choice(config, f + "replay", agent_lib.REPLAYS)
-  require(config, f + "apply_is_weights", lambda v: isinstance(v, bool), "must be true or false")
-  frac = require(config, f + "terminal_fraction", _real(lambda v: 0 < v < 1), "must be in (0, 1)")
+  require(config, f + "apply_is_weights", boolean, "must be true or false")
+  frac = require(config, f + "terminal_fraction", number(lambda v: 0 < v < 1), "must be in (0, 1)")
   require(
     config,
     f + "batch_size",

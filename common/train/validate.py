@@ -6,6 +6,7 @@ Each error is one line naming the field, the value and what is allowed, so a res
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -58,6 +59,24 @@ def require_choice(config, field: str, choices: Iterable[str]) -> Any:
 def integer(lo: int, hi: float = float("inf")) -> Callable[[Any], bool]:
   """The predicate for ``require``: an int (not a bool) in ``[lo, hi]``."""
   return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def number(ok: Callable[[Any], bool] = lambda v: True) -> Callable[[Any], bool]:
+  """The predicate for ``require``: a finite int or float (not a bool) with ``ok(v)``."""
+  return lambda v: (
+    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+  )
+
+
+def boolean(v: Any) -> bool:
+  """The predicate for ``require``: ``True`` or ``False`` (not 0 / 1)."""
+  return isinstance(v, bool)
+
+
+def each(ok: Callable[[Any], bool], *, nonempty: bool = True) -> Callable[[Any], bool]:
+  """The predicate for ``require``: a list or tuple (non-empty unless told) whose every item
+  passes ``ok``."""
+  return lambda v: isinstance(v, (tuple, list)) and bool(len(v) or not nonempty) and all(map(ok, v))
 
 
 def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, process_count: int = 1):
