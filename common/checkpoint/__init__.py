@@ -279,6 +279,12 @@ class Checkpointer:
       del self._unsealed[step]
       if self._is_primary and os.path.isdir(self.step_dir(step)):
         integrity.seal(self.step_dir(step), confirmed=confirmed)
+    if jax.process_count() > 1:
+      # Every process decides the rotation from the manifests on disk, and orbax's delete is a
+      # collective: all must see process 0's new manifests before any of them decides.
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("segdiff_checkpoint_sealed")
     self._rotate()
 
   def _rotate(self) -> None:

@@ -98,7 +98,9 @@ def _assert_same_losses(got: dict, want: dict) -> None:
 @pytest.mark.slow
 def test_two_processes_train_like_one_stop_together_on_sigterm_and_resume(tmp_path, reference):
   workdir = str(tmp_path / "run")
-  procs = _launch(workdir, 2, 4, WARMUP, "--config.ckpt_every_steps=1000",
+  # A checkpoint every step and 2 kept: the processes seal and rotate (orbax's delete is a
+  # collective) together at every step.
+  procs = _launch(workdir, 2, 4, WARMUP, "--config.ckpt_every_steps=1", "--config.keep_checkpoints=2",
                   "--config.total_steps=100000")  # fmt: skip
   deadline = time.time() + 400
   while time.time() < deadline and (
@@ -108,24 +110,26 @@ def test_two_processes_train_like_one_stop_together_on_sigterm_and_resume(tmp_pa
   for p in procs:
     p.send_signal(signal.SIGTERM)
   outs = _finish(procs, timeout=300)
-  # Both processes stop at the same step (JAX's preemption sync) and save it together.
-  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-  assert len(saved) == 1 and saved[0] == max(read_losses(workdir)), (saved, outs[0][-2000:])
-  assert all(f"preempted: saved step {saved[0]}" in out for out in outs)
-  assert saved[0] <= 10, "stopped too late for the reference's 12 steps"
+  # Both processes stop at the same step (JAX's preemption sync) and save it together; the
+  # rotation kept the newest 2.
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+  stop = max(read_losses(workdir))
+  assert saved == [stop - 1, stop], (saved, outs[0][-2000:])
+  assert all(f"preempted: saved step {stop}" in out for out in outs)
+  assert stop <= 10, "stopped too late for the reference's 12 steps"
   _assert_same_losses(read_losses(workdir), reference)
   # Only process 0 writes the run's files: one of each (two writers would leave two event files
   # and duplicated log lines).
   files = _files(workdir)
   assert files[:2] == ["config.json", "metrics.jsonl"] and len(files) == 3, files
   assert files[2].startswith("tensorboard/events")
-  assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == saved[0]
+  assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == stop
   # Another process count cannot take over the per-process data positions: one line, exit 2.
   (one,) = _launch(workdir, 1, 8, WARMUP, "--config.total_steps=12")
   out = one.communicate(timeout=300)[0]
   assert one.returncode == 2 and "written by 2 processes and this launch has 1" in out, out[-2000:]
   # The same two processes resume and train on like the uninterrupted run.
-  total = saved[0] + 2
+  total = stop + 2
   out = _finish(_launch(workdir, 2, 4, WARMUP, f"--config.total_steps={total}"))[0]
   assert "resuming from" in out
   _assert_same_losses(read_losses(workdir), reference)
