@@ -44,21 +44,13 @@ class NoIntactCheckpointError(CheckpointError):
   """A run has checkpoints and every one of them is damaged."""
 
 
-def _path_str(path) -> str:
-  parts = []
-  for k in path:
-    key = getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-    parts.append(str(key))
-  return "/".join(parts)
-
-
 def _flat_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   out = {}
   for path, leaf in leaves:
     shape = tuple(getattr(leaf, "shape", ()) or ())
     dtype = str(getattr(leaf, "dtype", ""))
-    out[_path_str(path)] = (shape, dtype)
+    out[integrity.path_str(path)] = (shape, dtype)
   return out
 
 

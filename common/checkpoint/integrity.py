@@ -85,7 +85,8 @@ def damage(step_dir: str, manifest: dict) -> str | None:
   return None
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+  """A pytree key path as ``"params/conv/kernel"`` (what errors and manifests name a leaf by)."""
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
@@ -100,6 +101,6 @@ def _finite_flags(tree: Any) -> list[jax.Array]:
 def nonfinite_leaves(tree: Any) -> list[str]:
   """Paths of the floating-point leaves of ``tree`` holding a NaN or an infinity (sharded arrays
   are reduced on their devices; one boolean per leaf comes to the host)."""
-  paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
   flags = jax.device_get(_finite_flags(tree))
   return [p for p, ok in zip(paths, flags, strict=True) if not ok]
