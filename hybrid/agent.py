@@ -408,7 +408,7 @@ class Trainer:
   RNG state, agent settings) in one file with a sha256 per array; ``agent.prev.npz`` is the one
   before it. ``save`` stages the new file as ``agent.next.npz``, reads it back intact, and only
   then rotates (old -> ``.prev``, staged -> ``agent.npz``); ``agent.json`` repeats the metadata for
-  readers of the network alone (``hybrid.serve``). ``restore`` takes the newest intact file
+  readers of the network alone (``hybrid.policy``). ``restore`` takes the newest intact file
   (checksums, finite state), with one warning line naming a damaged or missing newer one (a
   damaged ``agent.npz`` is set aside as ``agent.damaged.npz``, so the next rotation keeps the
   intact one); none intact, or one of other agent settings, is a ``ConfigError`` (exit 2 in the

@@ -1,6 +1,6 @@
 """The edge server's device connections: one reader each, two deadlines, an answer to every frame.
 
-``hybrid.serve.EdgeServer`` runs ``serve_connection`` in one thread per accepted connection (at
+``hybrid.edge.EdgeServer`` runs ``serve_connection`` in one thread per accepted connection (at
 most ``max_connections`` of them, ``--max_connections``, default 256; one more is answered
 ``busy`` and closed). Two timeouts bound how long a connection holds its slot:
 

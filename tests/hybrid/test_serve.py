@@ -19,7 +19,8 @@ import pytest
 from common.data import get_info
 from configs import hybrid as hybrid_configs
 from hybrid import agent as agent_lib
-from hybrid import env, protocol, serve, system
+from hybrid import device, env, policy, protocol, serve, system
+from hybrid import edge as edge_lib
 from hybrid import method as hybrid_method
 from hybrid import models as models_lib
 
@@ -64,11 +65,11 @@ def tiny():
 
 def _server(tiny, edge=None, **kw):
   models, sysp, profile = tiny
-  scheduler = serve.Scheduler(
-    sysp, profile, 1.0, serve.fallback_policy("optimum", sysp, profile), "optimum"
+  scheduler = policy.Scheduler(
+    sysp, profile, 1.0, policy.fallback_policy("optimum", sysp, profile), "optimum"
   )
-  return serve.EdgeServer(
-    edge or serve.staged(models),
+  return edge_lib.EdgeServer(
+    edge or edge_lib.staged(models),
     scheduler,
     image_shape=models.image_shape,
     num_users=models.num_users,
@@ -91,7 +92,7 @@ def _specs(tiny, count, prefix="c", seed=0, delays=None):
       alpha=float(rng.uniform(0.0, 0.2)),
       key=keys[i],
       x_T=x_T[i],
-      device_fn=serve.device_fn_for(models, i % models.num_users),
+      device_fn=device.device_fn_for(models, i % models.num_users),
       delay=0.0 if delays is None else delays[i],
     )
     for i in range(count)
@@ -113,7 +114,7 @@ def test_many_concurrent_clients_all_answered(tiny):
   specs = _specs(tiny, 16, delays=list(np.linspace(0.0, 0.15, 16)))
   with _server(tiny) as server:
     assert server.address[0] == "127.0.0.1"  # loopback unless told otherwise
-    results = serve.run_clients(server.address, specs, num_steps=big_t, pace=False, timeout=30)
+    results = device.run_clients(server.address, specs, num_steps=big_t, pace=False, timeout=30)
   assert [w["requests"] for w in server.windows] == [16]
   w = server.windows[0]
   kinds = [r.kind for r in results]
@@ -147,7 +148,7 @@ def _send_raw(address, data: bytes, read=True):
 
 
 def _request(spec, **over):
-  head = serve.request_header(
+  head = device.request_header(
     spec["request_id"], spec["user"], spec["tau"], spec["alpha"], spec["key"], spec["x_T"]
   )
   head.update(over)
@@ -194,7 +195,7 @@ def test_malformed_requests_refused_while_a_batch_completes(tiny):
     t = threading.Thread(
       target=lambda: out.setdefault(
         "r",
-        serve.run_clients(
+        device.run_clients(
           server.address, good, num_steps=models.num_timesteps, pace=False, timeout=30
         ),
       )
@@ -228,11 +229,11 @@ def test_client_disconnecting_mid_batch_loses_nothing_for_the_others(tiny):
   quitters = _specs(tiny, 3, prefix="quit", seed=5)
   for q in quitters:
     q["tau"] = 10.0  # slow devices: admitted, so their latents go out during the batch
-  with _server(tiny, edge=serve.one_shot(slow_edge)) as server:
+  with _server(tiny, edge=edge_lib.one_shot(slow_edge)) as server:
     out = {}
     t = threading.Thread(
       target=lambda: out.setdefault(
-        "r", serve.run_clients(server.address, good, num_steps=big_t, pace=False, timeout=30)
+        "r", device.run_clients(server.address, good, num_steps=big_t, pace=False, timeout=30)
       )
     )
     t.start()
@@ -248,7 +249,7 @@ def test_client_disconnecting_mid_batch_loses_nothing_for_the_others(tiny):
     t.join(60)
     # The server goes on serving.
     again = _specs(tiny, 1, prefix="again", seed=6)
-    later = serve.run_clients(server.address, again, num_steps=big_t, pace=False, timeout=30)
+    later = device.run_clients(server.address, again, num_steps=big_t, pace=False, timeout=30)
   _check_against_hybrid_sample(models, good, out["r"])
   _check_against_hybrid_sample(models, again, later)
   assert server.windows[0]["requests"] == 7 and server.windows[0]["dropped"] == 1
@@ -276,11 +277,11 @@ def _tiny_policy_workdir(tmp_path, sysp, profile):
 def test_decisions_come_from_the_trained_policy(tiny, tmp_path):
   models, sysp, profile = tiny
   workdir, ag, params = _tiny_policy_workdir(tmp_path, sysp, profile)
-  sched = serve.make_scheduler(str(tmp_path), sysp, profile, 1.0, 8, policy_workdir=workdir)
+  sched = policy.make_scheduler(str(tmp_path), sysp, profile, 1.0, 8, policy_workdir=workdir)
   assert sched.name.startswith("drl_convex")
   # Found next to the run (RUN/optimize) without the flag, too; 'none' takes the fallback.
-  assert serve.make_scheduler(str(tmp_path), sysp, profile, 1.0, 8).name == sched.name
-  assert serve.make_scheduler(str(tmp_path), sysp, profile, 1.0, 8, "none").name == "optimum"
+  assert policy.make_scheduler(str(tmp_path), sysp, profile, 1.0, 8).name == sched.name
+  assert policy.make_scheduler(str(tmp_path), sysp, profile, 1.0, 8, "none").name == "optimum"
   hybrid_env = env.HybridEnv(sysp, profile)
   rng = np.random.default_rng(0)
   admitted = []

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hybrid import protocol, serve
+from hybrid import device, protocol
 from tests.hybrid.test_serve import (
   _check_against_hybrid_sample,
   _request,
@@ -46,7 +46,7 @@ def _closed_by_server(sock: socket.socket) -> bool:
 def _run_device(tiny, address, prefix: str, seed: int):
   models = tiny[0]
   specs = _specs(tiny, 1, prefix=prefix, seed=seed)
-  results = serve.run_clients(
+  results = device.run_clients(
     address, specs, num_steps=models.num_timesteps, pace=False, timeout=30
   )
   return specs, results
