@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from adaptive import pruning, routing
+from adaptive import inheritance, routing, search_space
 from adaptive.grouping import Groups
 from common import data
 from common.train.method import DDPM
@@ -222,11 +222,11 @@ class Supernet(DDPM):
     super().__init__(config, data_info)
     s = config.adaptive.supernet
     self.widths = validate_widths(s.widths)
-    base = pruning.base_structure(config.model)
-    self.structures = [pruning.uniform_structure(base, w) for w in self.widths]
+    base = search_space.base_structure(config.model)
+    self.structures = [search_space.uniform_structure(base, w) for w in self.widths]
     self.members = [
       DDPM(
-        group_model_config(config, pruning.structure_to_model_config(config.model, st)),
+        group_model_config(config, search_space.structure_to_model_config(config.model, st)),
         data_info,
       )
       for st in self.structures
@@ -257,14 +257,14 @@ class Supernet(DDPM):
       self._plans = [
         None
         if w == 1.0
-        else pruning.gather_plan(like, self.config.model, st, image_size=image_size)
+        else inheritance.gather_plan(like, self.config.model, st, image_size=image_size)
         for w, st in zip(self.widths, self.structures, strict=True)
       ]
     return self._plans
 
   def subnet_params(self, params) -> list:
     """Per width, the subnetwork's parameters (the supernet's own at width 1)."""
-    return [params if p is None else pruning.apply_plan(params, p) for p in self.plans]
+    return [params if p is None else inheritance.apply_plan(params, p) for p in self.plans]
 
   def width_of_t(self) -> np.ndarray:
     """[T] width index per 0-based timestep: the schedule's entry of the nearest sampler step."""

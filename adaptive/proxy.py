@@ -1,8 +1,9 @@
 """The pruning proxy score (spec §4.3 item 4): inherit, fine-tune briefly on the group, score.
 
-A candidate structure for group g gets the base network's weights (``pruning.inherit_weights``),
-``proxy_steps`` Adam steps on t drawn from g (fixed batches), and is then scored by its loss on
-fixed held-out (x0, t, eps) triples from g. Every random draw is fixed by the seed, so the score
+A candidate structure for group g gets the base network's weights
+(``inheritance.inherit_weights``), ``proxy_steps`` Adam steps on t drawn from g (fixed batches),
+and is then scored by its loss on fixed held-out (x0, t, eps) triples from g. Both image sets are
+cut from the train split (``proxy_split``). Every random draw is fixed by the seed, so the score
 is a deterministic function of (structure, seed): what lets the memory bank cache it and the
 search be reproducible. This is our stand-in for the paper's GPT-4 proxy, not a reproduction.
 """
@@ -20,9 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adaptive import pruning
+from adaptive import inheritance, search_space
 from adaptive.heldout import FixedDraws
 from adaptive.method import GroupNetwork, group_model_config
+from common import data
 from common.train import state as state_lib
 
 
@@ -65,14 +67,14 @@ class ProgramCache:
       raise ValueError(f"max_programs must be >= 1, got {max_programs}")
     self.max_programs = int(max_programs)
     self._programs: collections.OrderedDict[
-      tuple[str, pruning.Structure], tuple[Callable, Callable, Any]
+      tuple[str, search_space.Structure], tuple[Callable, Callable, Any]
     ] = collections.OrderedDict()
     self.compiled = 0
 
   def __len__(self) -> int:
     return len(self._programs)
 
-  def get(self, config, data_info, structure: pruning.Structure):
+  def get(self, config, data_info, structure: search_space.Structure):
     """(train_step, heldout_loss, tx) for ``structure`` of ``config``'s base network."""
     # What the program depends on; the run's other fields (groups, seeds, scaling) do not enter.
     parts = {k: config[k] for k in ("model", "optimizer", "diffusion", "data")}
@@ -80,7 +82,7 @@ class ProgramCache:
     if key in self._programs:
       self._programs.move_to_end(key)
       return self._programs[key]
-    overrides = pruning.structure_to_model_config(config.model, structure)
+    overrides = search_space.structure_to_model_config(config.model, structure)
     t_all = (0, int(config.diffusion.num_timesteps) - 1)
     net = ProxyNetwork(group_model_config(config, overrides), data_info, t_all)
     # The run's own optimizer and update (EMA unused: decay 0 keeps it equal to the params).
@@ -101,6 +103,19 @@ class ProgramCache:
     return self._programs[key]
 
 
+def proxy_split(config, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """The train split cut into proxy fine-tuning images and proxy held-out images (10%).
+
+  The proxy never sees the test split: that is where the held-out losses of the result are
+  measured.
+  """
+  x, y = data.load_split(config.data, "train")
+  order = np.random.default_rng(seed).permutation(len(x))
+  n_val = max(1, len(x) // 10)
+  val, fit = order[:n_val], order[n_val:]
+  return x[fit], y[fit], x[val], y[val]
+
+
 def make_score_fn(
   config: ml_collections.ConfigDict,
   data_info: Any,
@@ -115,7 +130,7 @@ def make_score_fn(
   heldout_labels: np.ndarray | None = None,
   seed: int = 0,
   programs: ProgramCache | None = None,
-) -> Callable[[pruning.Structure], float]:
+) -> Callable[[search_space.Structure], float]:
   """``structure -> proxy score`` (lower is better) for one group.
 
   Args:
@@ -158,9 +173,9 @@ def make_score_fn(
   )
   image_size = int(config.data.resolution)
 
-  def score(structure: pruning.Structure) -> float:
+  def score(structure: search_space.Structure) -> float:
     train_step, heldout_loss, tx = programs.get(config, data_info, structure)
-    params = pruning.inherit_weights(
+    params = inheritance.inherit_weights(
       base_params,
       config.model,
       structure,

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adaptive.pruning import (
+from adaptive.search_space import (
   Structure,
   random_structures,
   search_space_edits,
@@ -106,6 +106,69 @@ def _check_target(base: Structure, target: float, flops_fn: FlopsFn, tol: float)
     )
 
 
+class _Evaluations:
+  """The proxy calls of one search, counted; with memory a structure the bank holds is free."""
+
+  def __init__(self, score_fn: ScoreFn, flops_fn: FlopsFn, use_memory: bool):
+    self.score_fn, self.flops_fn, self.use_memory = score_fn, flops_fn, use_memory
+    self.bank = MemoryBank()
+    # The last score seen per structure, for the final pick.
+    self.scored_all: dict[Structure, float] = {}
+    self.count = 0
+
+  def __call__(self, s: Structure, round_: int) -> float:
+    if self.use_memory and s in self.bank:
+      return self.bank.score(s)
+    self.count += 1
+    v = float(self.score_fn(s))
+    self.bank.add(s, self.flops_fn(s), v, round_)
+    self.scored_all[s] = v
+    return v
+
+
+def _proposals(base: Structure, beam: list[Structure], flops_fn: FlopsFn, lo: float,
+               bank: MemoryBank | None, max_evals_per_round: int | None,
+               rng: np.random.Generator) -> list[tuple[Any, Structure, Structure]]:  # fmt: skip
+  """One round's ``(edit, parent, child)`` moves from the beam, none below ``lo`` FLOPs.
+
+  With a memory ``bank``: each child once, tabu ones left out, ordered by the bank's estimate,
+  fresh evaluations capped; without: random draws (with repeats) of the single edits.
+  """
+  moves = [(e, p, c) for p in beam for e, c in search_space_edits(base, p) if flops_fn(c) >= lo]
+  if bank is None:
+    return [moves[i] for i in rng.integers(0, len(moves), len(moves))] if moves else []
+  moves = [m for m in moves if m[2] not in bank.rejected]
+  seen, uniq = set(), []
+  for m in moves:
+    if m[2] not in seen:
+      seen.add(m[2])
+      uniq.append(m)
+  # Cheapest expected damage per FLOP first: the bank's bias toward levels that cut well.
+  uniq.sort(key=lambda m: (bank.edit_estimate(m[0]), flops_fn(m[2]), m[2]))
+  fresh = [m for m in uniq if m[2] not in bank]
+  if max_evals_per_round is not None:
+    keep = {m[2] for m in fresh[:max_evals_per_round]}
+    uniq = [m for m in uniq if m[2] in bank or m[2] in keep]
+  return uniq
+
+
+def _best_scored(
+  base: Structure,
+  target_flops: float,
+  flops_fn: FlopsFn,
+  scored_all: dict[Structure, float],
+  inside,
+) -> tuple[Structure, float]:
+  """A search that did not converge: the best scored structure inside the window, else the
+  scored one closest to the target (the base, unscored, when nothing was scored)."""
+  pool = {s: v for s, v in scored_all.items() if inside(s)}
+  if pool:
+    best = min(pool, key=lambda s: (pool[s], flops_fn(s), s))
+    return best, pool[best]
+  best = min(scored_all or {base: float("nan")}, key=lambda s: abs(flops_fn(s) - target_flops))
+  return best, scored_all.get(best, float("nan"))
+
+
 def proxy_search(
   base: Structure,
   target_flops: float,
@@ -135,9 +198,9 @@ def proxy_search(
   beam (seeded, as many draws as there are neighbours) and scores every draw afresh.
 
   Args:
-    base: the full structure (``pruning.base_structure``).
+    base: the full structure (``search_space.base_structure``).
     target_flops: the budget, in ``flops_fn``'s unit.
-    flops_fn: ``structure -> FLOPs`` (e.g. ``pruning.make_flops_fn``).
+    flops_fn: ``structure -> FLOPs`` (e.g. ``search_space.make_flops_fn``).
     score_fn: ``structure -> proxy score``; lower is better.
 
   Returns:
@@ -154,46 +217,20 @@ def proxy_search(
     return abs(flops_fn(s) / target_flops - 1.0) <= tol
 
   rng = np.random.default_rng(seed)
-  bank = MemoryBank()
-  scored_all: dict[Structure, float] = {}  # last score seen per structure, for the final pick
-  evaluations = 0
+  evaluate = _Evaluations(score_fn, flops_fn, use_memory)
+  bank = evaluate.bank
   beam = [base]
   log: list[dict[str, Any]] = []
   converged = False
   rounds = 0
-
-  def evaluate(s, round_):
-    nonlocal evaluations
-    if use_memory and s in bank:
-      return bank.score(s)
-    evaluations += 1
-    v = float(score_fn(s))
-    bank.add(s, flops_fn(s), v, round_)
-    scored_all[s] = v
-    return v
-
   for r in range(1, max_rounds + 1):
     rounds = r
-    moves = [(e, p, c) for p in beam for e, c in search_space_edits(base, p) if flops_fn(c) >= lo]
-    if use_memory:
-      moves = [m for m in moves if m[2] not in bank.rejected]
-      seen, uniq = set(), []
-      for m in moves:
-        if m[2] not in seen:
-          seen.add(m[2])
-          uniq.append(m)
-      # Cheapest expected damage per FLOP first: the bank's bias toward levels that cut well.
-      uniq.sort(key=lambda m: (bank.edit_estimate(m[0]), flops_fn(m[2]), m[2]))
-      fresh = [m for m in uniq if m[2] not in bank]
-      if max_evals_per_round is not None:
-        keep = {m[2] for m in fresh[:max_evals_per_round]}
-        uniq = [m for m in uniq if m[2] in bank or m[2] in keep]
-      proposals = uniq
-    else:
-      proposals = [moves[i] for i in rng.integers(0, len(moves), len(moves))] if moves else []
+    proposals = _proposals(
+      base, beam, flops_fn, lo, bank if use_memory else None, max_evals_per_round, rng
+    )
     carried = [s for s in beam if inside(s)]
     if not proposals and not carried:
-      log.append({"round": r, "proposals": 0, "evaluations": evaluations, "beam": []})
+      log.append({"round": r, "proposals": 0, "evaluations": evaluate.count, "beam": []})
       break
     scores: dict[Structure, float] = {}
     for e, p, c in proposals:
@@ -207,33 +244,24 @@ def proxy_search(
     beam = ranked[:beam_width]
     if use_memory:
       bank.rejected.update(s for s in ranked[beam_width:] if s not in carried)
+    beam_log = [
+      {"structure": s.to_dict(), "flops": flops_fn(s), "score": scores[s], "inside": inside(s)}
+      for s in beam
+    ]
     log.append(
-      {
-        "round": r,
-        "proposals": len(proposals),
-        "evaluations": evaluations,
-        "beam": [
-          {"structure": s.to_dict(), "flops": flops_fn(s), "score": scores[s], "inside": inside(s)}
-          for s in beam
-        ],
-      }
+      {"round": r, "proposals": len(proposals), "evaluations": evaluate.count, "beam": beam_log}
     )
     if inside(beam[0]):
       converged = True
       break
 
-  pool = {s: v for s, v in scored_all.items() if inside(s)}
   if converged:
     best = beam[0]
     best_score = scores[best]
-  elif pool:
-    best = min(pool, key=lambda s: (pool[s], flops_fn(s), s))
-    best_score = pool[best]
   else:
-    best = min(scored_all or {base: float("nan")}, key=lambda s: abs(flops_fn(s) - target_flops))
-    best_score = scored_all.get(best, float("nan"))
+    best, best_score = _best_scored(base, target_flops, flops_fn, evaluate.scored_all, inside)
   return SearchResult(
-    "proxy_search(det)", best, flops_fn(best), best_score, float(target_flops), evaluations,
+    "proxy_search(det)", best, flops_fn(best), best_score, float(target_flops), evaluate.count,
     rounds, converged, log,
   )  # fmt: skip
 

@@ -5,8 +5,8 @@ weights, trained together, then a search for the width of every sampler step und
 sampling FLOPs as the reference TDC arm. Our version:
 
 * **Start.** Stage 1's base network (the same start as every TDC arm), with its channels put in
-  L1 order by ``pruning.rank_channels`` (the same function). The subnetwork of width ``w`` is
-  then each channel space's first channels (``pruning.gather_plan``): at ``w`` the one the L1
+  L1 order by ``inheritance.rank_channels`` (the same function). The subnetwork of width ``w`` is
+  then each channel space's first channels (``inheritance.gather_plan``): at ``w`` the one the L1
   pruner would inherit, and the same channels at every step while the weights train.
 * **Training.** Every width on the same batch each step, the losses summed (slimmable networks'
   joint training; with a handful of widths the sandwich rule's samples are all of them). Stage 1
@@ -36,8 +36,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from adaptive import heldout, pruning, routing
+from adaptive import heldout, inheritance, pruning, routing, search_space, start_checkpoint
 from adaptive.method import Supernet, validate_widths
+from adaptive.proxy import proxy_split
 from common import data, fileio
 from common.train import method as method_lib
 from common.train.method import DDPM
@@ -203,7 +204,6 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
     the summary dict (also ``workdir/summary.json``); the searched schedule is written into
     ``workdir/config.json``, so ``common.eval`` samples with it.
   """
-  from adaptive import train as adaptive_train
   from common import eval as eval_lib
   from common.train import loop
 
@@ -217,51 +217,24 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
   os.makedirs(workdir, exist_ok=True)
   _, _, base_params, base_step = eval_lib.load_params(str(a.base_workdir), step=int(a.base_step))
   base_params = jax.device_get(base_params)
-  flops_fn = adaptive_train.flops_fn_for(config, data_info)
-  base = pruning.base_structure(config.model)
-  flops = [flops_fn(pruning.uniform_structure(base, w)) for w in widths]
+  flops_fn = pruning.flops_fn_for(config, data_info)
+  base = search_space.base_structure(config.model)
+  flops = [flops_fn(search_space.uniform_structure(base, w)) for w in widths]
   steps = training_steps(config, base_step, flops)
   base_call = DDPM(config, data_info).denoiser_call_flops(base_params, 1)
   c6 = supernet_config(config, widths, steps, base_call)
 
-  latest = adaptive_train.latest_step(workdir)
+  latest = start_checkpoint.latest_step(workdir)
   if latest is None:
-    ranked = pruning.rank_channels(
+    ranked = inheritance.rank_channels(
       base_params, config.model, image_size=int(config.data.resolution)
     )
-    adaptive_train.write_start_checkpoint(c6, workdir, ranked, devices=devices)
+    start_checkpoint.write_start_checkpoint(c6, workdir, ranked, devices=devices)
   logging.info("E6: supernet of widths %s, %d steps in %s", list(widths), steps, workdir)
   if steps > 0 and (latest or 0) < steps:
     loop.train(c6, workdir, devices=devices)
 
-  # --- the schedule ---------------------------------------------------------------------------
-  search_path = os.path.join(workdir, SEARCH_JSON)
-  sampler_t = routing.sampler_timesteps(c6)
-  budget = float(target_ratio) * len(sampler_t) * flops[0]
-  if os.path.exists(search_path):
-    with open(search_path) as f:
-      search = json.load(f)
-  else:
-    _, net, params, _ = eval_lib.load_params(workdir)
-    _, _, x_val, y_val = adaptive_train.proxy_split(config, int(config.seed))
-    labels = y_val if config.model.class_conditional else None
-    table = step_loss_table(net, params, x_val, per_step=per_step, seed=int(config.seed),
-                            labels=labels)  # fmt: skip
-    schedule, total, loss = schedule_search(table, np.asarray(flops), budget)
-    search = {
-      "widths": list(widths),
-      "flops_per_width": flops,
-      "target_ratio": float(target_ratio),
-      "budget_flops": budget,
-      "schedule": schedule.tolist(),
-      "sampler_timesteps": sampler_t.tolist(),
-      "sampling_flops_ratio": total / (len(sampler_t) * flops[0]),
-      "summed_loss": loss,
-      "summed_loss_full_width": float(table[:, 0].sum()),
-      "loss_table": table.tolist(),
-      "draws_per_step": int(per_step),
-    }
-    fileio.write_json(search_path, search, indent=1)
+  search = _searched_schedule(config, c6, workdir, widths, flops, target_ratio, per_step)
   c6.adaptive.supernet.schedule = list(search["schedule"])
   fileio.write_text(
     os.path.join(workdir, "config.json"), c6.to_json_best_effort(sort_keys=True, indent=2)
@@ -293,3 +266,38 @@ def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 12
     summary["training_cost"]["ratio"],
   )  # fmt: skip
   return summary
+
+
+def _searched_schedule(config, c6, workdir: str, widths, flops: list[float], target_ratio: float,
+                       per_step: int) -> dict[str, Any]:  # fmt: skip
+  """The trained supernet's width schedule at ``target_ratio`` of the base's sampling FLOPs,
+  from ``workdir/supernet_search.json`` where a run has searched it already."""
+  from common import eval as eval_lib
+
+  search_path = os.path.join(workdir, SEARCH_JSON)
+  sampler_t = routing.sampler_timesteps(c6)
+  budget = float(target_ratio) * len(sampler_t) * flops[0]
+  if os.path.exists(search_path):
+    with open(search_path) as f:
+      return json.load(f)
+  _, net, params, _ = eval_lib.load_params(workdir)
+  _, _, x_val, y_val = proxy_split(config, int(config.seed))
+  labels = y_val if config.model.class_conditional else None
+  table = step_loss_table(net, params, x_val, per_step=per_step, seed=int(config.seed),
+                          labels=labels)  # fmt: skip
+  schedule, total, loss = schedule_search(table, np.asarray(flops), budget)
+  search = {
+    "widths": list(widths),
+    "flops_per_width": flops,
+    "target_ratio": float(target_ratio),
+    "budget_flops": budget,
+    "schedule": schedule.tolist(),
+    "sampler_timesteps": sampler_t.tolist(),
+    "sampling_flops_ratio": total / (len(sampler_t) * flops[0]),
+    "summed_loss": loss,
+    "summed_loss_full_width": float(table[:, 0].sum()),
+    "loss_table": table.tolist(),
+    "draws_per_step": int(per_step),
+  }
+  fileio.write_json(search_path, search, indent=1)
+  return search

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from adaptive import method, pruning
+from adaptive import inheritance, method, search_space, stages
 from adaptive import train as adaptive_train
 from common import eval as eval_lib
 from common.train.validate import ConfigError
@@ -51,7 +51,7 @@ def test_pipeline_prunes_to_budget_inherits_and_resumes_mid_stage_two(tmp_path):
   assert os.path.isdir(os.path.join(workdir, "stage1", "checkpoints", "2"))
   # Budgets: group 0 (high SNR) keeps the full network, group 1 gets (1/2 + k/2) F = 0.75 F.
   g0, g1 = first["groups"]
-  assert g0["structure"] == pruning.base_structure(config.model).to_dict()
+  assert g0["structure"] == search_space.base_structure(config.model).to_dict()
   assert g0["proxy_evaluations"] == 0
   assert g1["target_flops"] == pytest.approx(0.75 * g0["flops"])
   assert abs(g1["flops"] / g1["target_flops"] - 1) <= config.adaptive.pruner.tol
@@ -66,8 +66,8 @@ def test_pipeline_prunes_to_budget_inherits_and_resumes_mid_stage_two(tmp_path):
   assert isinstance(tdc, method.TDC) and run_config.adaptive.budget_steps == 10
   _, _, start, _ = eval_lib.load_params(workdir, step=0, use_ema=False)
   _, _, base, _ = eval_lib.load_params(os.path.join(workdir, "stage1"), step=2)
-  expect = pruning.inherit_weights(
-    base, config.model, pruning.Structure.from_dict(g1["structure"]), image_size=8
+  expect = inheritance.inherit_weights(
+    base, config.model, search_space.Structure.from_dict(g1["structure"]), image_size=8
   )
   for (path, a), b in zip(
     jax.tree_util.tree_leaves_with_path(start["group1"]),
@@ -93,9 +93,9 @@ def test_stage_two_budget_is_what_the_single_model_leaves():
   config = pipeline_config()
   pruned = [{"base_flops": 100.0, "flops": 100.0}, {"base_flops": 100.0, "flops": 60.0}]
   # (B - S1) * F / sum F_g = (10 - 2) * 100 / 160 = 5 steps.
-  assert adaptive_train.stage2_steps(config, 2, pruned) == 5
+  assert stages.stage2_steps(config, 2, pruned) == 5
   config.adaptive.stage2_steps = 7
-  assert adaptive_train.stage2_steps(config, 2, pruned) == 7
+  assert stages.stage2_steps(config, 2, pruned) == 7
 
 
 @pytest.mark.parametrize(

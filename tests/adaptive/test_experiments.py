@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from adaptive import experiments, heldout
+from adaptive import arms, claims, experiments, heldout, pruner_ablation, report, scoring
 from common import eval as eval_lib
 from common.train.validate import ConfigError
 from tests.adaptive.test_adaptive_train import pipeline_config
@@ -52,7 +52,7 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
   e0 = _steps(os.path.join(seed, "E0"))
   assert [r["step"] for r in stage1] == [1, 2, 3]
   assert [r["step"] for r in e0] == [1, 2, 3, 4, 5, 6] and e0[:3] == stage1
-  assert experiments.extra_steps_e0plus(config) == 2
+  assert arms.extra_steps_e0plus(config) == 2
   runs = summary["runs"]
   # Stage 1's own held-out losses are reported next to the arms that start from it.
   assert runs["seed0/stage1"]["training_cost"]["ratio"] == pytest.approx(3 / 6)
@@ -73,7 +73,7 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
 
   # Every arm is scored on the same draws: for a single model the routed evaluation is the plain
   # held-out loss of that network in every group.
-  ref = experiments.make_reference(experiments.seed_config(config, 0))
+  ref = scoring.make_reference(arms.seed_config(config, 0))
   _, ddpm, params, _ = eval_lib.load_params(os.path.join(seed, "E0"))
   fn = heldout.make_terms_fn(ref.diffusion, ddpm.apply)
   direct = heldout.heldout_losses(ref.diffusion, ref.groups, [(fn, params)] * 2, ref.x_test,
@@ -114,9 +114,9 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
   def refuse(*args, **kwargs):
     raise AssertionError("a finished arm was run again")
 
-  monkeypatch.setattr(experiments, "train_single", refuse)
-  monkeypatch.setattr(experiments, "train_tdc_arm", refuse)
-  monkeypatch.setattr(experiments, "run_pruners", refuse)
+  monkeypatch.setattr(arms, "train_single", refuse)
+  monkeypatch.setattr(arms, "train_tdc_arm", refuse)
+  monkeypatch.setattr(pruner_ablation, "run_pruners", refuse)
   monkeypatch.setattr(eval_lib, "evaluate", refuse)
   again = experiments.run_experiments(config, wd, seeds=[0], arms=["E0", "E2", "E5"], devices=one)
   assert again["runs"] == runs
@@ -162,7 +162,7 @@ def test_claims_tables_have_a_row_per_claim_and_paired_verdicts(tmp_path):
     results[f"seed{s}/E2_k0.5"] = _record(
       "E2_k0.5", 0.25 + jitter, fid, [0.45, 0.05], ratio=0.8, cost=0.98
     )
-  summary = experiments.summarize(results, config)
+  summary = claims.summarize(results, config)
   c = summary["claims"]
   c1 = c["C1"]["vs"]["E0"]
   assert c1["L_simple"]["wins"] == 3 and c1["L_simple"]["verdict"] == "better"
@@ -176,7 +176,7 @@ def test_claims_tables_have_a_row_per_claim_and_paired_verdicts(tmp_path):
     v["holds"] for v in c["C7"]["arms"].values()
   )
   path = str(tmp_path / "experiments.md")
-  experiments.write_markdown(path, summary, "cmd")
+  report.write_markdown(path, summary, "cmd")
   with open(path) as f:
     md = f.read()
   assert (
@@ -197,7 +197,7 @@ def test_pruner_claims_pair_every_search_and_measure_the_proxy_seed_spread():
     results[f"seed{s}/E5"] = {
       "pruners": {"groups": [1, 2], "variants": {"proxy_memory": mem, "uniform": uni}}
     }
-  c6 = experiments.pruner_claims(results, [0, 1])
+  c6 = claims.pruner_claims(results, [0, 1])
   u = c6["variants"]["uniform"]
   assert u["cells"] == {"lower": 4, "tie": 2, "higher": 2}
   assert c6["variants"]["proxy_memory"]["cells"] == {"lower": 0, "tie": 8, "higher": 0}
@@ -212,16 +212,16 @@ def test_pruner_claims_pair_every_search_and_measure_the_proxy_seed_spread():
 def test_bad_arms_are_refused_with_the_valid_names():
   config = campaign_config()
   with pytest.raises(ConfigError, match=r"--arms='E9'.*E2_k0.5"):
-    experiments.select_arms(config, ["E1", "E9"])
+    arms.select_arms(config, ["E1", "E9"])
   # E0+ continues E0; a family expands to its arms.
-  names = [a.name for a in experiments.select_arms(config, ["E0+", "E2"])]
+  names = [a.name for a in arms.select_arms(config, ["E0+", "E2"])]
   assert names == ["E0", "E0plus", "E2_k0.5"]
   full = campaign_config()
   full.experiments.ks = (0.3, 0.7)
   full.experiments.num_groups = (4,)
   full.experiments.reversed = True
   full.experiments.groupings = ("uniform_t", "random")
-  names = [a.name for a in experiments.select_arms(full, ["E2", "E3"])]
+  names = [a.name for a in arms.select_arms(full, ["E2", "E3"])]
   # The config's own grouping (uniform_t here) is E2's reference, not an E3 arm.
   assert names == ["E2_k0.3", "E2_k0.5", "E2_k0.7", "E2_N4", "E2_rev", "E3_random"]
 

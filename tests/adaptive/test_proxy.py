@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 
-from adaptive import heldout, method, proxy, pruning
+from adaptive import heldout, method, proxy, search_space
 from common import data
 from tests.adaptive.test_tdc import tiny
 
@@ -26,8 +26,8 @@ def test_proxy_score_is_deterministic_and_fine_tunes_the_candidate():
   draws = heldout.fixed_draws(m.groups, x_test, per_group=8, seed=0)
   args = (config, m.data_info, base_params, m.groups.intervals[1], x_train, x_test, draws, 1)
   score = proxy.make_score_fn(*args)
-  base = pruning.base_structure(config.model)
-  small = pruning.Structure(widths=(0.5, 0.5), blocks=base.blocks, attention=base.attention)
+  base = search_space.base_structure(config.model)
+  small = search_space.Structure(widths=(0.5, 0.5), blocks=base.blocks, attention=base.attention)
   a, b = score(small), score(small)
   assert a == b and np.isfinite(a)
   assert score(base) != a
@@ -39,9 +39,9 @@ def test_proxy_score_is_deterministic_and_fine_tunes_the_candidate():
 def test_program_cache_is_bounded_and_keeps_the_most_recent():
   config = tiny(adaptive__group_models=[], model__norm_group_size=4)
   info = data.get_info(config.data)
-  base = pruning.base_structure(config.model)
+  base = search_space.base_structure(config.model)
   structures = [
-    pruning.Structure(widths=(w, w), blocks=base.blocks, attention=base.attention)
+    search_space.Structure(widths=(w, w), blocks=base.blocks, attention=base.attention)
     for w in (1.0, 0.75, 0.5)
   ]
   cache = proxy.ProgramCache(max_programs=2)

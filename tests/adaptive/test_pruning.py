@@ -1,4 +1,4 @@
-"""Tests for adaptive.pruning and the U-Net options it relies on.
+"""Tests for adaptive.search_space, adaptive.inheritance and the U-Net options they rely on.
 
 Models are built abstractly and filled with numpy weights (no initializer compiles); the jitted
 programs are one forward per distinct network and one XLA cost analysis per FLOPs check.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adaptive import pruning
+from adaptive import inheritance, search_space
 from common.metrics.flops import count_flops
 from common.models.unet import UNet
 
@@ -53,10 +53,10 @@ def _forward(model):
 
 
 def _pruned(base, structure, **kw):
-  over = pruning.structure_to_model_config(_MC, structure)
+  over = search_space.structure_to_model_config(_MC, structure)
   model = _filled(_unet(over))
-  params = pruning.inherit_weights(base, _MC, structure, image_size=8, **kw)
-  return pruning.load_params(model, params), params
+  params = inheritance.inherit_weights(base, _MC, structure, image_size=8, **kw)
+  return inheritance.load_params(model, params), params
 
 
 def _p(model_or_params, *path):
@@ -87,30 +87,30 @@ def test_norm_group_size_option():
 @pytest.mark.parametrize(
   "structure",
   [
-    pruning.Structure((1.0, 1.0), (2, 2), (True,)),
-    pruning.Structure((0.5, 0.75), (1, 2), (False,)),
-    pruning.Structure((0.25, 0.25), (1, 1), (False,)),
+    search_space.Structure((1.0, 1.0), (2, 2), (True,)),
+    search_space.Structure((0.5, 0.75), (1, 2), (False,)),
+    search_space.Structure((0.25, 0.25), (1, 1), (False,)),
   ],
 )
 def test_analytic_flops_matches_xla(structure):
-  over = pruning.structure_to_model_config(_MC, structure)
+  over = search_space.structure_to_model_config(_MC, structure)
   graphdef, state = nnx.split(_unet(over))
   x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   xla = count_flops(lambda s, x, t: nnx.merge(graphdef, s)(x, t), state, x, t)
-  ours = pruning.make_flops_fn(_MC, 8, 1, 2)(structure)
+  ours = search_space.make_flops_fn(_MC, 8, 1, 2)(structure)
   assert abs(ours / xla - 1) < 0.05, (ours, xla)
 
 
 def test_full_structure_reproduces_base(base):
-  full = pruning.base_structure(_MC)
-  assert pruning.structure_to_model_config(_MC, full)["channels"] == (16, 32)
+  full = search_space.base_structure(_MC)
+  assert search_space.structure_to_model_config(_MC, full)["channels"] == (16, 32)
   model, _ = _pruned(base, full)
   np.testing.assert_array_equal(_forward(model), _forward(base))
 
 
 def test_inheritance_keeps_selected_channels(base):
-  s = pruning.Structure((0.5, 0.75), (2, 2), (True,))
+  s = search_space.Structure((0.5, 0.75), (2, 2), (True,))
   model, params = _pruned(base, s)
   stem = _p(base, "input_blocks", 0, "layers", 0, "kernel")
   # The top level's stream: the stem, every level-0 conv2 and the down block produce it.
@@ -148,7 +148,7 @@ def test_inheritance_keeps_selected_channels(base):
   out = _forward(model)
   assert out.shape == (2, 8, 8, 2) and np.isfinite(out).all()
   other, _ = _pruned(base, s, selection="random", seed=1)
-  again = pruning.inherit_weights(base, _MC, s, image_size=8, selection="random", seed=1)
+  again = inheritance.inherit_weights(base, _MC, s, image_size=8, selection="random", seed=1)
   assert not np.array_equal(_p(other, "out_norm", "scale"), _p(params, "out_norm", "scale"))
   np.testing.assert_array_equal(_p(other, "out_norm", "scale"), _p(again, "out_norm", "scale"))
 
@@ -158,7 +158,7 @@ def _kept(base_bias, bias):
 
 
 def test_dropped_blocks_are_the_last(base):
-  s = pruning.Structure((1.0, 1.0), (1, 2), (True,))
+  s = search_space.Structure((1.0, 1.0), (1, 2), (True,))
   _, params = _pruned(base, s)
   # Encoder level 0 keeps block 0; the down block follows it directly.
   for pruned_i, base_i in ((1, 1), (2, 3)):
@@ -177,36 +177,39 @@ def test_dropped_blocks_are_the_last(base):
 
 def test_structure_validation_and_baselines():
   with pytest.raises(ValueError, match="Structure.widths"):
-    pruning.structure_to_model_config(_MC, pruning.Structure((1.0, 1.5), (2, 2), (True,)))
+    search_space.structure_to_model_config(_MC, search_space.Structure((1.0, 1.5), (2, 2), (True,)))
   with pytest.raises(ValueError, match="Structure.blocks"):
-    pruning.structure_to_model_config(_MC, pruning.Structure((1.0, 1.0), (3, 2), (True,)))
+    search_space.structure_to_model_config(_MC, search_space.Structure((1.0, 1.0), (3, 2), (True,)))
   with pytest.raises(ValueError, match="Structure.attention"):
-    pruning.structure_to_model_config(_MC, pruning.Structure((1.0, 1.0), (2, 2), ()))
+    search_space.structure_to_model_config(_MC, search_space.Structure((1.0, 1.0), (2, 2), ()))
   with pytest.raises(ValueError, match="norm_group_size > 0"):
-    pruning.inherit_weights(
-      {}, dict(_MC, norm_group_size=0), pruning.Structure((0.5, 1.0), (2, 2), (True,)), image_size=8
+    inheritance.inherit_weights(
+      {},
+      dict(_MC, norm_group_size=0),
+      search_space.Structure((0.5, 1.0), (2, 2), (True,)),
+      image_size=8,
     )
-  flops = pruning.make_flops_fn(_MC, 8, 1, 2)
-  b = pruning.base_structure(_MC)
-  u = pruning.uniform_width_structure(b, 0.5 * flops(b), flops)
+  flops = search_space.make_flops_fn(_MC, 8, 1, 2)
+  b = search_space.base_structure(_MC)
+  u = search_space.uniform_width_structure(b, 0.5 * flops(b), flops)
   assert len(set(u.widths)) == 1 and u.widths[0] < 1
-  rs = pruning.random_structures(b, 0.5 * flops(b), flops, 3, seed=0)
+  rs = search_space.random_structures(b, 0.5 * flops(b), flops, 3, seed=0)
   assert rs and all(abs(flops(s) / (0.5 * flops(b)) - 1) <= 0.02 for s in rs)
-  assert rs == pruning.random_structures(b, 0.5 * flops(b), flops, 3, seed=0)
+  assert rs == search_space.random_structures(b, 0.5 * flops(b), flops, 3, seed=0)
 
 
 def test_plain_conv_resampling_prunes_too():
   """IDDPM resamples with plain convs (resblock_updown=False, the adaptive presets' setting)."""
   mc = dict(_MC, resblock_updown=False)
   base = _filled(_unet(mc))
-  full = pruning.base_structure(mc)
-  params = pruning.inherit_weights(base, mc, full, image_size=8)
-  model = pruning.load_params(_filled(_unet(mc), seed=1), params)
+  full = search_space.base_structure(mc)
+  params = inheritance.inherit_weights(base, mc, full, image_size=8)
+  model = inheritance.load_params(_filled(_unet(mc), seed=1), params)
   np.testing.assert_array_equal(_forward(model), _forward(base))
-  half = pruning.Structure(widths=(0.5, 0.5), blocks=(2, 1), attention=(True,))
-  over = pruning.structure_to_model_config(mc, half)
-  pruned = pruning.load_params(
-    _filled(_unet(dict(mc, **over))), pruning.inherit_weights(base, mc, half, image_size=8)
+  half = search_space.Structure(widths=(0.5, 0.5), blocks=(2, 1), attention=(True,))
+  over = search_space.structure_to_model_config(mc, half)
+  pruned = inheritance.load_params(
+    _filled(_unet(dict(mc, **over))), inheritance.inherit_weights(base, mc, half, image_size=8)
   )
   kept = _p(base, "input_blocks", 3, "layers", 0, "conv", "kernel")
   assert _p(pruned, "input_blocks", 3, "layers", 0, "conv", "kernel").shape == (3, 3, 8, 8)
@@ -216,12 +219,12 @@ def test_plain_conv_resampling_prunes_too():
   x = jax.ShapeDtypeStruct((1, 8, 8, 1), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   xla = count_flops(lambda s, x, t: nnx.merge(graphdef, s)(x, t), state, x, t)
-  assert abs(pruning.make_flops_fn(mc, 8, 1, 2)(half) / xla - 1) < 0.05
+  assert abs(search_space.make_flops_fn(mc, 8, 1, 2)(half) / xla - 1) < 0.05
 
 
 def test_rank_channels_keeps_the_function_and_puts_l1_choices_first(base):
-  ranked_params = pruning.rank_channels(base, _MC, image_size=8)
-  ranked = pruning.load_params(_filled(_unet()), ranked_params)
+  ranked_params = inheritance.rank_channels(base, _MC, image_size=8)
+  ranked = inheritance.load_params(_filled(_unet()), ranked_params)
   np.testing.assert_allclose(_forward(ranked), _forward(base), rtol=1e-5, atol=1e-5)
   # It is a real permutation (the top level's stream is not already in L1 order) ...
   assert not np.array_equal(
@@ -229,7 +232,7 @@ def test_rank_channels_keeps_the_function_and_puts_l1_choices_first(base):
     _p(base, "input_blocks", 0, "layers", 0, "kernel"),
   )
   # ... after which every width's L1 subnetwork is each space's first channels.
-  s = pruning.Structure((0.5, 0.75), (2, 2), (True,))
+  s = search_space.Structure((0.5, 0.75), (2, 2), (True,))
   l1_model, _ = _pruned(base, s)
   prefix_model, _ = _pruned(ranked, s, selection="prefix")
   np.testing.assert_allclose(_forward(prefix_model), _forward(l1_model), rtol=1e-5, atol=1e-5)
@@ -238,22 +241,22 @@ def test_rank_channels_keeps_the_function_and_puts_l1_choices_first(base):
 @pytest.mark.parametrize(
   "structure",
   [
-    pruning.Structure((0.5, 0.5), (2, 2), (True,)),
+    search_space.Structure((0.5, 0.5), (2, 2), (True,)),
     # Unequal widths break the level-1 identity residuals: constant 0/1 skip convs appear.
-    pruning.Structure((0.75, 0.25), (1, 2), (False,)),
+    search_space.Structure((0.75, 0.25), (1, 2), (False,)),
   ],
 )
 def test_gather_plan_gathers_the_prefix_subnetwork(base, structure):
   params = nnx.to_pure_dict(nnx.state(base, nnx.Param))
-  plan = pruning.gather_plan(params, _MC, structure, image_size=8)
-  gathered = pruning.apply_plan(params, plan)
-  sliced = pruning.inherit_weights(params, _MC, structure, image_size=8, selection="prefix")
+  plan = inheritance.gather_plan(params, _MC, structure, image_size=8)
+  gathered = inheritance.apply_plan(params, plan)
+  sliced = inheritance.inherit_weights(params, _MC, structure, image_size=8, selection="prefix")
   assert jax.tree.structure(gathered) == jax.tree.structure(sliced)
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, gathered), sliced)
   # Differentiable: a subnetwork loss's gradient lands on the supernet weights it uses only.
-  grad = jax.grad(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(pruning.apply_plan(p, plan))))(
-    jax.tree.map(jnp.asarray, params)
-  )
+  grad = jax.grad(
+    lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(inheritance.apply_plan(p, plan)))
+  )(jax.tree.map(jnp.asarray, params))
   stem = np.asarray(grad["input_blocks"][0]["layers"][0]["kernel"])
   kept = int(round(structure.widths[0] * 16))
   assert (stem[..., :kept] == 1).all() and (stem[..., kept:] == 0).all()

@@ -1,6 +1,6 @@
 """Tests for adaptive.search: the multi-round proxy search, its memory bank and the baselines.
 
-Everything here is analytic (FLOPs from ``pruning.analytic_flops``, a synthetic score), so
+Everything here is analytic (FLOPs from ``search_space.analytic_flops``, a synthetic score), so
 nothing is compiled.
 """
 
@@ -8,14 +8,14 @@ import json
 
 import pytest
 
-from adaptive import pruning, search
+from adaptive import search, search_space
 
 _MC = dict(
   channels=(16, 32), num_res_blocks=2, attention_resolutions=(4,), num_heads=4,
   norm_group_size=4, resblock_updown=True,
 )  # fmt: skip
-_BASE = pruning.base_structure(_MC)
-_FLOPS = pruning.make_flops_fn(_MC, 8, 1, 2)
+_BASE = search_space.base_structure(_MC)
+_FLOPS = search_space.make_flops_fn(_MC, 8, 1, 2)
 
 
 def _synthetic_score(s):
@@ -77,7 +77,7 @@ def test_eval_cap_orders_by_bank_estimate():
 
 
 def test_target_errors():
-  low = _FLOPS(pruning.smallest_structure(_BASE))
+  low = _FLOPS(search_space.smallest_structure(_BASE))
   with pytest.raises(ValueError, match=r"below the smallest structure.*FLOPs") as e:
     search.proxy_search(_BASE, 0.5 * low, _FLOPS, _synthetic_score)
   assert f"{0.5 * low:.4g}" in str(e.value) and f"{low:.4g}" in str(e.value)

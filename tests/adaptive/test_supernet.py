@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptive import experiments, routing, supernet
+from adaptive import arms, experiments, routing, supernet
 from adaptive import method as tdc_method
 from common import data
 from common import eval as eval_lib
@@ -129,7 +129,7 @@ def test_campaign_arm_e6_starts_from_stage_one_and_meets_the_reference_flops(tmp
     assert "## E6" in f.read()
   # Resume: the record stands, nothing trains again.
   monkeypatch.setattr(
-    experiments, "train_supernet_arm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
+    arms, "train_supernet_arm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
   )
   again = experiments.run_experiments(config, wd, seeds=[0], arms=["E6"], devices=one)
   assert again["runs"]["seed0/E6"] == rec
