@@ -23,6 +23,7 @@ import numpy as np
 from adaptive import inheritance, routing, search_space
 from adaptive.grouping import Groups
 from common import data
+from common.diffusion import sampling
 from common.train.method import DDPM
 from common.train.validate import ConfigError
 
@@ -143,6 +144,11 @@ class TDC(DDPM):
   def apply(self, params, x, t, y=None, dropout_rng=None):
     del dropout_rng
     return self.denoise_fn(params)(x, t, y)
+
+  def sampling_chain(self, params, levels):
+    """One segment per group over the sampler's grid (``routing.group_segments``)."""
+    fns = [m.denoise_fn(params[group_key(g)]) for g, m in enumerate(self.members)]
+    return routing.group_segments(self.groups, fns, levels)
 
   def sampler_timesteps(self) -> np.ndarray:
     """The 0-based model timesteps the configured sampler calls, in calling order."""
@@ -297,7 +303,7 @@ class Supernet(DDPM):
     fns = [self.members[i].denoise_fn(subs[i]) for i in used]
     remap = {w: j for j, w in enumerate(used)}
     table = np.asarray([remap[w] for w in self.width_of_t()], np.int32)
-    return routing.table_routed_denoise_fn(table, fns)
+    return sampling.routed_denoise_fn(table, fns)
 
   def apply(self, params, x, t, y=None, dropout_rng=None):
     del dropout_rng

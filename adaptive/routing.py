@@ -1,9 +1,10 @@
 """Sampling with one network per timestep group (TDC inference, spec 3.5).
 
-Every sampler step t runs model_{group(t)}. ``routed_denoise_fn`` turns N group networks into one
-``DenoiseFn`` for the existing samplers (``common.diffusion.sampling.sample`` /
-``make_segment_sampler``), so respacing needs nothing special: the samplers pass the *original*
-0-based timestep t = k - 1 of each level k they leave, and that is what is routed.
+Every sampler step t runs model_{group(t)}. TDC's chain is one segment per group over the
+sampler's one (respaced) grid (``group_segments``, run by the core's ``sampling.sample_chain``);
+``routed_denoise_fn`` is the same routing as one denoiser, for callers that evaluate a network at
+given timesteps (held-out losses). Respacing needs nothing special: the chain passes the
+*original* 0-based timestep t = k - 1 of each level k it leaves, and that is what is routed.
 """
 
 from __future__ import annotations
@@ -11,9 +12,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from adaptive.grouping import Groups
@@ -22,22 +20,11 @@ from common.diffusion.sampling import DenoiseFn, Segment
 
 
 def routed_denoise_fn(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> DenoiseFn:
-  """One denoiser that calls ``denoise_fns[group(t)]`` through ``jax.lax.switch``.
+  """One denoiser that calls ``denoise_fns[group(t)]``: the core's routing by level
+  (``sampling.routed_denoise_fn``, one ``lax.switch``) over the group table.
 
-  The whole batch goes to the group of ``t[0]``: the samplers in ``common.diffusion.sampling``
-  fill t with one value per step (also for classifier-free guidance's [cond; uncond] batch of
-  2B), so a scalar switch runs exactly one network per step instead of all N with a select.
-  A batch mixing timesteps of different groups would be routed wrongly, which is why this is
-  for sampling only; training draws t within one group per network. Under ``vmap`` over the
-  batch the switch would become a select that evaluates every branch, so do not vmap it.
-
-  Args:
-    groups: the grouping (N groups).
-    denoise_fns: N functions ``fn(x [B, H, W, C] float32, t [B] int32, y [B] int32 | None) ->
-      [B, H, W, C'] float32``, all with the same output shape and dtype (see ``Segment``).
-
-  Returns:
-    A ``DenoiseFn`` with the same signature.
+  For a batch of one timestep (the chain's steps, the held-out losses); the whole batch goes to
+  the group of ``t[0]``.
 
   Raises:
     ValueError: the number of functions is not N.
@@ -47,35 +34,7 @@ def routed_denoise_fn(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> Denoi
     raise ValueError(
       f"need one denoise_fn per group: {groups.num_groups} groups, got {len(fns)} functions"
     )
-  return table_routed_denoise_fn(groups.group_of(np.arange(groups.num_timesteps)), fns)
-
-
-def table_routed_denoise_fn(table, denoise_fns: Sequence[DenoiseFn]) -> DenoiseFn:
-  """One denoiser that calls ``denoise_fns[table[t]]``: any map from timestep to network,
-  contiguous (TDC's groups) or not (E6's per-step widths). Same batch rule as
-  ``routed_denoise_fn``: the whole batch goes to the network of ``t[0]``.
-
-  Args:
-    table: [T] ints in [0, len(denoise_fns)), the network of every 0-based timestep.
-    denoise_fns: the networks, all with the same output shape and dtype.
-
-  Raises:
-    ValueError: a table entry without a network.
-  """
-  fns = tuple(denoise_fns)
-  table = np.asarray(table, np.int32)
-  if table.ndim != 1 or table.size == 0 or table.min() < 0 or table.max() >= len(fns):
-    raise ValueError(f"table must be [T] indices into {len(fns)} networks, got {table}")
-  table_jnp = jnp.asarray(table)
-
-  def routed(x: jax.Array, t: jax.Array, y: jax.Array | None = None) -> jax.Array:
-    chex.assert_rank(t, 1)
-    chex.assert_axis_dimension(x, 0, t.shape[0])
-    if len(fns) == 1:
-      return fns[0](x, t, y)
-    return jax.lax.switch(table_jnp[t[0]], fns, x, t, y)
-
-  return routed
+  return sampling.routed_denoise_fn(groups.group_of(np.arange(groups.num_timesteps)), fns)
 
 
 def sampler_timesteps(config) -> np.ndarray:
@@ -84,29 +43,38 @@ def sampler_timesteps(config) -> np.ndarray:
   return np.asarray(levels[:-1]) - 1
 
 
-def group_segments(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> list[Segment]:
-  """One ``Segment`` per group in sampling order (group N-1 from level T first, group 0 last).
+def group_segments(
+  groups: Groups, denoise_fns: Sequence[DenoiseFn], levels: Sequence[int] | np.ndarray
+) -> list[Segment]:
+  """TDC's chain (spec 3.5) over one level grid: one ``Segment`` per group the grid visits, in
+  sampling order (group N-1 from level T first, group 0 last).
 
-  Segment of group g runs levels t_hi + 1 -> t_lo, i.e. calls its network exactly at the group's
-  timesteps. With ``steps_per_segment = [s.k_start - s.k_end for s in segments]`` (every level)
-  ``sample_segmented`` reproduces ``sample(routed_denoise_fn(...), num_steps=T)`` exactly. With
-  fewer steps, ``make_levels`` spaces each segment's grid on its own, which is not the single
-  respaced chain of ``sample``; use ``routed_denoise_fn`` for respaced sampling.
+  The segment of group g takes the grid's steps whose model timestep ``t = k - 1`` lies in the
+  group, so a respaced grid is the single respaced chain (a boundary between two groups falls on
+  the grid level where the step's group changes), and ``sampling.sample_chain`` over these
+  segments runs exactly the network of each step's group.
 
   Args:
     groups: the grouping.
     denoise_fns: N denoisers indexed by group.
+    levels: the chain's grid, strictly decreasing, ending at 0 (``make_levels``).
 
   Returns:
-    N segments, contiguous from level T down to level 0.
+    Contiguous segments from levels[0] down to levels[-1], one per group visited.
   """
   if len(denoise_fns) != groups.num_groups:
     raise ValueError(
       f"need one denoise_fn per group: {groups.num_groups} groups, got {len(denoise_fns)} functions"
     )
-  return [
-    Segment(denoise_fns[g], *groups.level_range(g)) for g in reversed(range(groups.num_groups))
-  ]
+  grid = np.asarray(levels)
+  step_group = groups.group_of(grid[:-1].astype(np.int64) - 1)
+  segments, start = [], 0
+  for i in range(1, len(step_group) + 1):
+    if i == len(step_group) or step_group[i] != step_group[start]:
+      g = int(step_group[start])
+      segments.append(Segment(denoise_fns[g], int(grid[start]), int(grid[i]), side=f"group{g}"))
+      start = i
+  return segments
 
 
 @dataclasses.dataclass(frozen=True)

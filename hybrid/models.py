@@ -12,9 +12,11 @@ one-row chain. So a row's result does not depend on which other rows share its b
 key (``tests/hybrid/test_hybrid_models.py``). The chain is always the full one (every level), as
 the paper's 200 inference steps with T = 200.
 
-The edge runs as one ``lax.while_loop`` over levels with a per-row mask: row i is updated while
-its level is above n_i and frozen after, so the batch shares one network call per level (what
-the latency model charges every admitted user for) and the loop stops at the smallest split.
+Both halves are segments of the core's chain (``common.diffusion.sampling.sample_chain``) with
+per-row bounds: on the edge, row i is updated while its level is above n_i and frozen after, so the
+batch shares one network call per level (what the latency model charges every admitted user for)
+and the chain stops at the smallest split; the device's segment runs n_i -> 0 with its user's
+slice of the stacked tree.
 """
 
 from __future__ import annotations
@@ -73,65 +75,32 @@ class Programs:
     self.eta = float(d.ddim_eta) if self.sampler == "ddim" else 0.0
     self.clip_denoised = bool(d.clip_denoised)
     self.num_timesteps = int(diffusion.num_timesteps)
-    big_t = self.num_timesteps
-    # Row j of the table is the step leaving level T - j (every level: the full chain).
-    coefs = sampling.step_coefficients(diffusion, np.arange(big_t, -1, -1), self.eta)
-    self._coefs = {
-      name: np.asarray(v, np.int32 if v.dtype.kind == "i" else np.float32)
-      for name, v in coefs.items()
-    }
+    # The full chain: every level, as the paper's 200 inference steps with T = 200.
+    self.levels = np.arange(self.num_timesteps, -1, -1, dtype=np.int32)
     self.chain = jax.jit(self._chain)
     self.step = jax.jit(self._step_at)
     self.device_chain = jax.jit(self._device_chain)
 
-  def _coef(self, k: jax.Array) -> dict[str, jax.Array]:
-    j = self.num_timesteps - k
-    return {name: jnp.asarray(v)[j] for name, v in self._coefs.items()}
-
-  def _step(self, params, x, k, keys):
-    """``sample_segment``'s step leaving level k for every row, with per-row noise."""
-    diffusion = self.diffusion
-    c = self._coef(k)
-    b = x.shape[0]
-    t = jnp.full((b,), k - 1, jnp.int32)
-    x0, eps, var_values = diffusion.model_output_to_x0_eps(self.apply(params, x, t), x, t)
-    x_next, std = sampling.reverse_step_mean_std(
-      diffusion,
-      c,
-      x,
-      t,
-      x0,
-      eps,
-      var_values,
-      sampler=self.sampler,
+  def _run(self, params, x, k_start, k_end, keys, side):
+    """One segment of the core's chain with per-row bounds and per-row noise streams."""
+    segment = sampling.Segment(
+      lambda x, t, y: self.apply(params, x, t), k_start, k_end, side=side
+    )  # fmt: skip
+    return sampling.sample_chain(
+      self.diffusion, [segment], x, keys, levels=self.levels, sampler=self.sampler, eta=self.eta,
       clip_denoised=self.clip_denoised,
-    )
-    if self.sampler == "ddpm" or self.eta > 0:
-      row_shape = (1, *x.shape[1:])
-      noise = jax.vmap(
-        lambda key: jax.random.normal(jax.random.fold_in(key, k), row_shape, jnp.float32)[0]
-      )(keys)
-      x_next = jnp.where(c["k_next"] > 0, x_next + std * noise, x_next)
-    return x_next.astype(x.dtype)
-
-  def _step_at(self, params, x, k, keys):
-    return self._step(params, x, jnp.asarray(k, jnp.int32), keys)
+    )  # fmt: skip
 
   def _chain(self, params, x, k_start, k_end, keys):
-    def body(carry):
-      k, x = carry
-      x_next = self._step(params, x, k, keys)
-      active = (k <= k_start) & (k > k_end)
-      return k - 1, jnp.where(active[:, None, None, None], x_next, x)
+    return self._run(params, x, k_start, k_end, keys, "edge")
 
-    hi = jnp.max(k_start).astype(jnp.int32)
-    lo = jnp.min(k_end).astype(jnp.int32)
-    _, x = jax.lax.while_loop(lambda carry: carry[0] > lo, body, (hi, x))
-    return x
+  def _step_at(self, params, x, k, keys):
+    k = jnp.full((x.shape[0],), k, jnp.int32)
+    return self._run(params, x, k, k - 1, keys, "edge")
 
   def _device_chain(self, personal_params, user, x, k_start, keys):
     params = jax.tree.map(lambda a: a[user], personal_params)
-    return self._chain(params, x, k_start, jnp.zeros_like(k_start), keys)
+    return self._run(params, x, k_start, jnp.zeros_like(k_start), keys, "device")
 
 
 @dataclasses.dataclass

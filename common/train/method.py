@@ -61,7 +61,29 @@ def make_optimizer(opt: ml_collections.ConfigDict) -> tuple[optax.GradientTransf
 
 
 class Method:
-  """Hooks of the shared loop. Subclasses override what their paper changes.
+  """The contract between a method and the shared binaries: hooks of the loop (``common.train``),
+  the evaluator (``common.eval``) and the chain (``common.diffusion.sampling``). Subclasses
+  override what their paper changes; most methods subclass ``DDPM``, which implements all of it
+  for one network.
+
+  Required (no default here; ``DDPM`` has them):
+    ``init_params(rng) -> params`` (a pytree of every network's parameters);
+    ``loss_fn(params, batch, rng, step) -> (loss [], metrics {name: []})``, with ``batch`` this
+    method's global batch (``{'image': [B, H, W, C], 'label': [B]}`` by default);
+    ``sample(params, rng, n, labels [n] | None) -> [n, H, W, C]`` float32 in [-1, 1];
+    ``flops_per_sample(params) -> float`` (every denoiser call of one sample's chain).
+
+  Optional, with defaults:
+    data: ``train_iterator(process_index, process_count)`` (this process's rows of each global
+    batch; several parties: ``common.data.party_train_iterator``), ``images_per_step()``;
+    optimization: ``make_optimizer()``, ``init_opt_state(tx, params)``,
+    ``state_shardings(mesh, abstract_state)``, ``make_train_step(tx, lr_schedule, ema_decay)``
+    (networks updating at different rates, like collab's);
+    sampling: ``sampling_chain(params, levels) -> [Segment]`` on ``DDPM`` (which denoiser runs
+    which levels; TDC's groups), ``sample_grid``, ``grid_labels``;
+    evaluation: ``eval_batches`` (samples with a group id each), ``eval_group_names``,
+    ``eval_group_reference``, ``cost_description``, ``sampling_description``,
+    ``check_networks``; and the class attribute ``default_ref_split``.
 
   Attributes set by ``__init__``: ``config``, ``data_info`` (``common.data.DatasetInfo``),
   ``diffusion`` (``GaussianDiffusion``).
@@ -91,7 +113,8 @@ class Method:
 
   # --- training -----------------------------------------------------------------------------
   def train_iterator(self, *, process_index: int, process_count: int):
-    """A checkpointable grain iterator of this process's slice of each global batch."""
+    """A checkpointable grain iterator of this process's rows of each global batch (the batch at
+    step n is the same for every process count; ``common.data.process_rows``)."""
     return data.make_train_iterator(
       self.config.data,
       global_batch_size=self.config.batch_size,
@@ -286,18 +309,25 @@ class DDPM(Method):
   def denoise_fn(self, params):
     return lambda x, t, y: self.apply(params, x, t, y)
 
+  def sampling_chain(self, params, levels: np.ndarray) -> list[sampling.Segment]:
+    """The method's sampling as a chain over the grid ``levels`` (what ``sample`` runs through
+    ``sampling.sample_chain``): which denoiser runs which levels. The baseline is one segment,
+    this network from T to 0; TDC has one per group."""
+    return [sampling.Segment(self.denoise_fn(params), int(levels[0]), int(levels[-1]))]
+
   @functools.cached_property
   def _sample_jit(self):
     d = self.config.diffusion
     res, ch = self.data_info.resolution, self.data_info.channels
+    levels = sampling.make_levels(self.diffusion.num_timesteps, d.sample_steps)
 
     def run(params, rng, labels, num_samples):
-      return sampling.sample(
+      return sampling.sample_chain(
         self.diffusion,
-        self.denoise_fn(params),
-        (num_samples, res, res, ch),
+        self.sampling_chain(params, levels),
+        sampling.initial_noise(rng, (num_samples, res, res, ch)),
         rng,
-        num_steps=d.sample_steps,
+        levels=levels,
         sampler=d.sampler,
         eta=d.ddim_eta,
         y=labels,

@@ -307,7 +307,7 @@ def test_bad_inputs_raise_naming_the_argument():
   with pytest.raises(ValueError, match="one denoise_fn per group"):
     routing.routed_denoise_fn(g, [lambda x, t, y: x])
   with pytest.raises(ValueError, match="one denoise_fn per group"):
-    routing.group_segments(g, [lambda x, t, y: x] * 3)
+    routing.group_segments(g, [lambda x, t, y: x] * 3, [10, 0])
   with pytest.raises(ValueError, match="exactly one of levels or timesteps"):
     routing.sampling_flops(g, [1.0, 1.0], base_flops=1.0)
   with pytest.raises(ValueError, match="exactly one of levels or timesteps"):
@@ -369,17 +369,22 @@ def test_routed_matches_per_step_reference_and_full_chain_segments():
     got = jax.jit(fn)(x, jnp.full((2,), t, jnp.int32), None)
     np.testing.assert_allclose(got, consts[int(groups.group_of(t))] + 0.01 * x)
   rng = jax.random.key(1)
-  routed = sampling.sample(diffusion, fn, (2, 2, 2, 1), rng, num_steps=t_count)
-  segments = routing.group_segments(groups, fns)
-  assert [(s.k_start, s.k_end) for s in segments] == [(24, 14), (14, 5), (5, 0)]
-  seg = sampling.sample_segmented(
-    diffusion,
-    segments,
-    (2, 2, 2, 1),
-    rng,
-    steps_per_segment=[s.k_start - s.k_end for s in segments],
-  )
-  np.testing.assert_allclose(np.asarray(routed), np.asarray(seg), rtol=1e-6, atol=1e-6)
+  for num_steps in (t_count, 7):
+    # The chain of group segments over one (respaced) grid is the routed one-segment chain.
+    levels = sampling.make_levels(t_count, num_steps)
+    routed = sampling.sample(diffusion, fn, (2, 2, 2, 1), rng, num_steps=num_steps)
+    segments = routing.group_segments(groups, fns, levels)
+    x_t = sampling.initial_noise(rng, (2, 2, 2, 1))
+    chain = sampling.sample_chain(diffusion, segments, x_t, rng, levels=levels)
+    np.testing.assert_array_equal(np.asarray(routed), np.asarray(chain))
+    step_groups = [int(groups.group_of(int(k) - 1)) for k in levels[:-1]]
+    for s in segments:  # each segment takes exactly the steps of its group
+      inside = [
+        g for k, g in zip(levels[:-1], step_groups, strict=True) if s.k_end < k <= s.k_start
+      ]
+      assert set(inside) == {int(s.side[len("group") :])}
+  full = routing.group_segments(groups, fns, sampling.make_levels(t_count, t_count))
+  assert [(s.k_start, s.k_end) for s in full] == [(24, 14), (14, 5), (5, 0)]
 
 
 def test_sampling_flops_on_respaced_grid():

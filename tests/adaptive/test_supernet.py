@@ -13,6 +13,7 @@ from adaptive import arms, experiments, routing, supernet
 from adaptive import method as tdc_method
 from common import data
 from common import eval as eval_lib
+from common.diffusion import sampling
 from common.train.validate import ConfigError
 from tests.adaptive.test_experiments import campaign_config
 from tests.adaptive.test_tdc import tiny
@@ -88,7 +89,7 @@ def test_supernet_trains_every_width_and_routes_each_sampler_step():
   with pytest.raises(ConfigError, match="adaptive.supernet.schedule"):
     _supernet([0, 2, 0, 0, 0])
   with pytest.raises(ValueError, match="indices into 2 networks"):
-    routing.table_routed_denoise_fn(np.array([0, 1, 2]), [lambda x, t, y: x] * 2)
+    sampling.routed_denoise_fn(np.array([0, 1, 2]), [lambda x, t, y: x] * 2)
 
 
 @pytest.mark.slow

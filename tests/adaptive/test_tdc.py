@@ -122,3 +122,24 @@ def test_bad_group_config_is_refused():
     tdc_method.TDC(tiny(adaptive__cuts=[25]), info)
   with pytest.raises(ConfigError, match="not a model"):
     tdc_method.TDC(tiny(adaptive__group_models=[{}, {"widths": [4, 8]}]), info)
+
+
+def test_tdc_samples_through_its_group_chain_as_the_routed_sampler_did():
+  """TDC's ``sample`` runs one segment per group over the sampler's grid; the pre-chain path (the
+  routed denoiser in one segment) gives the same samples, bit for bit."""
+  from common.diffusion import sampling
+  from tests.hybrid.test_hybrid_models import random_params
+
+  config = tiny(**{"diffusion.sample_steps": 7})
+  m = tdc_method.TDC(config, data.get_info(config.data))
+  params = random_params(m, 4)
+  rng = jax.random.PRNGKey(2)
+  got = m.sample(params, rng, 3)
+  d, res = config.diffusion, m.data_info.resolution
+  want = sampling.sample(
+    m.diffusion, m.denoise_fn(params), (3, res, res, m.data_info.channels), rng,
+    num_steps=d.sample_steps, sampler=d.sampler, eta=d.ddim_eta, clip_denoised=d.clip_denoised,
+  )  # fmt: skip
+  np.testing.assert_array_equal(got, np.asarray(want))
+  levels = sampling.make_levels(d.num_timesteps, d.sample_steps)
+  assert len(m.sampling_chain(params, levels)) == m.groups.num_groups > 1

@@ -348,6 +348,52 @@ def test_segmented_validation():
     Segment(_toy_denoiser, 3, 3)
 
 
+def test_chain_per_row_boundaries_row_keys_and_handoff():
+  """The chain runner's per-row bounds (hybrid's splits) equal running each row alone; with row
+  keys a row's result does not depend on its batch; the hand-off sees each boundary."""
+  t_count = 12
+  d = GaussianDiffusion.create("cosine", t_count)
+  shape = (4, 4, 4, 1)
+  grid = np.arange(t_count, -1, -1)
+  keys = jax.random.split(jax.random.key(2), 4)
+  x = jax.random.normal(jax.random.key(8), shape)
+  ends = np.array([0, 5, t_count, 3], np.int32)
+  start = np.full_like(ends, t_count)
+  got = sampling.sample_chain(
+    d, [Segment(_toy_denoiser, start, ends)], x, keys, levels=grid, sampler="ddpm"
+  )
+  for i, end in enumerate(ends):
+    if end == t_count:  # a row with nothing to do is left as it came
+      np.testing.assert_array_equal(got[i], x[i])
+      continue
+    alone = sampling.sample_chain(
+      d, [Segment(_toy_denoiser, t_count, int(end))], x[i : i + 1], keys[i : i + 1],
+      levels=grid, sampler="ddpm",
+    )  # fmt: skip
+    np.testing.assert_allclose(got[i], alone[0], atol=1e-6)
+  # A hand-off between two sides sees the boundary latent and what it returns goes on.
+  seen = []
+
+  def handoff(latent, before, after):
+    seen.append((before.side, after.side, latent.shape))
+    return latent * 0.0
+
+  segs = [Segment(_toy_denoiser, t_count, 4, "server"), Segment(_toy_denoiser, 4, 0, "client")]
+  out, bounds = sampling.sample_chain(
+    d, segs, x, jax.random.key(1), levels=grid, sampler="ddim", handoff=handoff,
+    return_boundaries=True,
+  )  # fmt: skip
+  assert seen == [("server", "client", shape)] and len(bounds) == 1
+  restart = sampling.sample_chain(
+    d, segs[1:], jnp.zeros(shape), jax.random.key(1), levels=grid, sampler="ddim"
+  )
+  np.testing.assert_array_equal(out, restart)
+  with pytest.raises(ValueError, match="levels of the grid"):
+    sampling.sample_chain(
+      d, [Segment(_toy_denoiser, t_count, 6)], x, keys, levels=sampling.make_levels(t_count, 4)
+    )
+
+
 @pytest.mark.parametrize(
   "param,sampler,num_steps,eta",
   [("eps", "ddpm", 100, 0.0), ("eps", "ddpm", 13, 0.0), ("eps", "ddim", 100, 0.0), ("eps", "ddim", 7, 1.0), ("v", "ddim", 20, 0.0), ("x0", "ddpm", 20, 0.0)],

@@ -283,3 +283,64 @@ def test_train_step_adds_the_prior_term_and_leaves_the_cluster_network_alone():
   jax.tree.map(np.testing.assert_array_equal, new.ema_params["cluster"], params["cluster"])
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), new.params["users"], params["users"])
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def _pre_chain_reference(m, params, x, k_start, k_end, keys):
+  """The hybrid sampler as it was before it ran on the core's chain (a masked ``while_loop`` over
+  every level with per-row noise), kept to show the core gives the same samples."""
+  import jax.numpy as jnp
+
+  d, big_t = m.diffusion, m.num_timesteps
+  sampler = m.config.diffusion.sampler
+  eta = float(m.config.diffusion.ddim_eta) if sampler == "ddim" else 0.0
+  coefs = sampling.step_coefficients(d, np.arange(big_t, -1, -1), eta)
+  table = {
+    n: np.asarray(v, np.int32 if v.dtype.kind == "i" else np.float32) for n, v in coefs.items()
+  }
+
+  def step(x, k):
+    c = {n: jnp.asarray(v)[big_t - k] for n, v in table.items()}
+    t = jnp.full((x.shape[0],), k - 1, jnp.int32)
+    x0, eps, var = d.model_output_to_x0_eps(m.programs.apply(params, x, t), x, t)
+    x_next, std = sampling.reverse_step_mean_std(
+      d,
+      c,
+      x,
+      t,
+      x0,
+      eps,
+      var,
+      sampler=sampler,
+      clip_denoised=bool(m.config.diffusion.clip_denoised),
+    )
+    if sampler == "ddpm" or eta > 0:
+      noise = jax.vmap(
+        lambda key: jax.random.normal(jax.random.fold_in(key, k), (1, *x.shape[1:]))[0]
+      )(keys)
+      x_next = jnp.where(c["k_next"] > 0, x_next + std * noise, x_next)
+    return x_next.astype(x.dtype)
+
+  def body(carry):
+    k, x = carry
+    active = (k <= k_start) & (k > k_end)
+    return k - 1, jnp.where(active[:, None, None, None], step(x, k), x)
+
+  hi, lo = jnp.max(k_start).astype(jnp.int32), jnp.min(k_end).astype(jnp.int32)
+  return jax.lax.while_loop(lambda c: c[0] > lo, body, (hi, x))[1]
+
+
+def test_core_chain_gives_the_pre_refactor_samples_bit_exactly(random_models):
+  _, m = random_models
+  big_t = m.num_timesteps
+  keys = jax.random.split(jax.random.PRNGKey(5), 5)
+  splits = np.array([0, 3, 12, big_t, 7], np.int32)
+  x_t = models.initial_noise(m, keys)
+  start = np.full((5,), big_t, np.int32)
+  edge = models.edge_denoise(m, x_t, splits, keys)
+  reference = jax.jit(lambda *args: _pre_chain_reference(m, *args))
+  want = reference(m.cluster_params, x_t, start, splits, keys)
+  np.testing.assert_array_equal(np.asarray(edge), np.asarray(want))
+  device = models.device_denoise(m, 1, edge, splits, keys)
+  want = reference(m.personal(1), edge, splits, np.zeros(5, np.int32), keys)
+  np.testing.assert_array_equal(np.asarray(device), np.asarray(want))
+  assert np.abs(np.asarray(device) - np.asarray(edge)).max() > 1e-2  # the device really ran

@@ -1,0 +1,227 @@
+"""The reverse step: level grids (respacing), per-step coefficients and the DDPM / DDIM update.
+
+Levels follow ``gaussian.py``: level k in {0..T}, level 0 is data, and the denoiser's timestep for
+a step leaving level k is t = k - 1. Every step's coefficients depend only on its pair of levels
+(k, k'), never on the rest of the grid, which is what lets ``sampling`` cut a chain into segments
+without changing it. Coefficients are built on the host in float64 from a concrete grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common.diffusion.gaussian import GaussianDiffusion
+
+SAMPLERS = ("ddpm", "ddim")
+
+DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
+
+
+def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> list[int]:
+  """The 0-based timesteps kept when respacing a T-step chain (IDDPM's ``space_timesteps``).
+
+  The chain is cut into len(section_counts) near-equal sections and section i keeps
+  section_counts[i] evenly spaced timesteps, both ends included. "ddimN" instead keeps
+  range(0, T, stride) for the stride giving exactly N steps.
+
+  Args:
+    num_timesteps: T.
+    section_counts: an int, a list of ints, a comma-separated string of ints, or "ddimN".
+
+  Returns:
+    Sorted list of distinct ints in [0, T).
+
+  Raises:
+    ValueError: a section asks for more steps than it has, or no stride gives N for "ddimN".
+  """
+  if isinstance(section_counts, str):
+    if section_counts.startswith("ddim"):
+      wanted = int(section_counts[len("ddim") :])
+      for stride in range(1, num_timesteps):
+        kept = list(range(0, num_timesteps, stride))
+        if len(kept) == wanted:
+          return kept
+      raise ValueError(f"cannot make exactly {wanted} DDIM steps out of {num_timesteps}")
+    section_counts = [int(c) for c in section_counts.split(",")]
+  elif isinstance(section_counts, int):
+    section_counts = [section_counts]
+  n_sections = len(section_counts)
+  base, extra = divmod(num_timesteps, n_sections)
+  kept: set[int] = set()
+  start = 0
+  for i, count in enumerate(section_counts):
+    size = base + (1 if i < extra else 0)
+    if size < count:
+      raise ValueError(f"cannot take {count} steps from a section of {size} timesteps")
+    stride = 1.0 if count <= 1 else (size - 1) / (count - 1)
+    # Accumulate the float position rather than multiplying, so rounding ties land exactly where
+    # IDDPM's do and respaced checkpoints see the same timesteps.
+    pos = 0.0
+    for _ in range(count):
+      kept.add(start + round(pos))
+      pos += stride
+    start += size
+  return sorted(kept)
+
+
+def make_levels(
+  num_timesteps: int, num_steps: int, k_start: int | None = None, k_end: int = 0
+) -> np.ndarray:
+  """The descending level grid of a segment: k_start first, k_end last, num_steps steps.
+
+  For k_end == 0 the levels above 0 are 1 + ``space_timesteps(k_start, [num_steps])``, so a full
+  chain is exactly IDDPM's respacing (the last model call is at t = 0, then a step to level 0).
+  For k_end > 0 the num_steps + 1 levels are evenly spaced from k_start to k_end, both included.
+  Both rules give every level when num_steps == k_start - k_end, and evenly spaced grids split at
+  one of their levels compose: make_levels(100, 10) (100, 89, ..., 12, 1, 0) equals
+  make_levels(100, 4, 100, 56) followed by make_levels(100, 6, 56)[1:].
+
+  Args:
+    num_timesteps: T.
+    num_steps: number of reverse steps, 1 <= num_steps <= k_start - k_end.
+    k_start: first level (default T).
+    k_end: last level, 0 <= k_end < k_start.
+
+  Returns:
+    [num_steps + 1] int32, strictly decreasing.
+  """
+  k_start = num_timesteps if k_start is None else int(k_start)
+  k_end = int(k_end)
+  if not 0 <= k_end < k_start <= num_timesteps:
+    raise ValueError(f"need 0 <= k_end < k_start <= {num_timesteps}, got {k_start}, {k_end}")
+  if not 1 <= num_steps <= k_start - k_end:
+    raise ValueError(f"num_steps must be in [1, {k_start - k_end}], got {num_steps}")
+  if k_end == 0:
+    above = [k + 1 for k in space_timesteps(k_start, [num_steps])]
+    levels = sorted(above, reverse=True) + [0]
+  else:
+    stride = (k_start - k_end) / num_steps
+    levels = [k_start - round(i * stride) for i in range(num_steps)] + [k_end]
+  return np.asarray(levels, np.int32)
+
+
+def step_coefficients(
+  diffusion: GaussianDiffusion, levels: Sequence[int] | np.ndarray, eta: float = 0.0
+) -> dict[str, np.ndarray]:
+  """Host-side float64 coefficients of each reverse step levels[i] -> levels[i + 1].
+
+  With abar = abar(k), abar' = abar(k') and beta_eff = 1 - abar / abar' (IDDPM respacing), the
+  posterior q(x_k' | x_k, x0) has mean coef1 * x0 + coef2 * x_k and variance
+  beta_eff (1 - abar') / (1 - abar). Adjacent pairs reproduce the full-chain tables.
+
+  Args:
+    diffusion: the schedule.
+    levels: [N + 1] int, strictly decreasing, in [0, T].
+    eta: DDIM eta.
+
+  Returns:
+    dict of [N] arrays: "k", "k_next" (int32), "coef1", "coef2", "post_var", "post_log_var"
+    (clipped: at k' == 0 the full chain's log(posterior_variance[1]), unused by sampling since
+    that step adds no noise), "log_beta", "sqrt_abar_next", "ddim_sigma", "ddim_eps_coef"
+    (float64).
+  """
+  lv = np.asarray(levels)
+  t_count = diffusion.num_timesteps
+  if lv.ndim != 1 or lv.shape[0] < 2:
+    raise ValueError(f"levels must be 1-D with at least 2 entries, got shape {lv.shape}")
+  if np.any(np.diff(lv) >= 0) or lv[0] > t_count or lv[-1] < 0:
+    raise ValueError(f"levels must be strictly decreasing within [0, {t_count}], got {lv}")
+  abar_all = diffusion.np_alpha_bar_levels()
+  k, kn = lv[:-1].astype(np.int64), lv[1:].astype(np.int64)
+  a, an = abar_all[k], abar_all[kn]
+  ratio = a / an
+  beta = 1.0 - ratio
+  post_var = beta * (1.0 - an) / (1.0 - a)
+  if t_count > 1:
+    betas = 1.0 - abar_all[1:] / abar_all[:-1]
+    # Full-chain posterior variance of the step from level 2 to level 1 (IDDPM's clip value).
+    clip_value = betas[1] * (1.0 - abar_all[1]) / (1.0 - abar_all[2])
+  else:
+    clip_value = beta[-1]
+  post_log_var = np.log(np.where(kn == 0, clip_value, np.maximum(post_var, 1e-300)))
+  sigma = eta * np.sqrt((1.0 - an) / (1.0 - a)) * np.sqrt(beta)
+  return {
+    "k": k.astype(np.int32),
+    "k_next": kn.astype(np.int32),
+    "coef1": beta * np.sqrt(an) / (1.0 - a),
+    "coef2": (1.0 - an) * np.sqrt(ratio) / (1.0 - a),
+    "post_var": post_var,
+    "post_log_var": post_log_var,
+    "log_beta": np.log(beta),
+    "sqrt_abar_next": np.sqrt(an),
+    "ddim_sigma": sigma,
+    "ddim_eps_coef": np.sqrt(np.maximum(1.0 - an - sigma**2, 0.0)),
+  }
+
+
+def predict(
+  diffusion: GaussianDiffusion,
+  denoise_fn: DenoiseFn,
+  x: jax.Array,
+  t: jax.Array,
+  y: jax.Array | None,
+  guidance_scale: float,
+  null_label: int | None,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(x0, eps, var_values) at x, with classifier-free guidance in eps space when asked."""
+  if guidance_scale == 1.0 or y is None:
+    return diffusion.model_output_to_x0_eps(denoise_fn(x, t, y), x, t)
+  b = x.shape[0]
+  # One call on [cond; uncond] rather than two: half the launches, same maths.
+  out = denoise_fn(
+    jnp.concatenate([x, x]),
+    jnp.concatenate([t, t]),
+    jnp.concatenate([y, jnp.full_like(y, null_label)]),
+  )
+  _, eps_c, var_c = diffusion.model_output_to_x0_eps(out[:b], x, t)
+  _, eps_u, _ = diffusion.model_output_to_x0_eps(out[b:], x, t)
+  eps = eps_u + guidance_scale * (eps_c - eps_u)
+  return diffusion.x0_from_eps(x, t, eps), eps, var_c
+
+
+def reverse_step_mean_std(
+  diffusion: GaussianDiffusion,
+  c: dict[str, jax.Array],
+  x: jax.Array,
+  t: jax.Array,
+  x0: jax.Array,
+  eps: jax.Array,
+  var_values: jax.Array | None,
+  *,
+  sampler: str,
+  clip_denoised: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """Mean and std of one reverse step leaving level ``c["k"]``, before any noise is added.
+
+  The one place the DDPM / DDIM update lives, so that every sampler over the core (``sample_segment``,
+  hybrid's masked per-row chain) steps alike; noise (and which key draws it) is the caller's.
+
+  Args:
+    diffusion: the schedule.
+    c: one row of ``step_coefficients`` (scalars), as jax values.
+    x: [B, ...] latent at level c["k"]; t: [B] int32 model timestep (k - 1).
+    x0, eps: [B, ...] the network's estimates at x; var_values: learned-sigma output or None.
+    sampler: "ddpm" | "ddim".
+    clip_denoised: clip x0 to [-1, 1] and recompute eps from it (IDDPM).
+
+  Returns:
+    (mean [B, ...], std: scalar or [B, ...]); x_next = mean + std * z on a step into level > 0.
+  """
+  if clip_denoised:
+    x0 = jnp.clip(x0, -1.0, 1.0)
+    eps = diffusion.eps_from_x0(x, t, x0)
+  if sampler == "ddpm":
+    mean = c["coef1"] * x0 + c["coef2"] * x
+    if diffusion.learn_sigma:
+      frac = (var_values + 1.0) / 2.0
+      log_var = frac * c["log_beta"] + (1.0 - frac) * c["post_log_var"]
+    elif diffusion.fixed_variance == "small":
+      log_var = c["post_log_var"]
+    else:
+      log_var = c["log_beta"]
+    return mean, jnp.exp(0.5 * log_var)
+  return c["sqrt_abar_next"] * x0 + c["ddim_eps_coef"] * eps, c["ddim_sigma"]
