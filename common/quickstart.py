@@ -78,6 +78,18 @@ class Outcome:
 # The plan.
 
 
+def is_active(config, name: str) -> bool:
+  """Whether run ``name`` runs: it is ``enabled`` and its ``when`` holds (a switch of the config,
+  ``not <switch>`` for its negation); PlanError when ``when`` names no boolean field."""
+  e = config.runs[name]
+  if not e.when:
+    return bool(e.enabled)
+  switch = e.when.removeprefix("not ").strip()
+  if not isinstance(config.get(switch), bool):
+    raise PlanError(f"quickstart run {name!r}: when={e.when!r} names no switch of the config")
+  return bool(e.enabled) and config[switch] != e.when.startswith("not ")
+
+
 def enabled_entries(config) -> list[str]:
   """The enabled entry names in launch order; PlanError on an inconsistent plan."""
   order = list(config.order)
@@ -90,7 +102,8 @@ def enabled_entries(config) -> list[str]:
   missing = sorted(set(runs.keys()) - set(order))
   if missing:
     raise PlanError(f"quickstart runs {missing} are not in `order`")
-  names = [n for n in order if runs[n].enabled]
+  active = {n for n in order if is_active(config, n)}
+  names = [n for n in order if n in active]
   seen: set[str] = set()
   for n in names:
     e = runs[n]
@@ -99,7 +112,7 @@ def enabled_entries(config) -> list[str]:
     for need in e.needs:
       if need not in runs:
         raise PlanError(f"quickstart run {n!r} needs unknown run {need!r}")
-      if runs[need].enabled and need not in seen:
+      if need in active and need not in seen:
         raise PlanError(f"quickstart run {n!r} needs {need!r}, which comes later in `order`")
     seen.add(n)
   return names
@@ -280,79 +293,20 @@ def run_plan(
       echo(f"[{i}/{len(names)}] {n} (~{fmt_seconds(runs[n].estimate_s)}): {display(argvs[n])}")
     return {"outcomes": {}, "report": None, "ok": True, "wall_time_s": 0.0}
   os.makedirs(workdir, exist_ok=True)
-  eta = Eta({n: float(runs[n].estimate_s) for n in names})
-  pattern = re.compile(config.progress_pattern)
-  t_start = time.perf_counter()
+  session = _Session(config, workdir, echo, Eta({n: float(runs[n].estimate_s) for n in names}))
   echo(
     f"quickstart ({config.preset}): {len(names)} runs in {workdir}, "
-    f"estimated {fmt_seconds(eta.remaining())}"
+    f"estimated {fmt_seconds(session.eta.remaining())}"
   )
-  outcomes: dict[str, Outcome] = {}
-  remade: set[str] = set()  # entries run (not skipped) in this invocation
   for i, name in enumerate(names, 1):
-    entry, argv = runs[name], argvs[name]
-    log = os.path.join(workdir, "logs", f"{name}.log")
     head = f"[{i}/{len(names)}] {name}"
-    bad = [
-      nd for nd in entry.needs if nd in outcomes and outcomes[nd].status in ("failed", "blocked")
-    ]
-    if bad:
-      outcomes[name] = Outcome(name, "blocked", argv, log, error=f"needs {', '.join(bad)}")
-      eta.finish(name, None, ran=False)
-      echo(f"{head}: blocked (needs {', '.join(bad)}, which did not finish)")
-      continue
-    rec = is_finished(entry, name, workdir, argv)
-    if rec is not None and not any(nd in remade for nd in entry.needs):
-      outcomes[name] = Outcome(name, "skipped", argv, log, wall_time_s=rec.get("wall_time_s"))
-      eta.finish(name, None, ran=False)
-      echo(f"{head}: finished earlier ({fmt_seconds(rec.get('wall_time_s'))}), skipped")
-      continue
-    echo(
-      f"{head}: {display(argv)}\n    log {log} | estimate {fmt_seconds(entry.estimate_s)} | "
-      f"elapsed {fmt_seconds(time.perf_counter() - t_start)} | "
-      f"total ETA {fmt_seconds(eta.remaining())}"
-    )
-    t0 = time.perf_counter()
-    last_echo = [0.0]
-
-    def on_line(line, name=name, t0=t0, last_echo=last_echo):
-      now = time.perf_counter()
-      if now - last_echo[0] < config.progress_every_s or not pattern.search(line):
-        return
-      last_echo[0] = now
-      msg = _ABSL_PREFIX.sub("", line)[:160]
-      left = eta.remaining(name, now - t0)
-      echo(f"    {name} | {msg} | total ETA {fmt_seconds(left)}")
-
-    rc, tail = _launch(argv, log, on_line)
-    seconds = time.perf_counter() - t0
-    remade.add(name)
-    eta.finish(name, seconds, ran=True)
-    missing_output = entry.done and not os.path.exists(
-      os.path.join(workdir, entry.workdir, entry.done)
-    )
-    if rc == 0 and not missing_output:
-      outcomes[name] = Outcome(name, "ok", argv, log, wall_time_s=seconds, rc=0)
-      _write_record(workdir, name, {"status": "ok", "command": argv[1:], "wall_time_s": seconds})
-      echo(
-        f"{head}: done in {fmt_seconds(seconds)} | elapsed "
-        f"{fmt_seconds(time.perf_counter() - t_start)} | total ETA {fmt_seconds(eta.remaining())}"
-      )
-    else:
-      err = error_tail(tail)
-      if rc == 0:
-        err = f"exited 0 but wrote no {entry.workdir}/{entry.done}\n{err}"
-      outcomes[name] = Outcome(name, "failed", argv, log, wall_time_s=seconds, rc=rc, error=err)
-      _write_record(
-        workdir, name, {"status": "failed", "command": argv[1:], "wall_time_s": seconds, "rc": rc}
-      )
-      last = headline_error(err)
-      echo(f"{head}: FAILED (exit {rc}) after {fmt_seconds(seconds)}: {last}\n    see {log}")
-
+    outcome = session.settled(name, argvs[name], head) or session.launch(name, argvs[name], head)
+    session.outcomes[name] = outcome
+  outcomes = session.outcomes
   for name in config.order:
     if name not in outcomes:
       outcomes[name] = Outcome(name, "disabled", command(runs[name], workdir), "")
-  total = time.perf_counter() - t_start
+  total = time.perf_counter() - session.t_start
   report = _compare(config, workdir, outcomes, total, echo, shown_workdir)
   ok = report is not None and all(
     o.status in ("ok", "skipped", "disabled") for o in outcomes.values()
@@ -363,6 +317,95 @@ def run_plan(
     f"{fmt_seconds(total)}; report {report or '(not written)'}"
   )
   return {"outcomes": outcomes, "report": report, "ok": ok, "wall_time_s": total}
+
+
+@dataclasses.dataclass
+class _Session:
+  """One invocation of the plan: what has happened so far, the ETA and the console."""
+
+  config: Any
+  workdir: str  # absolute
+  echo: Callable[[str], None]
+  eta: Eta
+  outcomes: dict[str, Outcome] = dataclasses.field(default_factory=dict)
+  remade: set[str] = dataclasses.field(default_factory=set)  # entries run (not skipped) here
+  t_start: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def elapsed(self) -> str:
+    return fmt_seconds(time.perf_counter() - self.t_start)
+
+  def log(self, name: str) -> str:
+    return os.path.join(self.workdir, "logs", f"{name}.log")
+
+  def settled(self, name: str, argv: list[str], head: str) -> Outcome | None:
+    """The outcome of a run that is not launched: blocked by a need that did not finish, or
+    finished earlier (same command, output there, no need re-made now); None otherwise."""
+    entry, log = self.config.runs[name], self.log(name)
+    bad = [
+      nd
+      for nd in entry.needs
+      if nd in self.outcomes and self.outcomes[nd].status in ("failed", "blocked")
+    ]
+    if bad:
+      self.eta.finish(name, None, ran=False)
+      self.echo(f"{head}: blocked (needs {', '.join(bad)}, which did not finish)")
+      return Outcome(name, "blocked", argv, log, error=f"needs {', '.join(bad)}")
+    rec = is_finished(entry, name, self.workdir, argv)
+    if rec is None or any(nd in self.remade for nd in entry.needs):
+      return None
+    self.eta.finish(name, None, ran=False)
+    self.echo(f"{head}: finished earlier ({fmt_seconds(rec.get('wall_time_s'))}), skipped")
+    return Outcome(name, "skipped", argv, log, wall_time_s=rec.get("wall_time_s"))
+
+  def launch(self, name: str, argv: list[str], head: str) -> Outcome:
+    """Runs one entry to its end, passing its progress lines through; records the outcome."""
+    entry, log, workdir = self.config.runs[name], self.log(name), self.workdir
+    self.echo(
+      f"{head}: {display(argv)}\n    log {log} | estimate {fmt_seconds(entry.estimate_s)} | "
+      f"elapsed {self.elapsed()} | total ETA {fmt_seconds(self.eta.remaining())}"
+    )
+    t0 = time.perf_counter()
+    rc, tail = _launch(argv, log, self._progress_lines(name, t0))
+    seconds = time.perf_counter() - t0
+    self.remade.add(name)
+    self.eta.finish(name, seconds, ran=True)
+    missing_output = entry.done and not os.path.exists(
+      os.path.join(workdir, entry.workdir, entry.done)
+    )
+    record = {"status": "ok", "command": argv[1:], "wall_time_s": seconds}
+    if rc == 0 and not missing_output:
+      _write_record(workdir, name, record)
+      self.echo(
+        f"{head}: done in {fmt_seconds(seconds)} | elapsed {self.elapsed()} | "
+        f"total ETA {fmt_seconds(self.eta.remaining())}"
+      )
+      return Outcome(name, "ok", argv, log, wall_time_s=seconds, rc=0)
+    err = error_tail(tail)
+    if rc == 0:
+      err = f"exited 0 but wrote no {entry.workdir}/{entry.done}\n{err}"
+    _write_record(workdir, name, {**record, "status": "failed", "rc": rc})
+    self.echo(
+      f"{head}: FAILED (exit {rc}) after {fmt_seconds(seconds)}: {headline_error(err)}\n"
+      f"    see {log}"
+    )
+    return Outcome(name, "failed", argv, log, wall_time_s=seconds, rc=rc, error=err)
+
+  def _progress_lines(self, name: str, t0: float) -> Callable[[str], None]:
+    """What the output lines of run ``name`` (launched at ``t0``) go through: the console shows
+    those matching the config's ``progress_pattern``, at most one every ``progress_every_s``."""
+    pattern, every_s = re.compile(self.config.progress_pattern), self.config.progress_every_s
+    last_echo = [0.0]
+
+    def on_line(line):
+      now = time.perf_counter()
+      if now - last_echo[0] < every_s or not pattern.search(line):
+        return
+      last_echo[0] = now
+      msg = _ABSL_PREFIX.sub("", line)[:160]
+      left = self.eta.remaining(name, now - t0)
+      self.echo(f"    {name} | {msg} | total ETA {fmt_seconds(left)}")
+
+    return on_line
 
 
 def _cost(name: str, runs, outcomes: dict[str, Outcome]) -> float | None:

@@ -18,19 +18,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # The second arms of collab and mobile launch the same binaries as their first arms with one
 # override changed; the test leaves them out (about 40 s of CPU) and keeps one arm per binary.
 SECOND_ARMS = ("train_collab_local", "collab_local", "train_mobile_config2", "mobile_config2")
-RESULT_ROWS = ("ddpm", "hybrid", "cdc", "mobile_config1", "collab_cut", "adaptive_tdc")
+RESULT_ROWS = ("ddpm", "hybrid_paper", "cdc", "mobile_config1", "collab_cut", "adaptive_tdc")
 
 
 def tiny_plan_with_a_failure():
   c = plan_config.get_config("tiny")
   for name in SECOND_ARMS:
     c.runs[name].enabled = False
-  # The scheduler on the paper's profile: hybrid.train and hybrid.profile have their own tests
-  # (tests/hybrid) and cost ~30 s of CPU here; the dry run below checks the measured-profile plan.
-  c.runs.hybrid_models.enabled = c.runs.hybrid_profile.enabled = False
-  c.runs.hybrid.needs = ()
-  c.runs.hybrid.overrides = ("scheduler.profile=paper",)
-  c.runs.hybrid.report.label = "DRL-convex scheduler"
+  # The scheduler on the paper's profile (hybrid_paper): hybrid.train and hybrid.profile have
+  # their own tests (tests/hybrid) and cost ~30 s of CPU here; the dry run below checks the
+  # measured-profile plan.
+  c.hybrid_measured_profile = False
   # A run that fails (evaluating a workdir nothing trained) and one that needs it, early in the
   # order so that the runs after them show that the plan goes on.
   c.runs.broken = plan_config.entry(
@@ -64,7 +62,9 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   assert out["after_broken"].status == "blocked"
   enabled = quickstart.enabled_entries(config)
   assert {n for n in enabled if out[n].status == "ok"} == set(enabled) - {"broken", "after_broken"}
-  assert all(out[n].status == "disabled" for n in (*SECOND_ARMS, "hybrid_models"))
+  assert all(
+    out[n].status == "disabled" for n in (*SECOND_ARMS, "hybrid_models", "hybrid_profile", "hybrid")
+  )
   for name in enabled:
     if name != "after_broken":
       assert os.path.getsize(os.path.join(workdir, "logs", f"{name}.log")) > 0
@@ -77,7 +77,7 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   assert f"[3/{n}] broken: FAILED (exit 2)" in text
 
   # The non-generative methods wrote the agreed headline shape.
-  hyb = headline.read(os.path.join(workdir, "hybrid"))
+  hyb = headline.read(os.path.join(workdir, "hybrid_paper"))
   assert hyb["kind"] == "scheduler" and hyb["primary"]["name"] == "utility_per_user"
   assert {"optimum", "greedy", "all_local"} <= set(hyb["baselines"])
   # The exact optimum beats every policy.
@@ -94,7 +94,7 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   md = open(os.path.join(workdir, "report.md")).read()
   for row in (*RESULT_ROWS, "adaptive_single"):
     assert f"| {row} |" in md, row
-  assert "## hybrid: DRL-convex scheduler" in md and "| **drl_convex** |" in md
+  assert "## hybrid_paper: DRL-convex scheduler" in md and "| **drl_convex** |" in md
   assert "## cdc: generated parameters (FDA)" in md and "| static |" in md
   assert "## Failed runs" in md and "### broken (exit code 2)" in md
   assert "| 3 | broken | failed |" in md and "| 4 | after_broken | blocked |" in md
@@ -103,7 +103,7 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   with open(os.path.join(workdir, "report.csv")) as f:
     rows = list(csv.DictReader(f))
   arms = {(r["run"], r["arm"], r["role"]) for r in rows}
-  assert ("hybrid", "optimum", "baseline") in arms and ("cdc", "static", "baseline") in arms
+  assert ("hybrid_paper", "optimum", "baseline") in arms and ("cdc", "static", "baseline") in arms
   assert {r["run"] for r in rows if r["kind"] == "generative"} == {
     "ddpm", "mobile_config1", "collab_cut", "adaptive_tdc", "adaptive_single",
   }  # fmt: skip
@@ -124,13 +124,13 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   skipped = {n for n in enabled if statuses[n] == "skipped"}
   assert skipped == set(enabled) - {"ddpm", "broken", "after_broken"}
   assert _launches(os.path.join(workdir, "logs", "ddpm.log")) == 2
-  assert _launches(os.path.join(workdir, "logs", "hybrid.log")) == 1
+  assert _launches(os.path.join(workdir, "logs", "hybrid_paper.log")) == 1
   assert "[1/" in lines[1] and "finished earlier" in lines[1]
   # The skipped runs keep their measured wall times in the report.
-  runs = {r["run"]: r for r in compare.load_runs([f"hybrid={workdir}/hybrid"])}
-  assert runs["hybrid"]["kind"] == "scheduler"
+  runs = {r["run"]: r for r in compare.load_runs([f"hybrid_paper={workdir}/hybrid_paper"])}
+  assert runs["hybrid_paper"]["kind"] == "scheduler"
   with open(os.path.join(workdir, quickstart.PLAN_FILE)) as f:
-    assert json.load(f)["runs"]["hybrid"]["wall_time_s"] > 0
+    assert json.load(f)["runs"]["hybrid_paper"]["wall_time_s"] > 0
 
 
 def test_plan_errors_are_named():
@@ -142,8 +142,26 @@ def test_plan_errors_are_named():
   c.order = ("ddpm", "train_ddpm", *[n for n in c.order if n not in ("ddpm", "train_ddpm")])
   with pytest.raises(quickstart.PlanError, match="needs 'train_ddpm', which comes later"):
     quickstart.enabled_entries(c)
+  c = plan_config.get_config("tiny")
+  c.runs.cdc.when = "not fast"
+  with pytest.raises(quickstart.PlanError, match="run 'cdc': when='not fast' names no switch"):
+    quickstart.enabled_entries(c)
   with pytest.raises(ValueError, match="unknown preset"):
     plan_config.get_config("huge")
+
+
+def test_the_measured_profile_switch_chooses_the_hybrid_runs():
+  c = plan_config.get_config("default")
+  hybrid = [n for n in quickstart.enabled_entries(c) if n.startswith("hybrid")]
+  assert hybrid == ["hybrid_models", "hybrid_profile", "hybrid"]
+  c.hybrid_measured_profile = False  # --config.hybrid_measured_profile=false
+  hybrid = [n for n in quickstart.enabled_entries(c) if n.startswith("hybrid")]
+  assert hybrid == ["hybrid_paper"]
+  argv = quickstart.command(c.runs.hybrid_paper, "/qs")
+  assert "--config=configs/hybrid.py:sim" in argv and "--config.scheduler.profile=paper" in argv
+  # A run switched off by `enabled` stays off whatever the switch says.
+  c.runs.hybrid_paper.enabled = False
+  assert not any(n.startswith("hybrid") for n in quickstart.enabled_entries(c))
 
 
 def test_eta_rescales_the_estimates_by_measured_time():
