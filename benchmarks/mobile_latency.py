@@ -119,7 +119,8 @@ def compile_vs_depth(depths) -> None:
   """Compile time and StableHLO size of the gradient of Config I (digits) for scan vs unroll."""
   from flax import nnx
 
-  from mobile.model import TFDiff, TFDiffSpec
+  from mobile.model import TFDiff
+  from mobile.spec import TFDiffSpec
 
   print("| N | layer loop | StableHLO chars | compile (grad, batch 32) |")
   print("|---|---|---|---|")

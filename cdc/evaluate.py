@@ -26,18 +26,20 @@ Toy-scale, CDC-MMPG-style figures: never the paper's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from cdc import cloud, device, experiment, finetune, models, objectives, train
-from cdc import data as cdc_data
+from cdc import cloud, device, experiment, finetune, models, moving_shapes, objectives, train
 from common import fileio
 from common.metrics import flops as flops_lib
 
@@ -140,16 +142,55 @@ def _fda_arm(ctx, arm, make_uplink, adr_flops):
   return theta
 
 
-def evaluate(workdir: str) -> dict:
-  """Runs every arm on every held-out device; returns (and writes) the metrics."""
-  t_start = time.perf_counter()
+@dataclasses.dataclass
+class _Evaluation:
+  """What every arm of every held-out device shares, and the rows the arms add.
+
+  Attributes:
+    rows: arm -> device id (str) -> that arm's record on that device.
+    flops_cache: XLA FLOP counts by program key; a count compiles the program, and devices with
+      pools of one shape share it.
+  """
+
+  config: ml_collections.ConfigDict
+  dataset: Any
+  spec: models.ModelSpec
+  graphdef: Any
+  enc_state: Any
+  head: dict
+  the_cloud: cloud.Cloud
+  encoders: tuple
+  trainable: tuple[str, ...]  # the generated head tensors (what fine-tuning trains too)
+  fda_base: dict  # the meta-trained base weights of the generated tensors
+  down_bytes: int  # the downlink of one generated head
+  link: float  # bytes per second, both directions
+  rows: dict[str, dict[str, dict]] = dataclasses.field(default_factory=dict)
+  flops_cache: dict = dataclasses.field(default_factory=dict)
+
+  def add(self, arm: str, dev: int, rec: dict) -> None:
+    self.rows.setdefault(arm, {})[str(dev)] = rec
+    logging.info("device %s %s %s", dev, arm, {k: round(v, 4) for k, v in rec.items()})
+
+  def flops(self, key, count) -> float:
+    """``count()``'s FLOPs, computed once per ``key``."""
+    if key not in self.flops_cache:
+      self.flops_cache[key] = count()
+    return self.flops_cache[key]
+
+
+def _load_evaluation(workdir: str) -> _Evaluation:
+  """The recorded config (validated first), the pretrained device model, the FDA and the cloud.
+
+  Raises:
+    ConfigError: a bad recorded config, or no intact ``pretrain.npz`` / ``fda.npz``.
+  """
   config = experiment.read_config(workdir, "train_config.json")
   experiment.validate(config)  # the recorded config, before anything is read or written
   dataset = experiment.build_dataset(config)
   spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)
   fspec = experiment.fda_spec(config)
   fda_graphdef, fda_params = train.load_fda(workdir, config, dataset, spec, head)
-  a, e, meta, ft = config.cdc.adr, config.cdc.eval, config.cdc.meta, config.cdc.finetune
+  a = config.cdc.adr
   the_cloud = cloud.Cloud(
     fda_graphdef,
     fda_params,
@@ -157,143 +198,185 @@ def evaluate(workdir: str) -> dict:
     summary_samples=a.summary_samples,
     seed=config.seed,
   )
-  encoders = train.make_encoders(graphdef)
-  link = e.link_mbps * 1e6 / 8.0  # bytes per second
-  trainable = fspec.generated_names(spec)
-  rows: dict[str, dict[str, dict]] = {}
-  flops_cache: dict = {}
+  return _Evaluation(
+    config=config,
+    dataset=dataset,
+    spec=spec,
+    graphdef=graphdef,
+    enc_state=enc_state,
+    head=head,
+    the_cloud=the_cloud,
+    encoders=train.make_encoders(graphdef),
+    trainable=fspec.generated_names(spec),
+    fda_base=nnx.merge(fda_graphdef, fda_params).base(),
+    down_bytes=cloud.generated_nbytes(spec, fspec, a.downlink_dtype),
+    link=config.cdc.eval.link_mbps * 1e6 / 8.0,
+  )
 
-  def add(arm, dev, rec):
-    rows.setdefault(arm, {})[str(dev)] = rec
-    logging.info("device %s %s %s", dev, arm, {k: round(v, 4) for k, v in rec.items()})
 
-  fda_base = nnx.merge(fda_graphdef, fda_params).base()
-  down_bytes = cloud.generated_nbytes(spec, fspec, a.downlink_dtype)
+def evaluate(workdir: str) -> dict:
+  """Runs every arm on every held-out device; returns (and writes) the metrics."""
+  t_start = time.perf_counter()
+  ev = _load_evaluation(workdir)
+  config, dataset, spec = ev.config, ev.dataset, ev.spec
   heldout = [int(d) for d in dataset.heldout_devices]
   for dev in heldout:
-    test, _ = _features(encoders, enc_state, dataset, dev, "test")
-    add("static", dev, _metrics(head, test))
+    _evaluate_device(ev, dev, heldout)
 
-    pdom = dataset.domain(dev, "pool")
-    the_device = device.Device(
-      spec,
-      graphdef,
-      enc_state,
-      head,
-      weighting=a.weighting,
-      kmedoids_iters=a.kmedoids_iters,
-      uplink_dtype=a.uplink_dtype,
-    )
-    pool, enc_seconds = _timed(the_device.pool, pdom.frames, pdom.frame_mask)
-    m = len(pool)
-    key = ("encode", pdom.frames.shape)
-    if key not in flops_cache:
-      flops_cache[key] = flops_lib.count_flops(
-        device.make_encode_frames(graphdef), enc_state, jnp.asarray(pdom.frames)
-      )
-    enc_flops = flops_cache[key]
-
-    ctx = dict(
-      dev=dev,
-      test=test,
-      device=the_device,
-      cloud=the_cloud,
-      link=link,
-      add=add,
-      enc_seconds=enc_seconds,
-      enc_flops=enc_flops,
-      frames=m,
-    )
-    for sel in e.selectors:
-      for k in e.anchor_counts:
-        if k > m:
-          continue
-        the_device.selector, the_device.num_anchors = sel, int(k)
-        key = ("adr", sel, int(k), m)
-        if key not in flops_cache:
-          if sel == "gaussian":
-            fn = functools.partial(device._summary, g=int(k))
-          else:
-            fn = functools.partial(
-              device._anchors, k=int(k), method=sel, weighting=a.weighting, iters=a.kmedoids_iters
-            )
-          flops_cache[key] = flops_lib.count_flops(fn, jnp.asarray(pool), jax.random.key(0))
-        make = functools.partial(_uplink, the_device, pool, config.seed)
-        _fda_arm(ctx, f"fda/{sel}/K{k}", make, flops_cache[key])
-        if sel == a.selector and k == a.num_anchors:
-          # The scores above use precomputed features; the device's own jitted forward must agree.
-          tdom = dataset.domain(dev, "test")
-          out = the_device.forward(tdom)
-          acc = objectives.qa_accuracy(out["qa_logits"], tdom.answers)
-          if abs(acc - rows[f"fda/{sel}/K{k}"][str(dev)]["qa_accuracy"]) > 1e-6:
-            raise AssertionError("device_forward disagrees with the precomputed-feature scoring")
-
-    _fda_arm(ctx, "fda/all", functools.partial(_all_frames, pool, a.uplink_dtype), 0.0)
-
-    # Ablations of the conditioning: the meta-trained base weights alone (what meta-training
-    # gives without looking at the device), and the anchors of another held-out device.
-    base = models.merge_head(head, fda_base)
-    add("fda/base", dev, {**_metrics(base, test), "uplink_bytes": 0, "downlink_bytes": down_bytes})
-    other = int(heldout[(heldout.index(dev) + 1) % len(heldout)])
-    odom = dataset.domain(other, "pool")
-    other_pool = the_device.pool(odom.frames, odom.frame_mask)
-    the_device.selector, the_device.num_anchors = a.selector, a.num_anchors
-    theta = the_device.install(the_cloud.adapt(the_device.uplink(other_pool, seed=config.seed)[0]))
-    add("fda/mismatched", dev, {**_metrics(theta, test), "anchors_from": other})
-
-    labeled, _ = _features(encoders, enc_state, dataset, dev, "train")
-    weights = dict(
-      qa_weight=meta.qa_weight, retrieval_weight=meta.retrieval_weight, temperature=meta.temperature
-    )
-    for n in list(ft.shots) + [None]:
-      rng = np.random.default_rng([config.seed, dev, 0 if n is None else n])
-      sub = _labeled_subset(labeled, n, rng)
-      # The device also encodes its labeled videos once (the frozen encoder's frame FLOPs).
-      encode_flops = enc_flops / m * sub.pop("num_videos") * pdom.frames.shape[1]
-      res = finetune.finetune(
-        head,
-        trainable,
-        sub,
-        steps=ft.oracle_steps if n is None else ft.steps,
-        batch_size=ft.batch_size,
-        learning_rate=ft.learning_rate,
-        seed=config.seed,
-        **weights,
-      )
-      add(
-        "oracle" if n is None else f"ft/n{n}",
-        dev,
-        {
-          **_metrics(res.head, test),
-          "labels": len(sub["answers"]) + len(sub["caption"]),
-          "device_flops": res.flops + encode_flops,
-          "device_seconds": res.seconds,
-          "latency_seconds": res.seconds,
-          "uplink_bytes": 0,
-          "downlink_bytes": 0,
-        },
-      )
-
-  summary = {arm: _mean(per_dev) for arm, per_dev in rows.items()}
+  summary = {arm: _mean(per_dev) for arm, per_dev in ev.rows.items()}
   result = {
     "note": "toy-scale, CDC-MMPG-style reference design (spec section 5); not the paper's figures",
     "heldout_devices": [int(d) for d in dataset.heldout_devices],
-    "link_mbps": e.link_mbps,
+    "link_mbps": config.cdc.eval.link_mbps,
     "generated_params": int(
-      sum(np.prod(s) for n, s in spec.head_shapes().items() if n in trainable)
+      sum(np.prod(s) for n, s in spec.head_shapes().items() if n in ev.trainable)
     ),
-    "per_device": rows,
+    "per_device": ev.rows,
     "mean": summary,
   }
-  if isinstance(dataset, cdc_data.MovingShapes):
+  if isinstance(dataset, moving_shapes.MovingShapes):
     result["drift"] = drift_demo(
-      config, dataset, spec, graphdef, enc_state, head, the_cloud, encoders
+      config, dataset, spec, ev.graphdef, ev.enc_state, ev.head, ev.the_cloud, ev.encoders
     )
   out = os.path.join(workdir, "eval")
   fileio.write_json(os.path.join(out, "metrics.json"), result)
   fileio.write_text(os.path.join(out, "summary.md"), summary_table(result))
   write_headline(workdir, config, result, time.perf_counter() - t_start)
   return result
+
+
+def _evaluate_device(ev: _Evaluation, dev: int, heldout: list[int]) -> None:
+  """Every arm on held-out device ``dev``, one row each (``static`` first, ``oracle`` last)."""
+  a = ev.config.cdc.adr
+  test, _ = _features(ev.encoders, ev.enc_state, ev.dataset, dev, "test")
+  ev.add("static", dev, _metrics(ev.head, test))
+
+  pdom = ev.dataset.domain(dev, "pool")
+  the_device = device.Device(
+    ev.spec,
+    ev.graphdef,
+    ev.enc_state,
+    ev.head,
+    weighting=a.weighting,
+    kmedoids_iters=a.kmedoids_iters,
+    uplink_dtype=a.uplink_dtype,
+  )
+  pool, enc_seconds = _timed(the_device.pool, pdom.frames, pdom.frame_mask)
+  enc_flops = ev.flops(
+    ("encode", pdom.frames.shape),
+    lambda: flops_lib.count_flops(
+      device.make_encode_frames(ev.graphdef), ev.enc_state, jnp.asarray(pdom.frames)
+    ),
+  )
+  ctx = dict(
+    dev=dev,
+    test=test,
+    device=the_device,
+    cloud=ev.the_cloud,
+    link=ev.link,
+    add=ev.add,
+    enc_seconds=enc_seconds,
+    enc_flops=enc_flops,
+    frames=len(pool),
+  )
+  _fda_arms(ev, ctx, pool)
+  _conditioning_ablations(ev, dev, heldout, the_device, test)
+  # The device also encodes its labeled videos (the frozen encoder's frame FLOPs, per frame).
+  _finetune_arms(ev, dev, test, enc_flops / len(pool), pdom.frames.shape[1])
+
+
+def _fda_arms(ev: _Evaluation, ctx: dict, pool: np.ndarray) -> None:
+  """``fda/<sel>/K<k>`` for every evaluated selector and K <= the pool's frames, then ``fda/all``.
+
+  pool: float32 [M, d], the device's encoded pool frames.
+  """
+  a, e = ev.config.cdc.adr, ev.config.cdc.eval
+  dev, the_device, m = ctx["dev"], ctx["device"], ctx["frames"]
+  for sel in e.selectors:
+    for k in e.anchor_counts:
+      if k > m:
+        continue
+      the_device.selector, the_device.num_anchors = sel, int(k)
+      if sel == "gaussian":
+        fn = functools.partial(device._summary, g=int(k))
+      else:
+        fn = functools.partial(
+          device._anchors, k=int(k), method=sel, weighting=a.weighting, iters=a.kmedoids_iters
+        )
+      adr_flops = ev.flops(
+        ("adr", sel, int(k), m),
+        lambda fn=fn: flops_lib.count_flops(fn, jnp.asarray(pool), jax.random.key(0)),
+      )
+      make = functools.partial(_uplink, the_device, pool, ev.config.seed)
+      _fda_arm(ctx, f"fda/{sel}/K{k}", make, adr_flops)
+      if sel == a.selector and k == a.num_anchors:
+        # The scores above use precomputed features; the device's own jitted forward must agree.
+        tdom = ev.dataset.domain(dev, "test")
+        out = the_device.forward(tdom)
+        acc = objectives.qa_accuracy(out["qa_logits"], tdom.answers)
+        if abs(acc - ev.rows[f"fda/{sel}/K{k}"][str(dev)]["qa_accuracy"]) > 1e-6:
+          raise AssertionError("device_forward disagrees with the precomputed-feature scoring")
+
+  _fda_arm(ctx, "fda/all", functools.partial(_all_frames, pool, a.uplink_dtype), 0.0)
+
+
+def _conditioning_ablations(ev: _Evaluation, dev: int, heldout: list[int], the_device, test):
+  """``fda/base`` and ``fda/mismatched``: how much the generated head owes to the device's own
+  anchors. The base is what meta-training gives without looking at the device; the mismatched
+  head is generated from the anchors of the next held-out device."""
+  a = ev.config.cdc.adr
+  base = models.merge_head(ev.head, ev.fda_base)
+  ev.add(
+    "fda/base", dev, {**_metrics(base, test), "uplink_bytes": 0, "downlink_bytes": ev.down_bytes}
+  )
+  other = int(heldout[(heldout.index(dev) + 1) % len(heldout)])
+  odom = ev.dataset.domain(other, "pool")
+  other_pool = the_device.pool(odom.frames, odom.frame_mask)
+  the_device.selector, the_device.num_anchors = a.selector, a.num_anchors
+  theta = the_device.install(
+    ev.the_cloud.adapt(the_device.uplink(other_pool, seed=ev.config.seed)[0])
+  )
+  ev.add("fda/mismatched", dev, {**_metrics(theta, test), "anchors_from": other})
+
+
+def _finetune_arms(ev: _Evaluation, dev: int, test, frame_flops: float, num_frames: int):
+  """``ft/n<n>`` for every shot count, then ``oracle`` (all labeled videos): backprop on device.
+
+  frame_flops: the frozen encoder's FLOPs per frame; num_frames: T, frames per video.
+  """
+  config = ev.config
+  meta, ft = config.cdc.meta, config.cdc.finetune
+  labeled, _ = _features(ev.encoders, ev.enc_state, ev.dataset, dev, "train")
+  weights = dict(
+    qa_weight=meta.qa_weight, retrieval_weight=meta.retrieval_weight, temperature=meta.temperature
+  )
+  for n in list(ft.shots) + [None]:
+    rng = np.random.default_rng([config.seed, dev, 0 if n is None else n])
+    sub = _labeled_subset(labeled, n, rng)
+    encode_flops = frame_flops * sub.pop("num_videos") * num_frames
+    res = finetune.finetune(
+      ev.head,
+      ev.trainable,
+      sub,
+      steps=ft.oracle_steps if n is None else ft.steps,
+      batch_size=ft.batch_size,
+      learning_rate=ft.learning_rate,
+      seed=config.seed,
+      **weights,
+    )
+    ev.add(
+      "oracle" if n is None else f"ft/n{n}",
+      dev,
+      {
+        **_metrics(res.head, test),
+        "labels": len(sub["answers"]) + len(sub["caption"]),
+        "device_flops": res.flops + encode_flops,
+        "device_seconds": res.seconds,
+        "latency_seconds": res.seconds,
+        "uplink_bytes": 0,
+        "downlink_bytes": 0,
+      },
+    )
 
 
 HEADLINE_KEYS = (

@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from cdc import adr, models
+from cdc import adr, feature_benchmark, models, moving_shapes
 from cdc import data as cdc_data
 from common import fileio
 from common.train.validate import (
@@ -46,16 +46,17 @@ from common.train.validate import (
 
 
 def build_dataset(config: ml_collections.ConfigDict):
-  """``cdc.data.MovingShapes`` or ``cdc.data.FeatureBenchmark`` of ``config.data``.
+  """``cdc.moving_shapes.MovingShapes`` or ``cdc.feature_benchmark.FeatureBenchmark`` of
+  ``config.data``.
 
   Raises:
     ConfigError: the data cannot be built from the config (a bad field, missing feature files).
   """
   try:
     if config.data.name == "moving_shapes":
-      return cdc_data.MovingShapes.from_config(config.data)
+      return moving_shapes.MovingShapes.from_config(config.data)
     if config.data.name == "features":
-      return cdc_data.FeatureBenchmark(
+      return feature_benchmark.FeatureBenchmark(
         config.data.data_dir,
         num_heldout=config.data.num_heldout,
         split_seed=config.data.split_seed,
@@ -117,7 +118,7 @@ def _validate_data_and_model(config) -> None:
       f"must be an integer in [2, data.num_devices - 1 = {d.num_devices - 1}] (cdc.evaluate's "
       "drift demo switches between two held-out devices)",
     )
-    n_words = len(cdc_data.COUNT_WORDS)
+    n_words = len(moving_shapes.COUNT_WORDS)
     require(
       config, "data.max_objects", integer(1, n_words), f"must be an integer in [1, {n_words}]"
     )

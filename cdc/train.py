@@ -208,10 +208,32 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dataset = experiment.build_dataset(config)
   spec, graphdef, enc_state, head = experiment.load_pretrained(workdir, config, dataset)
   fspec = experiment.fda_spec(config)
-  a, meta, f = config.cdc.adr, config.cdc.meta, config.cdc.fda
+  meta = config.cdc.meta
   query = config.batch_size // meta.devices_per_step
   pool_size = meta.pool_videos * config.data.num_frames
   bank = build_bank(config, dataset, graphdef, enc_state, dataset.meta_train_devices)
+  _check_bank(bank, config, pool_size)
+  logging.info(
+    "meta-train: %d devices, pool %d frames, %d queries each", len(bank.devices), pool_size, query
+  )
+
+  fda = models.FDA(spec, fspec, head, rngs=nnx.Rngs(config.seed + 2))
+  fda_graphdef, params = nnx.split(fda, nnx.Param)
+  o = config.optimizer
+  tx = experiment.make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip_norm, o.b1, o.b2)
+  opt_state = tx.init(params)
+  step = _make_meta_step(
+    config, spec, fspec, head, fda_graphdef, tx, bank.arrays(), pool_size=pool_size, query=query
+  )
+  params, rec = _train_loop(config, workdir, step, params, opt_state, len(bank.devices))
+  experiment.save_npz(os.path.join(workdir, "fda.npz"), params, step=config.total_steps)
+  experiment.remove_checkpoint(os.path.join(workdir, "train_ckpt.npz"))
+  return rec
+
+
+def _check_bank(bank: Bank, config, pool_size: int) -> None:
+  """Raises ``ConfigError`` when the bank cannot fill an episode or a meta-batch."""
+  meta = config.cdc.meta
   if bank.pool_count.min() < pool_size:
     raise ConfigError(
       "cdc.meta.pool_videos",
@@ -225,16 +247,18 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       meta.devices_per_step,
       f"> {len(bank.devices)} meta-train devices",
     )
-  logging.info(
-    "meta-train: %d devices, pool %d frames, %d queries each", len(bank.devices), pool_size, query
-  )
-  arrays = bank.arrays()
 
-  fda = models.FDA(spec, fspec, head, rngs=nnx.Rngs(config.seed + 2))
-  fda_graphdef, params = nnx.split(fda, nnx.Param)
-  o = config.optimizer
-  tx = experiment.make_optimizer(o.learning_rate, o.warmup_steps, o.grad_clip_norm, o.b1, o.b2)
-  opt_state = tx.init(params)
+
+def _make_meta_step(config, spec, fspec, head, fda_graphdef, tx, arrays, *, pool_size, query):
+  """The jitted meta-training update ``(params, opt_state, positions, key) -> (params, opt_state,
+  loss, parts)``.
+
+  One update: per bank row in ``positions`` (int32 [devices_per_step]) an episode (``_episode``),
+  its ADR selection (``adr_features``), the FDA's generated head, and the task loss of that head
+  on the episode's queries; the gradient reaches the FDA only (its base too with
+  ``cdc.fda.train_base``). ``arrays`` is ``Bank.arrays()``, closed over.
+  """
+  a, meta, f = config.cdc.adr, config.cdc.meta, config.cdc.fda
   base_names = {n.replace("/", "__") for n in fspec.generated_names(spec)}
   train_base = bool(f.train_base)
   select = functools.partial(
@@ -275,6 +299,19 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss, parts
 
+  return step
+
+
+def _train_loop(config, workdir: str, step, params, opt_state, num_devices: int):
+  """Steps from the newest intact checkpoint (or 0) to ``total_steps``: logs, checkpoints.
+
+  Each step's meta-batch (``devices_per_step`` of the ``num_devices`` bank rows) and key are
+  functions of ``(seed, step)``, so a resumed run takes the steps an uninterrupted one would.
+
+  Returns:
+    (the final params, the last logged record).
+  """
+  meta = config.cdc.meta
   ckpt = os.path.join(workdir, "train_ckpt.npz")
   start = 0
   restored = experiment.restore_checkpoint(ckpt, (params, opt_state))
@@ -288,7 +325,7 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0, rec = time.time(), {}
   for s in range(start + 1, config.total_steps + 1):
     rng = np.random.default_rng([config.seed, 11, s])
-    positions = rng.choice(len(bank.devices), meta.devices_per_step, replace=False).astype(np.int32)
+    positions = rng.choice(num_devices, meta.devices_per_step, replace=False).astype(np.int32)
     key = jax.random.fold_in(jax.random.key(config.seed), s)
     params, opt_state, loss, parts = step(params, opt_state, positions, key)
     if s % config.log_every_steps == 0 or s == config.total_steps:
@@ -302,9 +339,7 @@ def meta_train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if s % config.ckpt_every_steps == 0 and s < config.total_steps:
       experiment.save_checkpoint(ckpt, (params, opt_state), step=s)
   log.close()
-  experiment.save_npz(os.path.join(workdir, "fda.npz"), params, step=config.total_steps)
-  experiment.remove_checkpoint(ckpt)
-  return rec
+  return params, rec
 
 
 def _zero_base(grads, base_names):

@@ -8,7 +8,8 @@ Presets (``--config=configs/cdc.py:<preset>``):
 * ``tiny``            the same pipeline shrunk for tests (8 devices, 8x8 frames, a handful of steps).
 * ``msrvtt_qa``, ``msvd_qa``, ``msrvtt_retrieval``  real benchmarks from pre-extracted features
                       (``data.data_dir`` holds ``train.npz`` and ``test.npz`` in the format of
-                      ``cdc.data.load_feature_split``; devices = the files' ``video_domain`` ids).
+                      ``cdc.feature_benchmark.load_feature_split``; devices = the files'
+                      ``video_domain`` ids).
 
 Shared keys keep the foundation's meaning: ``seed`` (the run's randomness: initialisation, episode
 sampling, random anchors), ``total_steps`` (optimizer updates of the FDA in ``cdc.train``),

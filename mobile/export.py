@@ -135,48 +135,65 @@ def export_run(
   info, d = method.data_info, method.config.diffusion
   res = int(resolution or info.resolution)
   steps = int(num_steps or d.sample_steps)
-  conditional = method.class_conditional
-  b, ch = batch_size, info.channels
-  out_ch = method.diffusion.output_channels(ch)
-  x_s = jax.ShapeDtypeStruct((b, res, res, ch), jnp.float32)
-  i_s = jax.ShapeDtypeStruct((b,), jnp.int32)
+  x_shape = (batch_size, res, res, info.channels)
   os.makedirs(out_dir, exist_ok=True)
-
   artifacts = {}
   for dtype in dtypes:
     if dtype not in DTYPES:
       raise ValueError(f"export: dtype {dtype!r} not in {DTYPES}")
-    den = denoise_fn(method, params, dtype)
-    smp = sampler_fn(method, params, dtype, steps)
-    den_args = (x_s, i_s, i_s) if conditional else (x_s, i_s)
-    smp_args = (x_s, i_s) if conditional else (x_s,)
-    den_inputs = [_spec(x_s.shape, jnp.float32, "x"), _spec(i_s.shape, jnp.int32, "t")]
-    smp_inputs = [_spec(x_s.shape, jnp.float32, "x_T")]
-    if conditional:
-      den_inputs.append(_spec(i_s.shape, jnp.int32, "y"))
-      smp_inputs.append(_spec(i_s.shape, jnp.int32, "y"))
-    for kind, fn, args, inputs, out in (
-      ("denoiser", den, den_args, den_inputs, _spec((b, res, res, out_ch), jnp.float32, "out")),
-      ("sampler", smp, smp_args, smp_inputs, _spec((b, res, res, ch), jnp.float32, "images")),
-    ):
-      exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
-      blob = bytes(exported.serialize())
-      name = f"{kind}_{dtype}"
-      path = os.path.join(out_dir, f"{name}.jaxexport")
-      with fileio.atomic_open(path, "wb") as f:
-        f.write(blob)
-      artifacts[name] = {
-        "file": os.path.basename(path),
-        "bytes": len(blob),
-        "sha256": hashlib.sha256(blob).hexdigest(),
-        "inputs": inputs,
-        "outputs": [out],
-        "weights_dtype": dtype,
-        "compute_dtype": dtype,
-        "platforms": list(platforms),
-      }
-      logging.info("wrote %s (%.2f MB)", path, len(blob) / 1e6)
+    artifacts.update(_export_dtype(method, params, dtype, x_shape, steps, out_dir, platforms))
+  manifest = _manifest(method, params, res, steps, batch_size, artifacts)
+  fileio.write_json(os.path.join(out_dir, "manifest.json"), manifest)
+  return manifest
 
+
+def _export_dtype(method, params, dtype: str, shape, steps: int, out_dir: str, platforms):
+  """Writes ``denoiser_<dtype>`` and ``sampler_<dtype>`` for inputs x of ``shape`` [B, H, W, C];
+  returns their manifest entries by name."""
+  b, res, _, ch = shape
+  conditional = method.class_conditional
+  out_ch = method.diffusion.output_channels(ch)
+  x_s = jax.ShapeDtypeStruct(shape, jnp.float32)
+  i_s = jax.ShapeDtypeStruct((b,), jnp.int32)
+  den = denoise_fn(method, params, dtype)
+  smp = sampler_fn(method, params, dtype, steps)
+  den_args = (x_s, i_s, i_s) if conditional else (x_s, i_s)
+  smp_args = (x_s, i_s) if conditional else (x_s,)
+  den_inputs = [_spec(x_s.shape, jnp.float32, "x"), _spec(i_s.shape, jnp.int32, "t")]
+  smp_inputs = [_spec(x_s.shape, jnp.float32, "x_T")]
+  if conditional:
+    den_inputs.append(_spec(i_s.shape, jnp.int32, "y"))
+    smp_inputs.append(_spec(i_s.shape, jnp.int32, "y"))
+  artifacts = {}
+  for kind, fn, args, inputs, out in (
+    ("denoiser", den, den_args, den_inputs, _spec((b, res, res, out_ch), jnp.float32, "out")),
+    ("sampler", smp, smp_args, smp_inputs, _spec((b, res, res, ch), jnp.float32, "images")),
+  ):
+    exported = jax.export.export(jax.jit(fn), platforms=platforms)(*args)
+    blob = bytes(exported.serialize())
+    name = f"{kind}_{dtype}"
+    path = os.path.join(out_dir, f"{name}.jaxexport")
+    with fileio.atomic_open(path, "wb") as f:
+      f.write(blob)
+    artifacts[name] = {
+      "file": os.path.basename(path),
+      "bytes": len(blob),
+      "sha256": hashlib.sha256(blob).hexdigest(),
+      "inputs": inputs,
+      "outputs": [out],
+      "weights_dtype": dtype,
+      "compute_dtype": dtype,
+      "platforms": list(platforms),
+    }
+    logging.info("wrote %s (%.2f MB)", path, len(blob) / 1e6)
+  return artifacts
+
+
+def _manifest(method, params, res: int, steps: int, batch_size: int, artifacts) -> dict[str, Any]:
+  """What a loader needs besides the artifacts: shapes, the schedule of the exported chain, the
+  architecture and its closed-form counts (TFDiff only)."""
+  info, d = method.data_info, method.config.diffusion
+  conditional = method.class_conditional
   levels = ddim_levels(method, steps)
   abar = method.diffusion.np_alpha_bar_levels()
   manifest: dict[str, Any] = {
@@ -184,8 +201,8 @@ def export_run(
     "model": method.config.model.name,
     "resolution": res,
     "train_resolution": int(info.resolution),
-    "channels": int(ch),
-    "batch_size": int(b),
+    "channels": int(info.channels),
+    "batch_size": int(batch_size),
     "num_classes": int(info.num_classes) if conditional else 0,
     "null_label": int(info.num_classes) if conditional else None,
     "params": int(sum(np.size(a) for a in jax.tree.leaves(params))),
@@ -211,7 +228,6 @@ def export_run(
     manifest["architecture"] = dataclasses.asdict(spec)
     manifest["param_count_formula"] = formulas.param_count(spec)
     manifest["flops_per_call_formula"] = formulas.flops(spec, res)
-  fileio.write_json(os.path.join(out_dir, "manifest.json"), manifest)
   return manifest
 
 

@@ -16,7 +16,7 @@ the spec calls negligible, are included so the count is complete.
 
 from __future__ import annotations
 
-from mobile.model import TFDiffSpec, tokens
+from mobile.spec import TFDiffSpec, tokens
 
 
 def block_params(spec: TFDiffSpec) -> int:

@@ -1,10 +1,10 @@
 """The mobile method: DDPM training and DDIM sampling with the TFDiff network plugged in.
 
 The paper changes the *network*, not the diffusion process, so the method is the DDPM baseline
-with three hooks changed:
+with two hooks changed:
 
 * start-up validation of the network's fields, one line naming the field (``validate``);
-* the optimizer's learning-rate schedule may decay by a cosine (the spec's small-scale recipe);
+* (the spec's cosine learning-rate decay is common's ``optimizer.schedule = "cosine"``);
 * FLOPs per sample are counted on the unrolled stack, because XLA's cost analysis counts the body
   of the scan over the N blocks once.
 """
@@ -12,27 +12,15 @@ with three hooks changed:
 from __future__ import annotations
 
 import ml_collections
-import optax
 
 from common.train.method import DDPM
-from common.train.method import make_optimizer as base_make_optimizer
 from common.train.validate import ConfigError
-from mobile import model as model_lib
-
-LR_SCHEDULES = ("constant", "cosine")
+from mobile import model as model_lib  # registers the tfdiff network
+from mobile import spec as spec_lib
 
 
 def validate(config: ml_collections.ConfigDict, data_info) -> None:
   """The mobile config's own fields; raises ``ConfigError`` naming the field."""
-  schedule = config.optimizer.get("schedule", "constant")
-  if schedule not in LR_SCHEDULES:
-    raise ConfigError("optimizer.schedule", schedule, "allowed: " + ", ".join(LR_SCHEDULES))
-  if schedule == "cosine" and config.optimizer.warmup_steps >= config.total_steps:
-    raise ConfigError(
-      "optimizer.warmup_steps",
-      config.optimizer.warmup_steps,
-      f"must be < total_steps={config.total_steps} for the cosine schedule",
-    )
   if config.model.name != "tfdiff":
     return  # another registered network (e.g. the U-Net baseline): the common checks suffice
   m = config.model
@@ -41,28 +29,12 @@ def validate(config: ml_collections.ConfigDict, data_info) -> None:
   if m.dropout != 0.0:
     raise ConfigError("model.dropout", m.dropout, "TFDiff has no dropout: must be 0.0")
   try:
-    spec = model_lib.spec_from_config(
+    spec = spec_lib.spec_from_config(
       config, in_channels=data_info.channels, num_classes=data_info.num_classes
     )
     spec.validate()
-  except model_lib.SpecError as e:
+  except spec_lib.SpecError as e:
     raise ConfigError(e.field, e.value, e.why) from None
-
-
-def make_optimizer(config: ml_collections.ConfigDict):
-  """Adam(W) as the shared loop builds it, with an optional warm-up + cosine decay to 0."""
-  opt = config.optimizer
-  if opt.get("schedule", "constant") == "constant":
-    return base_make_optimizer(opt)
-  lr = optax.warmup_cosine_decay_schedule(
-    0.0, opt.learning_rate, opt.warmup_steps, config.total_steps, end_value=0.0
-  )
-  if opt.name == "adamw":
-    core = optax.adamw(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay)
-  else:
-    core = optax.adam(lr, b1=opt.b1, b2=opt.b2, eps=opt.eps)
-  parts = [optax.clip_by_global_norm(opt.grad_clip_norm)] if opt.grad_clip_norm > 0 else []
-  return optax.chain(*parts, core), lr
 
 
 class Mobile(DDPM):
@@ -73,9 +45,6 @@ class Mobile(DDPM):
   def __init__(self, config: ml_collections.ConfigDict, data_info):
     validate(config, data_info)
     super().__init__(config, data_info)
-
-  def make_optimizer(self):
-    return make_optimizer(self.config)
 
   def apply(self, params, x, t, y=None, dropout_rng=None, layer_loop=None):
     """``x`` [B, H, W, C], ``t`` [B] int32 -> [B, H, W, C_out]; any H, W divisible by the stride."""
@@ -104,9 +73,9 @@ class Mobile(DDPM):
     guided = self.class_conditional and self.config.diffusion.guidance_scale != 1.0
     return per_call * num_steps * (2 if guided else 1)
 
-  def spec(self) -> model_lib.TFDiffSpec:
+  def spec(self) -> spec_lib.TFDiffSpec:
     """The network's architecture (for ``mobile.formulas``)."""
-    return model_lib.spec_from_config(
+    return spec_lib.spec_from_config(
       self.config, in_channels=self.data_info.channels, num_classes=self.data_info.num_classes
     )
 

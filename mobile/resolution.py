@@ -81,8 +81,8 @@ def main(argv):
   out = f["out"] or os.path.join(f["workdir"], f"samples_{f['resolution']}px.png")
   ncols = None if labels is None else int(np.ceil(f["num_samples"] / method.data_info.num_classes))
   images.save_grid(out, samples, ncols=ncols, row_labels=row_names)
-  with fileio.atomic_open(os.path.splitext(out)[0] + ".npy", "wb") as f:
-    np.save(f, samples)
+  with fileio.atomic_open(os.path.splitext(out)[0] + ".npy", "wb") as handle:
+    np.save(handle, samples)
   print(f"{out}: {f['num_samples']} samples at {f['resolution']}px, checkpoint {step}")
 
 

@@ -46,9 +46,27 @@ def make_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
   )
 
 
-def make_optimizer(opt: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-  """Adam(W) with linear warm-up and optional global-norm clipping; returns (tx, lr schedule)."""
-  if opt.warmup_steps > 0:
+def make_optimizer(
+  opt: ml_collections.ConfigDict, total_steps: int | None = None
+) -> tuple[optax.GradientTransformation, Any]:
+  """Adam(W) with optional global-norm clipping; returns (tx, lr schedule).
+
+  ``opt.schedule`` (absent: "constant"): "constant" is a linear warm-up over ``warmup_steps``
+  then ``learning_rate``; "cosine" is the warm-up then a cosine decay to 0 at ``total_steps``
+  (U-ViT's recipe, which mobile's presets use).
+  """
+  schedule = opt.get("schedule", "constant")
+  if schedule == "cosine":
+    if not total_steps:
+      raise ValueError("optimizer.schedule='cosine' needs the run's total_steps")
+    lr = optax.warmup_cosine_decay_schedule(
+      0.0, opt.learning_rate, opt.warmup_steps, total_steps, end_value=0.0
+    )
+  elif schedule != "constant":
+    raise ValueError(
+      f"optimizer.schedule={schedule!r} is not a known schedule; allowed: constant, cosine"
+    )
+  elif opt.warmup_steps > 0:
     lr = optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps)
   else:
     lr = optax.constant_schedule(opt.learning_rate)
@@ -128,7 +146,7 @@ class Method:
     return int(self.config.batch_size)
 
   def make_optimizer(self) -> tuple[optax.GradientTransformation, Any]:
-    return make_optimizer(self.config.optimizer)
+    return make_optimizer(self.config.optimizer, self.config.total_steps)
 
   def state_shardings(self, mesh, abstract_state) -> Any:
     """Shardings of the train state (``abstract_state``: ShapeDtypeStructs): the FSDP rule.

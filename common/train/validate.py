@@ -20,6 +20,7 @@ LOSSES = ("simple", "hybrid")
 SAMPLERS = ("ddpm", "ddim")
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine")  # common.train.method.make_optimizer
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,12 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   require(config, "optimizer.warmup_steps", integer(0), "must be an integer >= 0")
   require(config, "optimizer.grad_clip_norm", lambda v: v >= 0, "must be >= 0 (0 disables it)")
   require(config, "optimizer.weight_decay", lambda v: v >= 0, "must be >= 0")
+  if "schedule" in config.optimizer:  # absent in configs saved before it was a common field
+    if require_choice(config, "optimizer.schedule", LR_SCHEDULES) == "cosine":
+      require(
+        config, "optimizer.warmup_steps", lambda v: v < config.total_steps,
+        f"must be < total_steps={config.total_steps} for the cosine schedule",
+      )  # fmt: skip
   return mesh_shape
 
 

@@ -1,10 +1,11 @@
-"""Tests for cdc.data: moving shapes (devices, held-out split, determinism, answers) and the
-real-benchmark feature loader."""
+"""Tests for cdc.moving_shapes (devices, held-out split, determinism, answers) and
+cdc.feature_benchmark (the real-benchmark feature loader)."""
 
 import numpy as np
 import pytest
 
-from cdc import data
+from cdc import data, feature_benchmark, moving_shapes
+from common.data import shapes
 
 SMALL = dict(
   num_devices=20,
@@ -20,7 +21,7 @@ SMALL = dict(
 
 
 def _ds(**kw):
-  return data.MovingShapes(**{**SMALL, **kw})
+  return moving_shapes.MovingShapes(**{**SMALL, **kw})
 
 
 # ----------------------------------------------------------------------------- held-out devices
@@ -58,14 +59,14 @@ def test_domain_shapes_ranges_and_determinism():
   a = ds.domain(dev, "test")
   assert a.frames.shape == (6, 4, 8, 8, 3) and a.frames.dtype == np.float32
   assert a.frames.min() >= -1.0 and a.frames.max() <= 1.0
-  assert a.questions.shape == (6, data.QUESTION_LEN) and a.captions.shape == (6, 11)
+  assert a.questions.shape == (6, moving_shapes.QUESTION_LEN) and a.captions.shape == (6, 11)
   np.testing.assert_array_equal(a.question_video, np.arange(6))
   # Video i depends only on (dataset seed, device, split, i): alone, in a prefix, in a new object.
   b = _ds().domain(dev, "test", num_videos=3)
   np.testing.assert_array_equal(a.frames[:3], b.frames)
   np.testing.assert_array_equal(a.answers[:3], b.answers)
   alone = ds.render(ds.shift(dev), ds.sample_videos(dev, "test", [4]))
-  np.testing.assert_array_equal(data.shapes.to_float(alone)[0], a.frames[4])
+  np.testing.assert_array_equal(shapes.to_float(alone)[0], a.frames[4])
   # Different splits and devices give different videos.
   assert not np.array_equal(ds.domain(dev, "pool", 3).frames, b.frames)
   assert not np.array_equal(ds.domain(int(ds.heldout_devices[1]), "test", 3).frames, b.frames)
@@ -84,18 +85,18 @@ def test_answers_match_the_video_content():
     objs = vid["objects"]
     assert len({o["shape"] for o in objs}) == len(objs)  # distinct shapes: questions are unique
     assert len({o["colour"] for o in objs}) == len(objs)
-    qtype = data.QUESTION_TYPES[vid["qtype"]]
+    qtype = moving_shapes.QUESTION_TYPES[vid["qtype"]]
     seen.add(qtype)
     if qtype == "count":
-      assert answer == data.COUNT_WORDS[len(objs) - 1]
+      assert answer == moving_shapes.COUNT_WORDS[len(objs) - 1]
     elif qtype == "colour":
       (o,) = [o for o in objs if ds.shape_names[o["shape"]] == words[-1]]
-      assert answer == data.COLOURS[o["colour"]]
+      assert answer == moving_shapes.COLOURS[o["colour"]]
     elif qtype == "direction":
       (o,) = [o for o in objs if ds.shape_names[o["shape"]] == words[-2]]
-      assert answer == data.DIRECTIONS[o["direction"]]
+      assert answer == moving_shapes.DIRECTIONS[o["direction"]]
     else:
-      (o,) = [o for o in objs if data.COLOURS[o["colour"]] == words[-1]]
+      (o,) = [o for o in objs if moving_shapes.COLOURS[o["colour"]] == words[-1]]
       assert answer == ds.shape_names[o["shape"]]
   assert len(seen) >= 3
 
@@ -104,7 +105,7 @@ def test_objects_move_in_their_direction_and_stay_in_frame():
   ds = _ds(resolution=16, num_frames=8)
   for vid in ds.sample_videos(5, "train", range(30)):
     for o in vid["objects"]:
-      d = data.DIRECTIONS[o["direction"]]
+      d = moving_shapes.DIRECTIONS[o["direction"]]
       sign = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "static": (0, 0)}[d]
       assert np.sign(o["dx"]) == sign[0] and np.sign(o["dy"]) == sign[1]
       for t in (0, 7):
@@ -164,7 +165,7 @@ def _write_split(path, rng, v=12, t=5, dv=6, dq=4, domains=(0, 1, 2), qa=True, r
 def test_feature_split_loads_and_remaps_domains(tmp_path):
   rng = np.random.default_rng(0)
   arrays = _write_split(tmp_path / "train.npz", rng)
-  split = data.load_feature_split(tmp_path / "train.npz")
+  split = feature_benchmark.load_feature_split(tmp_path / "train.npz")
   assert split.frame_features.dtype == np.float32 and split.answer_vocab == tuple("abcde")
   np.testing.assert_array_equal(split.domains, [0, 1, 2])
   dom = split.domain(1)
@@ -187,7 +188,9 @@ def test_feature_benchmark_devices_and_qa_only_files(tmp_path):
   domains = tuple(range(6))
   _write_split(tmp_path / "train.npz", rng, v=24, domains=domains, ret=False)
   _write_split(tmp_path / "test.npz", rng, v=12, domains=domains, ret=False)
-  bench = data.FeatureBenchmark(str(tmp_path), num_heldout=2, split_seed=0, source_domains=(5,))
+  bench = feature_benchmark.FeatureBenchmark(
+    str(tmp_path), num_heldout=2, split_seed=0, source_domains=(5,)
+  )
   assert len(bench.heldout_devices) == 2 and len(bench.meta_train_devices) == 3
   assert 5 not in bench.heldout_devices and 5 not in bench.meta_train_devices
   with pytest.raises(ValueError, match="held out"):
@@ -216,6 +219,6 @@ def test_feature_split_errors_name_the_key(tmp_path, drop, edit, match):
   arrays.update(edit)
   np.savez(tmp_path / "x.npz", **arrays)
   with pytest.raises(ValueError, match=match):
-    data.load_feature_split(tmp_path / "x.npz")
+    feature_benchmark.load_feature_split(tmp_path / "x.npz")
   with pytest.raises(FileNotFoundError):
-    data.load_feature_split(tmp_path / "missing.npz")
+    feature_benchmark.load_feature_split(tmp_path / "missing.npz")

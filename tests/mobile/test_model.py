@@ -15,7 +15,9 @@ from flax import nnx
 from common.metrics.flops import count_flops
 from common.models import count_params
 from mobile import formulas
-from mobile.model import SpecError, TFDiff, TFDiffSpec, depthwise3x3
+from mobile.layers import depthwise3x3
+from mobile.model import TFDiff
+from mobile.spec import SpecError, TFDiffSpec
 
 
 def spec(**kw) -> TFDiffSpec:
