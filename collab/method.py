@@ -146,16 +146,15 @@ class CollaFuse(DDPM):
     return self._splits[split]
 
   def train_iterator(self, *, process_index: int, process_count: int):
-    """This process's slice of every client's batch, client-major: [K * B / P, ...].
-
-    Across P processes the global batch is therefore process-major, [P, K, B / P]; the train
-    step puts it back client-major (``_client_major``).
-    """
-    if self.config.batch_size % process_count:
+    """This process's rows of the client-major global batch ``[K * B, ...]``: with P processes
+    dividing K, process ``i`` reads clients ``i K/P .. (i+1) K/P - 1`` only, each from its own
+    partition (``data.party_train_iterator``)."""
+    if (self.num_clients * self.config.batch_size) % process_count:
       raise ConfigError(
         "batch_size",
         self.config.batch_size,
-        f"the per-client batch must split evenly over {process_count} processes",
+        f"the {self.num_clients} clients' batches must split evenly over {process_count} "
+        "processes",
       )
     return data.party_train_iterator(
       self.config.data,
@@ -169,10 +168,9 @@ class CollaFuse(DDPM):
   def images_per_step(self) -> int:
     return self.num_clients * int(self.config.batch_size)
 
-  def _client_major(self, x: jax.Array, process_count: int) -> jax.Array:
-    """A global batch [P * K * b, ...] assembled from per-process slices -> [K, P * b, ...]."""
-    x = x.reshape(process_count, self.num_clients, -1, *x.shape[1:])
-    return jnp.swapaxes(x, 0, 1).reshape(self.num_clients, -1, *x.shape[3:])
+  def _client_major(self, x: jax.Array) -> jax.Array:
+    """The global batch [K * B, ...] (client-major at any process count) -> [K, B, ...]."""
+    return x.reshape(self.num_clients, -1, *x.shape[1:])
 
   # --- networks and optimizer: the clients are one stacked tree ---------------------------------
   def init_params(self, rng):
@@ -224,7 +222,6 @@ class CollaFuse(DDPM):
     k_clients, t_cut, noising = self.num_clients, self.t_cut, self.noising
     share = bool(self.config.share_labels) and self.class_conditional
     client_loop = self.config.client_loop
-    n_processes = jax.process_count()
     client_axis = self.client_axis()
     client_mesh = self.mesh if client_axis else None
 
@@ -274,8 +271,8 @@ class CollaFuse(DDPM):
     def train_step(state, batch):
       rng = jax.random.fold_in(state.rng, state.step)
       rng_c, rng_s = jax.random.split(rng)
-      x0 = self._client_major(batch["image"], n_processes)
-      labels = self._client_major(batch["label"], n_processes)
+      x0 = self._client_major(batch["image"])
+      labels = self._client_major(batch["label"])
       params, opt = state.params, state.opt_state
 
       # Clients: K independent steps at once.

@@ -84,9 +84,10 @@ def load_params(workdir: str, *, use_ema: bool = True, step: int = -1):
   from common.train import loop
 
   config = loop.load_config(workdir)
-  # Evaluation runs on one device whatever mesh the run trained on.
+  # Evaluation runs on one device whatever mesh (and process count) the run trained on; this
+  # process's own, so that each process of a multi-process job can load a run by itself.
   config.mesh.data, config.mesh.fsdp, config.mesh.model = 1, 1, 1
-  devices = jax.devices()[:1]
+  devices = jax.local_devices()[:1]
   mesh, method = loop.setup(config, devices=devices)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   try:

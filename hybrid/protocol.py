@@ -243,16 +243,6 @@ def decode_array(header: dict[str, Any], payload: bytes, shape: tuple[int, ...])
   return x
 
 
-def get_int(header: dict[str, Any], name: str, lo: int, hi: int) -> int:
-  """An integer field in [lo, hi) (bools are not integers here)."""
-  v = header.get(name)
-  if not isinstance(v, int) or isinstance(v, bool):
-    raise RequestError(BAD_FIELD, f"field {name!r} must be an integer, got {show(v)}")
-  if not lo <= v < hi:
-    raise RequestError(BAD_FIELD, f"field {name!r} must lie in [{lo}, {hi}), got {v}")
-  return v
-
-
 def get_float(header: dict[str, Any], name: str, lo: float, hi: float) -> float:
   """A finite number in [lo, hi]."""
   v = header.get(name)

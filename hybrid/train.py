@@ -81,8 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     "must be empty or a run holding config.json (common.train, collab)",
   )
   if not config.hybrid.cluster_workdir:
-    loop.setup(cluster_config(config), devices=jax.devices()[:1])
-  loop.setup(personal_config(config, "", -1), devices=jax.devices()[:1])
+    loop.setup(cluster_config(config))
+  loop.setup(personal_config(config, "", -1))
 
 
 def _same(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
@@ -148,7 +148,8 @@ def write_personal_start(config, workdir: str, cluster_params) -> None:
   try:
     if ckpt.latest_step() is not None:
       return
-    mesh, method = loop.setup(config, devices=jax.devices()[:1])
+    # Every process builds and saves its shards (orbax's save is collective), on the run's mesh.
+    mesh, method = loop.setup(config)
     fns = loop.build(config, method, mesh)
     abstract = fns["abstract_state"]
     users = jax.tree.map(
@@ -156,20 +157,22 @@ def write_personal_start(config, workdir: str, cluster_params) -> None:
       cluster_params,
     )
     params = {"cluster": jax.tree.map(np.asarray, cluster_params), "users": users}
-    shard = fns["state_shardings"].params
-    params = jax.tree.map(lambda a, s: jax.device_put(a, s), params, shard)
     # Same tree and shapes as the loop's own init: its restore checks this.
     jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params, abstract.params)
     # The loop's own init would compile a random init of U + 1 networks only to overwrite it.
+    # Built on the host, identical in every process, then placed with the run's shardings.
     rng = jax.random.PRNGKey(int(config.seed))
     state = loop.TrainState(
-      step=jax.numpy.zeros((), jax.numpy.int32),
+      step=np.zeros((), np.int32),
       params=params,
       ema_params=jax.tree.map(lambda a: a.copy(), params),
-      opt_state=method.init_opt_state(method.make_optimizer()[0], params),
-      rng=jax.random.fold_in(rng, 1),
+      opt_state=jax.tree.map(np.asarray, method.init_opt_state(method.make_optimizer()[0], params)),
+      rng=np.asarray(jax.random.fold_in(rng, 1)),
     )
-    data_iter = method.train_iterator(process_index=0, process_count=1)
+    state = jax.device_put(state, fns["state_shardings"])
+    data_iter = method.train_iterator(
+      process_index=jax.process_index(), process_count=jax.process_count()
+    )
     ckpt.save(0, state, data_iter, config.to_json_best_effort(sort_keys=True, indent=2), force=True)
   finally:
     ckpt.close()
@@ -188,7 +191,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c1 = cluster_config(config)
     cluster_dir = os.path.join(workdir, CLUSTER_DIR)
     logging.info("stage 1: cluster-wide model, %d steps in %s", c1.total_steps, cluster_dir)
-    loop.train(c1, cluster_dir, method=hmethod.ClusterDDPM(c1, info), devices=jax.devices()[:1])
+    loop.train(c1, cluster_dir, method=hmethod.ClusterDDPM(c1, info))
   cluster_params, source, step = load_cluster(config, workdir)
   logging.info("cluster-wide model: %s step %d", source, step)
 
@@ -200,7 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c2.total_steps,
     workdir,
   )
-  loop.train(c2, workdir, devices=jax.devices()[:1])
+  loop.train(c2, workdir)
   summary = {
     "cluster": {"source": source, "step": step, "examples": len(hdata.cluster_indices(config))},
     "users": [

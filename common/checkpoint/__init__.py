@@ -2,7 +2,9 @@
 
 A checkpoint at step N holds the train state *after* N updates, the data iterator's state (so a
 resumed run reads exactly the batches an uninterrupted one would) and the resolved config, as three
-items of one orbax step directory. Saves are asynchronous and atomic: a process killed mid-save
+items of one orbax step directory. The data position is the number of global batches consumed, the
+same on every process, so a step written by P processes resumes with any other count (the state is
+re-sharded onto the new mesh by orbax). Saves are asynchronous and atomic: a process killed mid-save
 leaves a temporary directory that orbax ignores, and the previous checkpoint stays restorable.
 Each finished step is sealed with a manifest of its bytes and verified at restore
 (``integrity.py``); errors here are ``CheckpointError``s, which the binaries print as one line.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -21,7 +24,6 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -320,13 +322,23 @@ class Checkpointer:
       ) from e
     check_compatible(saved_state, abstract_state, where)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      _check_process_count(where)
+    # The data position is global batches consumed, the same in every process's file, so a
+    # checkpoint resumes with another process count by reading it from the files written.
+    positions = _data_positions(where) if data_iterator is not None else {}
+    same_count = positions.get("count") == jax.process_count()
+    if data_iterator is not None and same_count:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       state = self._manager.restore(step, args=ocp.args.Composite(**items))["state"]
     except Exception as e:
       raise CheckpointDamagedError(f"checkpoint {where}: unreadable ({_first_line(e)})") from e
+    if data_iterator is not None and not same_count:
+      _set_position(data_iterator, positions["state"])
+      logging.info(
+        "checkpoint %d was written by %s processes; this launch has %d: each reads its block of "
+        "the same global batches from position %s",
+        step, positions["count"], jax.process_count(), positions["state"],
+      )  # fmt: skip
     bad = integrity.nonfinite_leaves(state)
     if bad:
       raise CheckpointDamagedError(
@@ -386,13 +398,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices("segdiff_checkpoint_quarantine")
     self._manager.reload()
 
-  def restore_config(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
-
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
@@ -409,29 +414,45 @@ class Checkpointer:
       self._previous_handler = None
 
 
-def _check_process_count(step_dir: str) -> None:
-  """The data item holds one iterator position per process (``process_<i>-of-<n>.json``); a
-  launch with another process count cannot take them over (issue 20: not supported yet)."""
-  import re
+def _data_positions(step_dir: str) -> dict:
+  """``{"count": processes that wrote the step's data item, "state": their common position}``.
 
-  names = os.listdir(os.path.join(step_dir, "data")) if os.path.isdir(step_dir + "/data") else []
-  counts = {int(m.group(1)) for n in names if (m := re.match(r"process_\d+-of-(\d+)\.json$", n))}
-  if counts and counts != {jax.process_count()}:
-    raise CheckpointMismatchError(
-      f"checkpoint {step_dir} was written by {max(counts)} processes and this launch has "
-      f"{jax.process_count()}: resume it with {max(counts)} processes (the data iterators' "
-      "positions are per process)"
+  Raises:
+    CheckpointDamagedError: the data item is missing, unreadable, or its files disagree.
+  """
+  folder = os.path.join(step_dir, "data")
+  files = {}
+  for name in os.listdir(folder) if os.path.isdir(folder) else []:
+    if (m := re.fullmatch(r"process_(\d+)-of-(\d+)\.json", name)) is not None:
+      with open(os.path.join(folder, name)) as f:
+        files[(int(m.group(1)), int(m.group(2)))] = f.read()
+  counts = {n for _, n in files}
+  if not files or len(counts) != 1 or len(files) != max(counts):
+    raise CheckpointDamagedError(
+      f"checkpoint {step_dir}: the data positions are incomplete ({sorted(files)})"
     )
+  try:
+    states = {json.dumps(json.loads(text), sort_keys=True) for text in files.values()}
+  except ValueError as e:
+    raise CheckpointDamagedError(f"checkpoint {step_dir}: unreadable data position ({e})") from e
+  if len(states) != 1:
+    raise CheckpointDamagedError(
+      f"checkpoint {step_dir}: the processes saved different data positions {sorted(states)}"
+    )
+  return {"count": counts.pop(), "state": json.loads(states.pop())}
+
+
+def _set_position(data_iterator: Any, position: dict) -> None:
+  # grain's own iterators take the parsed dict; others (StackedIterator) take the JSON bytes, as
+  # grain's checkpoint handler gives them.
+  if isinstance(data_iterator, grain.DatasetIterator):
+    data_iterator.set_state(position)
+  else:
+    data_iterator.set_state(json.dumps(position).encode())
+  if hasattr(data_iterator, "start_prefetch"):
+    data_iterator.start_prefetch()
 
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().splitlines()
   return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
-
-
-def abstract_like(tree: Any) -> Any:
-  """``jax.ShapeDtypeStruct`` tree with the shardings of ``tree``'s arrays."""
-  return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
-    tree,
-  )

@@ -16,6 +16,7 @@ from common.data.pipeline import (
   load_split,
   make_eval_iterator,
   make_train_iterator,
+  process_rows,
   train_index_dataset,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
   "make_train_iterator",
   "partition_indices",
   "party_train_iterator",
+  "process_rows",
   "train_index_dataset",
 ]

@@ -6,10 +6,15 @@ Every dataset yields ``{'image': float32 [H, W, C] in [-1, 1], 'label': int32 []
 
 The training pipeline is a grain ``MapDataset`` over example *indices*::
 
-  source(indices)[process_index::process_count].shuffle(s).repeat().batch(b).map(gather)
+  source(indices).shuffle(s).repeat().batch(B)[process's rows].map(gather)
 
-Everything before ``map`` is pure index arithmetic, so an element is a function of its position
-alone and grain's iterator state is one integer (``{'next_index': n}`` = batches consumed).
+Every process walks the same sequence of *global* batches of indices and reads only its own rows
+of each (``process_rows``: process ``i`` of ``P`` holds rows ``[i B/P, (i+1) B/P)``, the rows its
+devices hold under the batch sharding). Everything before ``map`` is pure index arithmetic, so an
+element is a function of its position alone and grain's iterator state is one integer
+(``{'next_index': n}`` = global batches consumed), the same on every process: the global batch
+at step ``n`` does not depend on the process count, and a checkpoint written by any number of
+processes resumes with any other.
 ``gather`` reads a whole batch at once (a numpy take for in-memory datasets, one batched
 ArrayRecord read for prepared datasets) and converts it to float32.
 """
@@ -271,6 +276,23 @@ def _check_process(process_index: int, process_count: int) -> None:
     )
 
 
+def process_rows(global_batch_size: int, process_index: int = 0, process_count: int = 1) -> range:
+  """The rows of every global batch that process ``process_index`` reads: its contiguous block
+  ``[i B/P, (i+1) B/P)`` (what ``parallel.global_batch`` checks its devices hold).
+
+  Raises:
+    ValueError: ``global_batch_size`` is not a positive multiple of ``process_count``.
+  """
+  _check_process(process_index, process_count)
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise ValueError(
+      f"global_batch_size={global_batch_size} must be a positive multiple of "
+      f"process_count={process_count}"
+    )
+  per = global_batch_size // process_count
+  return range(process_index * per, (process_index + 1) * per)
+
+
 def train_index_dataset(
   num_examples: int,
   *,
@@ -279,20 +301,25 @@ def train_index_dataset(
   process_index: int = 0,
   process_count: int = 1,
   indices: np.ndarray | None = None,
+  rows: range | None = None,
 ) -> grain.MapDataset:
-  """The index part of the training pipeline: an infinite MapDataset of int64 [batch_size].
+  """The index part of the training pipeline: an infinite MapDataset of int64 [len(rows)].
 
-  Element ``k`` is the ``k``-th batch of dataset indices this process trains on.
+  Element ``k`` is this process's rows of the ``k``-th global batch (``batch_size`` dataset
+  indices): ``rows`` if given, else ``process_rows(batch_size, process_index, process_count)``.
   """
-  _check_process(process_index, process_count)
+  rows = process_rows(batch_size, process_index, process_count) if rows is None else rows
+  if rows.step != 1 or not 0 <= rows.start <= rows.stop <= batch_size:
+    raise ValueError(f"rows={rows} must be a contiguous part of range({batch_size})")
   idx = _base_indices(num_examples, indices)
-  ds = grain.MapDataset.source(idx)[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(
-      f"process {process_index} of {process_count} gets no examples "
-      f"(the dataset or the indices subset has {len(idx)})"
-    )
-  return ds.shuffle(_shuffle_seed(seed)).repeat().batch(batch_size, drop_remainder=True)
+  if len(idx) == 0:
+    raise ValueError("the dataset or the indices subset has no examples")
+  ds = grain.MapDataset.source(idx).shuffle(_shuffle_seed(seed)).repeat()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if len(rows) == batch_size:
+    return ds
+  lo, hi = rows.start, rows.stop
+  return ds.map(lambda batch: batch[lo:hi])
 
 
 def make_train_iterator(
@@ -305,34 +332,31 @@ def make_train_iterator(
   indices: np.ndarray | None = None,
   split: str = "train",
   read_options: grain.ReadOptions | None = None,
+  rows: range | None = None,
 ) -> grain.DatasetIterator:
-  """An infinite, shuffled, checkpointable iterator of per-process batches.
+  """An infinite, shuffled, checkpointable iterator of this process's rows of each global batch.
 
-  Each process reads the disjoint slice ``examples[process_index::process_count]`` of the
-  dataset (of ``indices`` if given, e.g. a client's partition), shuffles it with ``seed``
-  (reshuffled every epoch) and batches it to ``global_batch_size // process_count``, dropping
-  no data: batches run across epoch boundaries.
+  The global batches are ``global_batch_size`` examples of the dataset (of ``indices`` if given,
+  e.g. a client's partition), shuffled with ``seed`` (reshuffled every epoch), running across
+  epoch boundaries so that no data is dropped; this process reads its block of rows of each
+  (``process_rows``, or ``rows``), so the global batch is the same for any process count.
 
   Returns:
     A ``grain.DatasetIterator`` whose elements are dicts of numpy arrays
     ``{'image': float32 [b, H, W, C] in [-1, 1], 'label': int32 [b]}`` (+ ``'attributes'``
-    int32 [b, 4] for shapes). ``get_state()`` returns the JSON-serialisable
-    ``{'next_index': batches_consumed}``; ``set_state`` on an iterator built with the same
-    arguments resumes exactly.
+    int32 [b, 4] for shapes), ``b = len(rows)``. ``get_state()`` returns the JSON-serialisable
+    ``{'next_index': global_batches_consumed}``; ``set_state`` on an iterator built with the same
+    dataset, batch size and seed (any process count) resumes exactly.
   """
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
-      f"global_batch_size={global_batch_size} must be a positive multiple of "
-      f"process_count={process_count}"
-    )
   gather = _gatherer(data_config, split)
   ds = train_index_dataset(
     len(gather),
-    batch_size=global_batch_size // process_count,
+    batch_size=global_batch_size,
     seed=seed,
     process_index=process_index,
     process_count=process_count,
     indices=indices,
+    rows=rows,
   ).map(gather)
   options = read_options or _default_read_options(_name(data_config))
   return iter(ds.to_iter_dataset(options))

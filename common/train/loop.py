@@ -148,11 +148,25 @@ def _vouch_for_checkpoints(host_metrics, ckpt, provisional: list[int], recent) -
     raise NonFiniteLossError(f"{why} at step {done}; stopping without saving, {gone}{where}")
 
 
-def save_samples(method: Method, params, config, path: str, seed_offset: int) -> str:
-  """Draws the method's sample grid with ``params`` (EMA by convention) and writes it to ``path``."""
+def save_samples(
+  method: Method, params, config, path: str, seed_offset: int, *, write: bool = True
+) -> str:
+  """Draws the method's sample grid with ``params`` (EMA by convention) and writes it to ``path``
+  when ``write``.
+
+  With several processes every process must call this: the sampler is one program over the
+  run's devices, and a method's sampler may hold collectives (collab's sharded clients), which
+  would wait forever for processes that skipped it. Only the one told to ``write`` does.
+  """
   rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 10_000 + seed_offset)
   samples, ncols, row_names = method.sample_grid(params, rng, config.num_sample_images)
-  return images.save_grid(path, samples, ncols=ncols, row_labels=row_names)
+  if isinstance(samples, jax.Array) and not samples.is_fully_addressable:
+    from jax.experimental import multihost_utils
+
+    samples = multihost_utils.process_allgather(samples, tiled=True)
+  if write:
+    images.save_grid(path, np.asarray(samples), ncols=ncols, row_labels=row_names)
+  return path
 
 
 def train(
@@ -182,6 +196,10 @@ def train(
 
   # --- Model, optimizer and shardings. -------------------------------------------------------
   fns = build(config, method, mesh)
+  try:
+    parallel.check_process_rows(fns["batch_sharding"], method.images_per_step())
+  except ValueError as e:
+    raise validate_lib.ConfigError("mesh", dict(mesh.shape), str(e)) from None
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(fns["abstract_state"].params))
   logging.info("parameters: %s", f"{n_params:,}")
 
@@ -262,10 +280,11 @@ def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, c
       if ckpt.save(done, state, data_iter, config_json, force=True, provisional=not final):
         provisional.extend([] if final else [done])
     sample_every = config.sample_every_steps
-    if is_main and ((sample_every and done % sample_every == 0) or is_last):
+    if (sample_every and done % sample_every == 0) or is_last:
       path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
-      save_samples(method, state.ema_params, config, path, done)
-      logging.info("sample grid (EMA weights): %s", path)
+      save_samples(method, state.ema_params, config, path, done, write=is_main)
+      if is_main:
+        logging.info("sample grid (EMA weights): %s", path)
     if stop:
       logging.warning("preempted: saved step %d, stopping cleanly", done)
       break

@@ -42,23 +42,43 @@ def test_cut_image_mse_matches_the_analytic_formula():
   assert disclosure.cut_mse_analytic(m.diffusion, 0, x0) == 0.0
 
 
-def test_multi_process_batches_are_reassembled_client_major():
-  config = tiny(batch_size=8)
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_read_their_clients_rows_of_one_client_major_batch(processes):
+  config = tiny(batch_size=6, num_clients=4, classes_per_client=2)
   m = collab_method.CollaFuse(config, data.get_info(config.data))
-  # Two processes each read half of every client's batch; the global array is process-major.
-  halves = [next(m.train_iterator(process_index=p, process_count=2))["label"] for p in range(2)]
-  assert all(h.shape == (config.num_clients * 4,) for h in halves)
-  global_labels = np.concatenate(halves)
-  per_client = np.asarray(m._client_major(jax.numpy.asarray(global_labels), 2))
-  assert per_client.shape == (config.num_clients, 8)
+  one = m.train_iterator(process_index=0, process_count=1)
+  whole = [next(one) for _ in range(3)]
+  iters = [m.train_iterator(process_index=p, process_count=processes) for p in range(processes)]
+  parts = [[next(it) for _ in range(3)] for it in iters]
   train_labels = data.load_labels(config.data, "train")
-  for k in range(config.num_clients):
-    own = set(train_labels[m.client_indices("train")[k]].tolist())
-    assert set(per_client[k].tolist()) <= own  # client k's row holds only client k's data
-    np.testing.assert_array_equal(per_client[k, :4], halves[0].reshape(2, 4)[k])
-    np.testing.assert_array_equal(per_client[k, 4:], halves[1].reshape(2, 4)[k])
+  for step in range(3):
+    # The processes' blocks, stacked, are the one-process global batch, at every step.
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(
+        np.concatenate([p[step][key] for p in parts]), whole[step][key]
+      )
+    per_client = np.asarray(m._client_major(jax.numpy.asarray(whole[step]["label"])))
+    assert per_client.shape == (4, 6)
+    for k in range(4):  # client k's row holds only client k's data
+      assert set(per_client[k].tolist()) <= set(train_labels[m.client_indices("train")[k]])
+  # P divides K: each process reads only its own clients' partitions.
+  for p, it_parts in enumerate(parts):
+    own = np.concatenate([m.client_indices("train")[k] for k in range(4) if k * processes // 4 == p])
+    assert set(it_parts[0]["label"].tolist()) <= set(train_labels[own].tolist())
+  # The position is global: a state saved by one process count resumes another.
+  state = iters[-1].get_state()
+  fresh = m.train_iterator(process_index=0, process_count=1)
+  fresh.set_state(state)
+  np.testing.assert_array_equal(next(fresh)["image"], next(_skip(m, 3))["image"])
   with pytest.raises(Exception, match="batch_size"):
-    m.train_iterator(process_index=0, process_count=3)
+    m.train_iterator(process_index=0, process_count=5)
+
+
+def _skip(m, n):
+  it = m.train_iterator(process_index=0, process_count=1)
+  for _ in range(n):
+    next(it)
+  return it
 
 
 def test_diagnostics_and_client_compute():

@@ -188,18 +188,27 @@ def test_iterator_epochs_are_permutations_reshuffled_each_epoch():
   assert not np.array_equal(e1, np.concatenate([other[k] for k in range(3)]))
 
 
-def test_iterator_processes_disjoint_and_indices_restrict():
+def test_processes_read_their_block_of_one_global_batch_and_resume_at_any_count():
   n = 1497
-  seen = []
-  for p in range(2):
-    ds = data.train_index_dataset(n, batch_size=16, seed=3, process_index=p, process_count=2)
-    seen.append(set(np.concatenate([ds[k] for k in range(200)]).tolist()))
-  assert not seen[0] & seen[1]
-  assert seen[0] | seen[1] == set(range(n))
+  whole = data.train_index_dataset(n, batch_size=16, seed=3)
+  for count in (2, 4):
+    parts = [
+      data.train_index_dataset(n, batch_size=16, seed=3, process_index=p, process_count=count)
+      for p in range(count)
+    ]
+    for k in (0, 1, 93, 94):  # 93 -> 94 crosses an epoch (1497 // 16 = 93 batches)
+      assert all(len(ds[k]) == 16 // count for ds in parts)
+      np.testing.assert_array_equal(np.concatenate([ds[k] for ds in parts]), whole[k])
   it = data.make_train_iterator(
     DIGITS16, global_batch_size=32, seed=3, process_index=1, process_count=2
   )
   assert next(it)["image"].shape[0] == 16
+  # The position is global batches consumed: process 1 of 2's state resumes one process.
+  next(it)
+  one = data.make_train_iterator(DIGITS16, global_batch_size=32, seed=3)
+  one.set_state(it.get_state())
+  expected = _take(data.make_train_iterator(DIGITS16, global_batch_size=32, seed=3), 3)[2]
+  np.testing.assert_array_equal(next(one)["image"], expected["image"])
   with pytest.raises(ValueError, match="multiple of process_count"):
     data.make_train_iterator(DIGITS16, global_batch_size=33, seed=3, process_count=2)
 
