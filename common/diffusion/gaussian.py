@@ -299,48 +299,6 @@ class GaussianDiffusion:
       + self._take(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
     )
 
-  def renoise_levels(
-    self, x_j: jax.Array, j: jax.Array, k: jax.Array, noise: jax.Array
-  ) -> jax.Array:
-    """Exact forward marginal from level j to a later level k >= j: q(x_k | x_j).
-
-    x_k = sqrt(abar(k) / abar(j)) x_j + sqrt(1 - abar(k) / abar(j)) noise. Level j = 0 makes this
-    ``q_sample`` at level k; k == j returns x_j. k < j is not checked (it cannot be, under jit)
-    and gives NaNs.
-
-    Args:
-      x_j: [B, H, W, C] float32 latent at level j.
-      j: [B] int32 levels in {0..T}.
-      k: [B] int32 levels in {j..T}.
-      noise: [B, H, W, C] float32 standard normal.
-
-    Returns:
-      x_k: [B, H, W, C] float32.
-    """
-    _check_batch(x_j, j)
-    chex.assert_shape(k, j.shape)
-    chex.assert_equal_shape([x_j, noise])
-    # Ratio via logs and expm1: 1 - abar(k)/abar(j) for nearby levels is tiny and would be
-    # swamped by float32 rounding if formed as a difference of two near-equal numbers.
-    log_ratio = self._take(self.log_alpha_bar_levels, k, x_j) - self._take(
-      self.log_alpha_bar_levels, j, x_j
-    )
-    return jnp.exp(0.5 * log_ratio) * x_j + jnp.sqrt(-jnp.expm1(log_ratio)) * noise
-
-  def renoise(self, x_s: jax.Array, s: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
-    """``renoise_levels`` in 0-based timesteps: from x_s (noised with abar_s) to x_t, t >= s.
-
-    Args:
-      x_s: [B, H, W, C] float32.
-      s: [B] int32 0-based timesteps.
-      t: [B] int32 0-based timesteps, t >= s.
-      noise: [B, H, W, C] float32 standard normal.
-
-    Returns:
-      x_t: [B, H, W, C] float32, distributed as q_sample(x0, t) when x_s ~ q_sample(x0, s).
-    """
-    return self.renoise_levels(x_s, s + 1, t + 1, noise)
-
   def q_posterior_mean_variance(
     self, x0: jax.Array, x_t: jax.Array, t: jax.Array
   ) -> tuple[jax.Array, jax.Array, jax.Array]:
