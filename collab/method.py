@@ -153,8 +153,7 @@ class CollaFuse(DDPM):
       raise ConfigError(
         "batch_size",
         self.config.batch_size,
-        f"the {self.num_clients} clients' batches must split evenly over {process_count} "
-        "processes",
+        f"the {self.num_clients} clients' batches must split evenly over {process_count} processes",
       )
     return data.party_train_iterator(
       self.config.data,

@@ -54,16 +54,16 @@ def test_processes_read_their_clients_rows_of_one_client_major_batch(processes):
   for step in range(3):
     # The processes' blocks, stacked, are the one-process global batch, at every step.
     for key in ("image", "label"):
-      np.testing.assert_array_equal(
-        np.concatenate([p[step][key] for p in parts]), whole[step][key]
-      )
+      np.testing.assert_array_equal(np.concatenate([p[step][key] for p in parts]), whole[step][key])
     per_client = np.asarray(m._client_major(jax.numpy.asarray(whole[step]["label"])))
     assert per_client.shape == (4, 6)
     for k in range(4):  # client k's row holds only client k's data
       assert set(per_client[k].tolist()) <= set(train_labels[m.client_indices("train")[k]])
   # P divides K: each process reads only its own clients' partitions.
   for p, it_parts in enumerate(parts):
-    own = np.concatenate([m.client_indices("train")[k] for k in range(4) if k * processes // 4 == p])
+    own = np.concatenate(
+      [m.client_indices("train")[k] for k in range(4) if k * processes // 4 == p]
+    )
     assert set(it_parts[0]["label"].tolist()) <= set(train_labels[own].tolist())
   # The position is global: a state saved by one process count resumes another.
   state = iters[-1].get_state()
