@@ -95,7 +95,10 @@ def make_levels(
     raise ValueError(f"need 0 <= k_end < k_start <= {num_timesteps}, got {k_start}, {k_end}")
   if not 1 <= num_steps <= k_start - k_end:
     raise ValueError(f"num_steps must be in [1, {k_start - k_end}], got {num_steps}")
-  if k_end == 0:
+  if k_end == 0 and num_steps == 1:
+    # IDDPM's one-step respacing keeps only t = 0, a grid that would not start at k_start.
+    levels = [k_start, 0]
+  elif k_end == 0:
     above = [k + 1 for k in space_timesteps(k_start, [num_steps])]
     levels = sorted(above, reverse=True) + [0]
   else:

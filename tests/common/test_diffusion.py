@@ -264,6 +264,9 @@ def test_make_levels():
   np.testing.assert_array_equal(sampling.make_levels(10, 10), np.arange(10, -1, -1))
   np.testing.assert_array_equal(sampling.make_levels(100, 10)[[0, 1, -2, -1]], [100, 89, 1, 0])
   np.testing.assert_array_equal(sampling.make_levels(20, 5, 20, 10), [20, 18, 16, 14, 12, 10])
+  # One step is one step from the segment's top (collab's client with a one-step share).
+  np.testing.assert_array_equal(sampling.make_levels(1000, 1, 200, 0), [200, 0])
+  np.testing.assert_array_equal(sampling.make_levels(50, 2), [50, 1, 0])
   whole = sampling.make_levels(100, 10)
   split = np.concatenate(
     [sampling.make_levels(100, 4, 100, 56), sampling.make_levels(100, 6, 56)[1:]]
