@@ -66,7 +66,9 @@ def measure(config, devices: list | None = None) -> dict:
   method = method_lib.load_method(config, info)
   mesh = parallel.make_mesh(mesh_shape, devices)
   fns = loop.build(config, method, mesh)
-  b, r, c = config.batch_size, info.resolution, info.channels
+  # The images one step reads: the global batch, or K per-client batches (collab), or one per
+  # group network (adaptive's stage 2).
+  b, r, c = method.images_per_step(), info.resolution, info.channels
   sh = fns["batch_sharding"]
   batch = {
     "image": jax.ShapeDtypeStruct((b, r, r, c), np.float32, sharding=sh),
@@ -80,7 +82,8 @@ def measure(config, devices: list | None = None) -> dict:
   return {
     "devices": len(devices),
     "mesh": dict(mesh.shape),
-    "batch_size": int(b),
+    "batch_size": int(config.batch_size),
+    "images_per_step": int(b),
     "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params)),
     "bytes_per_device": {
       "params": _shard_bytes(state.params),
@@ -102,7 +105,8 @@ def main(argv):
   result = {"config": flags.FLAGS["config"].serialize().split("=", 1)[1],
             **measure(flags.FLAGS.config)}  # fmt: skip
   mib = lambda n: f"{n / 2**20:10.1f} MiB"
-  print(f"mesh {result['mesh']} over {result['devices']} devices, batch {result['batch_size']}, "
+  print(f"mesh {result['mesh']} over {result['devices']} devices, batch {result['batch_size']} "
+        f"({result['images_per_step']} images a step), "
         f"{result['params']:,} params, compiled in {result['compile_s']} s")  # fmt: skip
   for k, v in result["bytes_per_device"].items():
     print(f"  {k:10s} {mib(v)} per device")

@@ -9,9 +9,12 @@ Presets (``--config=configs/collab.py:<preset>``):
 * ``celeba64`` the paper's setting as far as it is known (§4, §7): 5 attribute-group clients at
                64x64 from a prepared CelebA directory, T=1000 cosine, min-SNR gamma=5, Adam 1e-3
                (0.9, 0.99), batch 50 per client, 18k steps (1,800 epochs x 10), cut ratio 0.2.
-               Substitution: the T5 text condition of the official code is replaced by the class id
-               of the prepared data's label (see WORKSPACE.md).
-* ``cifar10``  K=5 clients by class (two classes each), 32x32, otherwise as celeba64.
+               Each of the six networks is our ADM U-Net at the size of the official code's
+               EfficientUNet: widths (32, 64, 128, 256), res blocks (2, 4, 8, 8), attention at
+               levels 2-4 with 8 heads. Substitution: the T5 text condition of the official code
+               is replaced by the class id of the prepared data's label (see WORKSPACE.md).
+* ``cifar10``  K=5 clients by class (two classes each), 32x32 (attention at 16, 8, 4), otherwise
+               as celeba64.
 
 ``batch_size`` is per client: a step reads K * batch_size images. Every field can be overridden:
 ``--config.num_clients=5 --config.cut_point=20``.
@@ -97,9 +100,25 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
     c.data.name = "array_record"
     c.data.data_dir = f"data/{preset}"
     c.data.resolution = 64 if preset == "celeba64" else 32
-    c.model.channels = (128, 256, 384, 512) if preset == "celeba64" else (128, 256, 256, 256)
-    c.model.num_res_blocks = 2
-    c.model.attention_resolutions = (16, 8)
+    # Every network (server and each client) is our ADM U-Net at the size of the official code's
+    # imagen-pytorch EfficientUNet (SimeonAllmendinger/collafuse_imagen,
+    # configs/model/config_efficient_unet.yaml, UNET_64): dim 32 x mults (1, 2, 4, 8), res blocks
+    # (2, 4, 8, 8) per level, self-attention at levels 2-4 (and the bottleneck), 8 heads. Our
+    # attention splits the level's own width into the 8 heads (EfficientUNet projects to
+    # 8 x 64 = 512 at every level) and follows every res block at those resolutions (EfficientUNet:
+    # one transformer block per level); its encoder runs at the previous level's width; its
+    # cross-embed stem, pixel-shuffle upsampling, T5 cross-attention and GroupNorm(8) are not
+    # followed (WORKSPACE.md, collab substitutions). 46,217,475 parameters a network at celeba64
+    # with 5 classes, 277,304,850 for all six (tests/collab/test_collab_presets.py); EfficientUNet:
+    # 43,199,432, of which 34,806,720 outside its text conditioning
+    # (benchmarks/efficientunet_params.py).
+    c.model.channels = (32, 64, 128, 256)
+    with c.model.ignore_type():  # per-level res blocks: the field is an int in the base config
+      c.model.num_res_blocks = (2, 4, 8, 8)
+    r = c.data.resolution
+    c.model.attention_resolutions = (r // 2, r // 4, r // 8)  # levels 2-4: 32, 16, 8 at 64x64
+    c.model.num_heads = 8
+    c.model.num_head_channels = -1
     c.diffusion.num_timesteps = 1000
     c.cut_point = 200  # c = 0.2
     c.batch_size = 50
