@@ -54,13 +54,19 @@ def _check_shape(config):
   assert config.num_clients == 5
 
 
-def test_celeba64_six_networks_counted_exactly(tmp_path):
-  """Server + 5 stacked clients through CollaFuse's own ``init_params`` (~30 s of tracing)."""
-  num_classes, per_network, total = _COUNTS["celeba64"]
-  config = collab_config.get_config("celeba64")
+def _preset_method(preset: str, tmp_path):
+  """The preset's CollaFuse over a tiny prepared dataset with the preset's class count, and its
+  expected (per-network, total) parameter counts."""
+  num_classes, per_network, total = _COUNTS[preset]
+  config = collab_config.get_config(preset)
   config.data.data_dir = _prepared(tmp_path, config.data.resolution, num_classes)
   _check_shape(config)
-  method = method_lib.load_method(config, data.get_info(config.data))
+  return config, method_lib.load_method(config, data.get_info(config.data)), per_network, total
+
+
+def test_celeba64_six_networks_counted_exactly(tmp_path):
+  """Server + 5 stacked clients through CollaFuse's own ``init_params`` (~30 s of tracing)."""
+  config, method, per_network, total = _preset_method("celeba64", tmp_path)
   params = jax.eval_shape(method.init_params, jax.random.key(0))
   k = config.num_clients
   assert _count(params["server"]) == per_network
@@ -71,10 +77,6 @@ def test_celeba64_six_networks_counted_exactly(tmp_path):
 
 def test_cifar10_network_counted_exactly(tmp_path):
   """One network at 32x32 (attention at 16, 8, 4); the six are the same network."""
-  num_classes, per_network, total = _COUNTS["cifar10"]
-  config = collab_config.get_config("cifar10")
-  config.data.data_dir = _prepared(tmp_path, config.data.resolution, num_classes)
-  _check_shape(config)
-  method = method_lib.load_method(config, data.get_info(config.data))
+  _, method, per_network, total = _preset_method("cifar10", tmp_path)
   one = jax.eval_shape(lambda key: DDPM.init_params(method, key), jax.random.key(0))
   assert _count(one) == per_network and total == 6 * per_network
