@@ -235,6 +235,25 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
   meta = plan.get("runs", {})
   generative = [r for r in runs if r["kind"] == "generative"]
   others = [r for r in runs if r["kind"] != "generative"]
+  summary = _summary_rows(runs, plan)
+  lines = _title_section(plan)
+  lines += _headline_section(summary)
+  if generative:
+    lines += _generative_section(generative)
+  for r in others:
+    lines += _arm_section(r, meta)
+  if plan.get("entries"):
+    lines += _entries_section(plan["entries"])
+  lines += _failures_section(plan.get("failures", []))
+  fileio.write_text(paths["md"], "\n".join(lines).rstrip() + "\n")
+
+  _write_csv(runs, summary, paths["csv"])
+  _pareto_plot(generative, paths["png"], meta)
+  return paths
+
+
+def _title_section(plan: dict) -> list[str]:
+  """The title, the command that made the report, and the wall time."""
   lines = [f"# {plan.get('title', 'Comparison')}", ""]
   if plan.get("command"):
     lines += [f"`{plan['command']}`" + (f" ({plan['note']})" if plan.get("note") else ""), ""]
@@ -246,92 +265,112 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
     ]
   elif plan.get("wall_time_s") is not None:
     lines += [f"Total wall time {plan['wall_time_s']:.0f} s.", ""]
-  summary = _summary_rows(runs, plan)
-  lines += ["## Headline", ""]
-  lines += _headline_table(summary)
-  lines += [
+  return lines
+
+
+def _headline_section(summary: list[dict[str, Any]]) -> list[str]:
+  """Every run's primary figure against its baseline (``_summary_rows``)."""
+  return [
+    "## Headline",
+    "",
+    *_headline_table(summary),
     "",
     "`delta` is the primary figure minus the same figure of `versus` (another run, or an arm of "
     "the run's own baselines). Generative FLOPs are per sample over the whole sampling chain.",
   ]
 
-  if generative:
-    header = [name for name, _ in TABLE_COLUMNS]
-    lines += ["", "## Generative runs", "", "| " + " | ".join(header) + " |"]
-    lines.append("|" + "---|" * len(header))
-    for r in generative:
-      lines.append("| " + " | ".join(_cell(r, k, fmt) for k, fmt in TABLE_COLUMNS) + " |")
-    refs = {
-      (r.get("feature_net"), r.get("feature_net_sha256"), r.get("reference_statistics"))
-      for r in generative
-    }
-    lines.append("")
-    if len(refs) > 1:
-      lines.append(
-        "**Warning:** these runs were scored with different feature networks or reference "
-        "statistics; their FID/KID/precision/recall are not comparable."
-      )
-    else:
-      ((net, sha, ref),) = refs
-      lines.append(f"Feature network `{net}` (sha256 `{str(sha)[:16]}...`), reference `{ref}`.")
-    lines += ["", "![quality against sampling FLOPs](pareto.png)"]
-    for r in generative:
-      if r.get("groups"):
-        lines += [
-          "",
-          f"### {r['run']}: per group",
-          "",
-          "| group | n | fid | label_accuracy |",
-          "|---|---|---|---|",
-        ]
-        for g in r["groups"]:
-          lines.append(
-            f"| {g['group']} | {g['num_samples']} | {_cell(g, 'fid', '{:.3f}')} | "
-            f"{_cell(g, 'label_accuracy', '{:.3f}')} |"
-          )
 
-  for r in others:
-    title = meta.get(r["run"], {}).get("label") or f"{r['method']} ({r['kind']})"
-    lines += ["", f"## {r['run']}: {title}", ""]
-    lines += _arm_table(r)
-    extra = []
-    if r.get("flops") is not None:
-      extra.append(f"FLOPs {r['flops']:.3g} ({r.get('flops_what', '')})")
-    if r.get("wall_time_s") is not None:
-      extra.append(f"binary wall time {r['wall_time_s']:.1f} s")
-    if r.get("note"):
-      extra.append(r["note"])
-    if extra:
-      lines += ["", "; ".join(extra) + "."]
+def _generative_section(generative: list[dict]) -> list[str]:
+  """The generative runs' table, whether their scores are comparable, the Pareto plot, and each
+  run's per-group table."""
+  header = [name for name, _ in TABLE_COLUMNS]
+  lines = ["", "## Generative runs", "", "| " + " | ".join(header) + " |"]
+  lines.append("|" + "---|" * len(header))
+  for r in generative:
+    lines.append("| " + " | ".join(_cell(r, k, fmt) for k, fmt in TABLE_COLUMNS) + " |")
+  refs = {
+    (r.get("feature_net"), r.get("feature_net_sha256"), r.get("reference_statistics"))
+    for r in generative
+  }
+  lines.append("")
+  if len(refs) > 1:
+    lines.append(
+      "**Warning:** these runs were scored with different feature networks or reference "
+      "statistics; their FID/KID/precision/recall are not comparable."
+    )
+  else:
+    ((net, sha, ref),) = refs
+    lines.append(f"Feature network `{net}` (sha256 `{str(sha)[:16]}...`), reference `{ref}`.")
+  lines += ["", "![quality against sampling FLOPs](pareto.png)"]
+  for r in generative:
+    if r.get("groups"):
+      lines += _group_table(r)
+  return lines
 
-  if plan.get("entries"):
-    lines += ["", "## Runs", "", "| # | run | status | wall s | command |", "|---|---|---|---|---|"]
-    for i, e in enumerate(plan["entries"], 1):
-      lines.append(
-        f"| {i} | {e['name']} | {e['status']} | {_num(e.get('wall_time_s'), '.0f')} | "
-        f"`{e['command']}` |"
-      )
-    lines += ["", "`skipped`: finished by an earlier invocation (its wall time is that run's)."]
 
-  failures = plan.get("failures", [])
-  if failures:
-    lines += ["", "## Failed runs", ""]
-    for fl in failures:
-      lines += [
-        f"### {fl['name']} (exit code {fl.get('rc')})",
-        "",
-        f"`{fl.get('command', '')}`" + (f", log `{fl['log']}`" if fl.get("log") else ""),
-        "",
-        "```",
-        str(fl.get("error", "")).rstrip(),
-        "```",
-        "",
-      ]
-  fileio.write_text(paths["md"], "\n".join(lines).rstrip() + "\n")
+def _group_table(record: dict) -> list[str]:
+  """A generative run's per-group sample count, FID and label accuracy."""
+  lines = [
+    "",
+    f"### {record['run']}: per group",
+    "",
+    "| group | n | fid | label_accuracy |",
+    "|---|---|---|---|",
+  ]
+  for g in record["groups"]:
+    lines.append(
+      f"| {g['group']} | {g['num_samples']} | {_cell(g, 'fid', '{:.3f}')} | "
+      f"{_cell(g, 'label_accuracy', '{:.3f}')} |"
+    )
+  return lines
 
-  _write_csv(runs, summary, paths["csv"])
-  _pareto_plot(generative, paths["png"], meta)
-  return paths
+
+def _arm_section(record: dict, meta: dict) -> list[str]:
+  """A non-generative run: its arm table, then its FLOPs, wall time and note."""
+  title = meta.get(record["run"], {}).get("label") or f"{record['method']} ({record['kind']})"
+  lines = ["", f"## {record['run']}: {title}", ""]
+  lines += _arm_table(record)
+  extra = []
+  if record.get("flops") is not None:
+    extra.append(f"FLOPs {record['flops']:.3g} ({record.get('flops_what', '')})")
+  if record.get("wall_time_s") is not None:
+    extra.append(f"binary wall time {record['wall_time_s']:.1f} s")
+  if record.get("note"):
+    extra.append(record["note"])
+  if extra:
+    lines += ["", "; ".join(extra) + "."]
+  return lines
+
+
+def _entries_section(entries: list[dict]) -> list[str]:
+  """Every launch of the plan, in order, with its status, wall time and command."""
+  lines = ["", "## Runs", "", "| # | run | status | wall s | command |", "|---|---|---|---|---|"]
+  for i, e in enumerate(entries, 1):
+    lines.append(
+      f"| {i} | {e['name']} | {e['status']} | {_num(e.get('wall_time_s'), '.0f')} | "
+      f"`{e['command']}` |"
+    )
+  lines += ["", "`skipped`: finished by an earlier invocation (its wall time is that run's)."]
+  return lines
+
+
+def _failures_section(failures: list[dict]) -> list[str]:
+  """Each failed run's exit code, command, log and error (nothing when none failed)."""
+  if not failures:
+    return []
+  lines = ["", "## Failed runs", ""]
+  for fl in failures:
+    lines += [
+      f"### {fl['name']} (exit code {fl.get('rc')})",
+      "",
+      f"`{fl.get('command', '')}`" + (f", log `{fl['log']}`" if fl.get("log") else ""),
+      "",
+      "```",
+      str(fl.get("error", "")).rstrip(),
+      "```",
+      "",
+    ]
+  return lines
 
 
 def _write_csv(runs: list[dict], summary: list[dict], path: str) -> None:

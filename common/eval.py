@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import app, flags, logging
@@ -124,6 +124,34 @@ def distribution_metrics(real: np.ndarray, fake: np.ndarray, seed: int) -> dict[
   }
 
 
+class _Loaded(NamedTuple):
+  """The run as evaluated."""
+
+  config: Any  # ml_collections.ConfigDict, with the sampler overrides applied
+  method: Any  # common.train.method.Method
+  params: Any  # the EMA or raw weights, on one device
+  checkpoint_step: int
+  use_ema: bool
+
+
+class _Reference(NamedTuple):
+  """The real images' features the samples are scored against."""
+
+  feats: np.ndarray  # [N, D] float
+  labels: np.ndarray | None  # [N] int, per reference image
+  path: str  # the cached statistics file
+  split: str
+
+
+class _Samples(NamedTuple):
+  """What ``Method.eval_batches`` drew, concatenated over its batches."""
+
+  images: np.ndarray  # [N, H, W, C] float32 in [-1, 1]
+  labels: np.ndarray | None  # [N] int, the class each sample was drawn for
+  groups: np.ndarray | None  # [N] int, the group (class / client / user) of each sample
+  wall_per_sample: float  # seconds, warm-up (compilation) excluded
+
+
 def evaluate(
   workdir: str,
   *,
@@ -146,13 +174,41 @@ def evaluate(
   ``out_name`` is the folder under ``workdir`` the metrics and grid go to, so a second
   evaluation (the raw weights, another step) does not overwrite the first.
   """
-  import jax
-
-  from common.metrics import flops as flops_lib
   from common.metrics import reference
 
   if num_samples < 2:
     raise ValueError(f"num_samples={num_samples}: need at least 2 samples for FID")
+  run = _load_for_eval(
+    workdir, use_ema=use_ema, step=step, sampler=sampler, sample_steps=sample_steps
+  )
+  config, method = run.config, run.method
+  ref_split = ref_split or method.default_ref_split
+  net_name = reference.resolve_name(feature_net, config.data.name)
+  net = reference.load_feature_network(net_name, inception_weights=inception_weights)
+  ref = _Reference(
+    *reference.reference_features(
+      config.data,
+      ref_split,
+      net,
+      cache_dir=ref_stats_dir or None,
+      max_examples=ref_max_examples or None,
+    ),
+    split=ref_split,
+  )
+
+  drawn = _sample(method, run.params, seed=seed, num_samples=num_samples, batch_size=batch_size)
+  names = method.eval_group_names()
+  result, per_group = _metrics(method, net, ref, drawn, names, seed)
+  result.update(_run_record(workdir, run, net, ref, drawn, num_samples=num_samples, seed=seed))
+  result["groups"] = per_group
+  _write(os.path.join(workdir, out_name), result, drawn, names)
+  return result
+
+
+def _load_for_eval(
+  workdir: str, *, use_ema: bool, step: int, sampler: str, sample_steps: int
+) -> _Loaded:
+  """``load_params``, with the method rebuilt when the sampler or its steps are overridden."""
   config, method, params, ckpt_step = load_params(workdir, use_ema=use_ema, step=step)
   if sampler or sample_steps:
     if sampler:
@@ -162,20 +218,16 @@ def evaluate(
     from common.train.method import load_method
 
     method = load_method(config, method.data_info)
-  info = method.data_info
-  ref_split = ref_split or method.default_ref_split
+  return _Loaded(config, method, params, ckpt_step, use_ema)
 
-  net_name = reference.resolve_name(feature_net, config.data.name)
-  net = reference.load_feature_network(net_name, inception_weights=inception_weights)
-  ref_feats, ref_labels, ref_path = reference.reference_features(
-    config.data,
-    ref_split,
-    net,
-    cache_dir=ref_stats_dir or None,
-    max_examples=ref_max_examples or None,
-  )
 
-  # --- Sampling, with progress; the warm-up call compiles so the timing is steady state. ------
+def _sample(method, params, *, seed: int, num_samples: int, batch_size: int) -> _Samples:
+  """Draws ``num_samples`` through ``method.eval_batches``, logging progress and ETA.
+
+  A warm-up call first draws (and compiles) one batch, so the timing is steady state.
+  """
+  import jax
+
   rng = jax.random.fold_in(jax.random.PRNGKey(seed), 2024)
   first = min(batch_size, num_samples)
   next(iter(method.eval_batches(params, rng, first, batch_size)))
@@ -192,70 +244,101 @@ def evaluate(
       _fmt_eta((num_samples - done) / rate),
     )  # fmt: skip
   wall_per_sample = (time.perf_counter() - t0) / num_samples
-  samples = np.concatenate(samples)
-  labels = None if labels[0] is None else np.concatenate(labels)
-  groups = None if groups[0] is None else np.concatenate(groups)
+  return _Samples(
+    images=np.concatenate(samples),
+    labels=None if labels[0] is None else np.concatenate(labels),
+    groups=None if groups[0] is None else np.concatenate(groups),
+    wall_per_sample=wall_per_sample,
+  )
 
-  # --- Metrics: totals, label accuracy, per group. ----------------------------------------------
-  fake_feats = net.features(samples)
-  result: dict[str, Any] = distribution_metrics(ref_feats, fake_feats, seed)
+
+def _metrics(
+  method, net, ref: _Reference, drawn: _Samples, names, seed: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """The sample-quality metrics: totals, label accuracy, per group.
+
+  Returns:
+    (FID, KID, precision, recall and, where the feature network classifies the run's classes,
+    ``label_accuracy``; one entry per group of ``names``, empty without groups).
+  """
+  fake_feats = net.features(drawn.images)
+  result: dict[str, Any] = distribution_metrics(ref.feats, fake_feats, seed)
   use_label_acc = (
-    labels is not None and net.logits is not None and net.num_classes == info.num_classes
+    drawn.labels is not None
+    and net.logits is not None
+    and net.num_classes == method.data_info.num_classes
   )
-  predicted = np.argmax(net.logits(samples), axis=-1) if use_label_acc else None
+  predicted = np.argmax(net.logits(drawn.images), axis=-1) if use_label_acc else None
   if use_label_acc:
-    result["label_accuracy"] = float(np.mean(predicted == labels))
+    result["label_accuracy"] = float(np.mean(predicted == drawn.labels))
   per_group = []
-  names = method.eval_group_names()
-  if groups is not None and names is not None:
+  if drawn.groups is not None and names is not None:
     for g, name in enumerate(names):
-      mask = groups == g
-      ref_idx = method.eval_group_reference(g, ref_labels, ref_split)
-      entry: dict[str, Any] = {"group": name, "num_samples": int(mask.sum())}
-      if mask.sum() >= 2 and len(ref_idx) >= _PR_K + 2 and mask.sum() >= _PR_K + 2:
-        entry.update(distribution_metrics(ref_feats[ref_idx], fake_feats[mask], seed))
-      if use_label_acc and mask.any():
-        entry["label_accuracy"] = float(np.mean(predicted[mask] == labels[mask]))
-      per_group.append(entry)
+      per_group.append(_group_metrics(method, g, name, ref, drawn, fake_feats, predicted, seed))
+  return result, per_group
 
-  result.update(
-    {
-      "method": config.method,
-      "workdir": os.path.abspath(workdir),
-      "dataset": config.data.name,
-      "resolution": int(info.resolution),
-      "checkpoint_step": int(ckpt_step),
-      "use_ema": bool(use_ema),
-      "num_samples": int(num_samples),
-      "seed": int(seed),
-      **method.sampling_description(),
-      "feature_net": net.name,
-      "feature_net_sha256": net.sha256,
-      "feature_net_weights": net.weights_path,
-      "reference_statistics": ref_path,
-      "reference_split": ref_split,
-      "reference_count": int(len(ref_feats)),
-      "kid_subsets": _KID_SUBSETS,
-      "pr_k": _PR_K,
-      "params": int(flops_lib.count_params(params)),
-      "flops_per_sample": float(method.flops_per_sample(params)),
-      **method.cost_description(params),
-      "wall_time_per_sample_s": float(wall_per_sample),
-      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-      "groups": per_group,
-    }
-  )
 
-  out_dir = os.path.join(workdir, out_name)
+def _group_metrics(
+  method, g: int, name, ref: _Reference, drawn: _Samples, fake_feats, predicted, seed: int
+) -> dict[str, Any]:
+  """One group's entry: its sample count, its distribution metrics against the group's own
+  reference images (when both sides have enough for k-NN precision/recall) and label accuracy."""
+  mask = drawn.groups == g
+  ref_idx = method.eval_group_reference(g, ref.labels, ref.split)
+  entry: dict[str, Any] = {"group": name, "num_samples": int(mask.sum())}
+  if mask.sum() >= 2 and len(ref_idx) >= _PR_K + 2 and mask.sum() >= _PR_K + 2:
+    entry.update(distribution_metrics(ref.feats[ref_idx], fake_feats[mask], seed))
+  if predicted is not None and mask.any():
+    entry["label_accuracy"] = float(np.mean(predicted[mask] == drawn.labels[mask]))
+  return entry
+
+
+def _run_record(
+  workdir: str, run: _Loaded, net, ref: _Reference, drawn: _Samples, *, num_samples: int, seed: int
+) -> dict[str, Any]:
+  """Everything needed to reproduce the metrics: the run, checkpoint, sampler, feature network,
+  reference, and the costs (params, FLOPs per sample over the whole chain, wall time)."""
+  import jax
+
+  from common.metrics import flops as flops_lib
+
+  config, method, params = run.config, run.method, run.params
+  return {
+    "method": config.method,
+    "workdir": os.path.abspath(workdir),
+    "dataset": config.data.name,
+    "resolution": int(method.data_info.resolution),
+    "checkpoint_step": int(run.checkpoint_step),
+    "use_ema": bool(run.use_ema),
+    "num_samples": int(num_samples),
+    "seed": int(seed),
+    **method.sampling_description(),
+    "feature_net": net.name,
+    "feature_net_sha256": net.sha256,
+    "feature_net_weights": net.weights_path,
+    "reference_statistics": ref.path,
+    "reference_split": ref.split,
+    "reference_count": int(len(ref.feats)),
+    "kid_subsets": _KID_SUBSETS,
+    "pr_k": _PR_K,
+    "params": int(flops_lib.count_params(params)),
+    "flops_per_sample": float(method.flops_per_sample(params)),
+    **method.cost_description(params),
+    "wall_time_per_sample_s": float(drawn.wall_per_sample),
+    "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+  }
+
+
+def _write(out_dir: str, result: dict[str, Any], drawn: _Samples, names) -> None:
+  """``metrics.json`` and ``samples.png`` under ``out_dir``, then the headline log line."""
   os.makedirs(out_dir, exist_ok=True)
   fileio.write_json(os.path.join(out_dir, "metrics.json"), result, sort_keys=True)
-  _save_grid(os.path.join(out_dir, "samples.png"), samples, groups, names)
+  _save_grid(os.path.join(out_dir, "samples.png"), drawn.images, drawn.groups, names)
   logging.info(
     "FID %.3f | KID %.4f +- %.4f | precision %.3f | recall %.3f -> %s",
     result["fid"], result["kid_mean"], result["kid_std"], result["precision"], result["recall"],
     os.path.join(out_dir, "metrics.json"),
   )  # fmt: skip
-  return result
 
 
 def _save_grid(path, samples, groups, names, per_row: int = 10) -> None:

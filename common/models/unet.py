@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import chex
 import jax
@@ -276,6 +277,153 @@ class AttentionBlock(nnx.Module):
     return x + self.proj(out).reshape(b, hgt, wid, c)
 
 
+def _checked_levels(
+  image_size: int,
+  channels: Sequence[int],
+  num_res_blocks: int | Sequence[int],
+  attention_resolutions: Sequence[int],
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+  """Checks ``UNet``'s per-level structure (ValueError naming the argument).
+
+  Returns:
+    ``(channels, num_res_blocks, attention_resolutions)`` as int tuples, ``num_res_blocks`` one
+    per level.
+  """
+  channels = tuple(int(c) for c in channels)
+  num_levels = len(channels)
+  if num_levels == 0 or any(c < 1 for c in channels):
+    raise ValueError(f"UNet: channels must be a non-empty list of positive widths, got {channels}")
+  if isinstance(num_res_blocks, int):
+    num_res_blocks = (num_res_blocks,) * num_levels
+  num_res_blocks = tuple(int(n) for n in num_res_blocks)
+  if len(num_res_blocks) != num_levels or any(n < 1 for n in num_res_blocks):
+    raise ValueError(
+      f"UNet: num_res_blocks must be an int >= 1 or one int >= 1 per level "
+      f"({num_levels} levels), got {num_res_blocks}"
+    )
+  factor = 2 ** (num_levels - 1)
+  if image_size < 1 or image_size % factor:
+    raise ValueError(
+      f"UNet: image_size {image_size} is not divisible by 2**(len(channels)-1) = {factor}"
+    )
+  resolutions = [image_size // 2**i for i in range(num_levels)]
+  attention_resolutions = tuple(int(r) for r in attention_resolutions)
+  bad = [r for r in attention_resolutions if r not in resolutions]
+  if bad:
+    raise ValueError(
+      f"UNet: attention resolutions {bad} are not among the model's resolutions {resolutions} "
+      f"(image_size {image_size}, {num_levels} levels)"
+    )
+  return channels, num_res_blocks, attention_resolutions
+
+
+def _checked_options(
+  channels: tuple[int, ...],
+  *,
+  dropout: float,
+  num_classes: int,
+  norm_group_size: int,
+  time_embed_channels: int,
+  base_channels: Sequence[int] | None,
+) -> tuple[int, ...]:
+  """Checks ``UNet``'s other arguments against the checked ``channels`` (ValueError naming the
+  argument); returns ``base_channels`` as an int tuple, ``channels`` when not given."""
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
+  if num_classes < 0:
+    raise ValueError(f"UNet: num_classes must be >= 0, got {num_classes}")
+  if norm_group_size < 0:
+    raise ValueError(f"UNet: norm_group_size must be >= 0, got {norm_group_size}")
+  if norm_group_size > 0:
+    bad = [c for c in channels if c % norm_group_size]
+    if bad:
+      raise ValueError(
+        f"UNet: widths {bad} of channels {channels} are not divisible by "
+        f"norm_group_size {norm_group_size}"
+      )
+  if time_embed_channels < 0:
+    raise ValueError(f"UNet: time_embed_channels must be >= 0, got {time_embed_channels}")
+  base_channels = channels if base_channels is None else tuple(int(c) for c in base_channels)
+  if len(base_channels) != len(channels):
+    raise ValueError(
+      f"UNet: base_channels {base_channels} must have one width per level ({len(channels)})"
+    )
+  return base_channels
+
+
+class _Layers:
+  """Makes the U-Net's layers with its shared settings (a plain object, not part of the tree).
+
+  ResBlocks are numbered in the order they are made (their ``dropout_index``), and every layer
+  draws its initial weights from ``rngs`` when it is made: the order of the calls fixes both, so
+  ``UNet`` makes its layers encoder first, then the middle, then the decoder, as IDDPM does.
+  """
+
+  def __init__(
+    self,
+    emb_dim: int,
+    *,
+    dropout: float,
+    use_scale_shift_norm: bool,
+    resblock_updown: bool,
+    norm_group_size: int,
+    heads: tuple[int, int],
+    kw: dict[str, Any],
+  ):
+    """``heads``: ``(num_heads, num_head_channels)`` as ``UNet`` takes them; ``kw``: the
+    ``dtype``, ``param_dtype`` and ``rngs`` every layer is made with."""
+    self.emb_dim = emb_dim
+    self.dropout = dropout
+    self.use_scale_shift_norm = use_scale_shift_norm
+    self.resblock_updown = resblock_updown
+    self.norm_group_size = norm_group_size
+    self.num_heads, self.num_head_channels = heads
+    self.kw = kw
+    self._counter = itertools.count()
+
+  def heads_for(self, width: int) -> int:
+    if self.num_head_channels > 0:
+      if width % self.num_head_channels:
+        raise ValueError(
+          f"UNet: width {width} is not divisible by num_head_channels {self.num_head_channels}"
+        )
+      return width // self.num_head_channels
+    if self.num_heads < 1 or width % self.num_heads:
+      raise ValueError(f"UNet: width {width} is not divisible into num_heads {self.num_heads}")
+    return self.num_heads
+
+  def conv(self, in_ch: int, out_ch: int, *, zero: bool = False) -> nnx.Conv:
+    return _conv(in_ch, out_ch, 3, zero=zero, **self.kw)
+
+  def norm(self, width: int) -> nnx.GroupNorm:
+    return _group_norm(width, self.kw["param_dtype"], self.kw["rngs"], self.norm_group_size)
+
+  def res(self, in_w: int, out_w: int, resample=None, skip_conv=None) -> ResBlock:
+    return ResBlock(
+      in_w,
+      out_w,
+      self.emb_dim,
+      dropout=self.dropout,
+      use_scale_shift_norm=self.use_scale_shift_norm,
+      resample=resample,
+      dropout_index=next(self._counter),
+      norm_group_size=self.norm_group_size,
+      skip_conv=skip_conv,
+      **self.kw,
+    )
+
+  def attn(self, width: int) -> AttentionBlock:
+    return AttentionBlock(
+      width, self.heads_for(width), norm_group_size=self.norm_group_size, **self.kw
+    )
+
+  def down(self, width: int) -> nnx.Module:
+    return self.res(width, width, "down") if self.resblock_updown else Downsample(width, **self.kw)
+
+  def up(self, width: int) -> nnx.Module:
+    return self.res(width, width, "up") if self.resblock_updown else Upsample(width, **self.kw)
+
+
 class _EmbedSequential(nnx.Module):
   """Runs layers in order, passing the embedding and dropout key to the ResBlocks only."""
 
@@ -352,65 +500,17 @@ class UNet(nnx.Module):
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
   ):
-    channels = tuple(int(c) for c in channels)
-    num_levels = len(channels)
-    if num_levels == 0 or any(c < 1 for c in channels):
-      raise ValueError(
-        f"UNet: channels must be a non-empty list of positive widths, got {channels}"
-      )
-    if isinstance(num_res_blocks, int):
-      num_res_blocks = (num_res_blocks,) * num_levels
-    num_res_blocks = tuple(int(n) for n in num_res_blocks)
-    if len(num_res_blocks) != num_levels or any(n < 1 for n in num_res_blocks):
-      raise ValueError(
-        f"UNet: num_res_blocks must be an int >= 1 or one int >= 1 per level "
-        f"({num_levels} levels), got {num_res_blocks}"
-      )
-    factor = 2 ** (num_levels - 1)
-    if image_size < 1 or image_size % factor:
-      raise ValueError(
-        f"UNet: image_size {image_size} is not divisible by 2**(len(channels)-1) = {factor}"
-      )
-    resolutions = [image_size // 2**i for i in range(num_levels)]
-    attention_resolutions = tuple(int(r) for r in attention_resolutions)
-    bad = [r for r in attention_resolutions if r not in resolutions]
-    if bad:
-      raise ValueError(
-        f"UNet: attention resolutions {bad} are not among the model's resolutions {resolutions} "
-        f"(image_size {image_size}, {num_levels} levels)"
-      )
-    if not 0.0 <= dropout < 1.0:
-      raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout}")
-    if num_classes < 0:
-      raise ValueError(f"UNet: num_classes must be >= 0, got {num_classes}")
-    if norm_group_size < 0:
-      raise ValueError(f"UNet: norm_group_size must be >= 0, got {norm_group_size}")
-    if norm_group_size > 0:
-      bad = [c for c in channels if c % norm_group_size]
-      if bad:
-        raise ValueError(
-          f"UNet: widths {bad} of channels {channels} are not divisible by "
-          f"norm_group_size {norm_group_size}"
-        )
-    if time_embed_channels < 0:
-      raise ValueError(f"UNet: time_embed_channels must be >= 0, got {time_embed_channels}")
-    base_channels = channels if base_channels is None else tuple(int(c) for c in base_channels)
-    if len(base_channels) != num_levels:
-      raise ValueError(
-        f"UNet: base_channels {base_channels} must have one width per level ({num_levels})"
-      )
-
-    def heads_for(width: int) -> int:
-      if num_head_channels > 0:
-        if width % num_head_channels:
-          raise ValueError(
-            f"UNet: width {width} is not divisible by num_head_channels {num_head_channels}"
-          )
-        return width // num_head_channels
-      if num_heads < 1 or width % num_heads:
-        raise ValueError(f"UNet: width {width} is not divisible into num_heads {num_heads}")
-      return num_heads
-
+    channels, num_res_blocks, attention_resolutions = _checked_levels(
+      image_size, channels, num_res_blocks, attention_resolutions
+    )
+    base_channels = _checked_options(
+      channels,
+      dropout=dropout,
+      num_classes=num_classes,
+      norm_group_size=norm_group_size,
+      time_embed_channels=time_embed_channels,
+      base_channels=base_channels,
+    )
     self.image_size = image_size
     self.in_channels = in_channels
     self.out_channels = out_channels
@@ -422,79 +522,90 @@ class UNet(nnx.Module):
     self.time_embed_channels = time_embed_channels or channels[0]
     self.dtype = dtype
 
+    # Every layer takes its initial weights from ``rngs`` as it is made, so the order below
+    # (conditioning, encoder, middle, decoder, output) is part of the checkpoint format.
     emb_dim = 4 * self.time_embed_channels
-    f32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.time_mlp1, self.time_mlp2, self.label_emb = self._build_conditioning(
+      emb_dim, param_dtype, rngs
+    )
+    layers = _Layers(
+      emb_dim,
+      dropout=dropout,
+      use_scale_shift_norm=use_scale_shift_norm,
+      resblock_updown=resblock_updown,
+      norm_group_size=norm_group_size,
+      heads=(num_heads, num_head_channels),
+      kw=dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+    )
+    self.input_blocks, skip_widths = self._build_down(layers, base_channels)
+    ch = channels[-1]
+    self.middle_block = _EmbedSequential([layers.res(ch, ch), layers.attn(ch), layers.res(ch, ch)])
+    self.output_blocks = self._build_up(layers, skip_widths)
+    self.out_norm = layers.norm(channels[0])
+    self.out_conv = layers.conv(channels[0], out_channels, zero=True)
+
+  def _build_conditioning(self, emb_dim: int, param_dtype, rngs: nnx.Rngs):
+    """The timestep MLP's two layers and the label table (``None`` when unconditional)."""
     # The conditioning path stays float32: it is tiny and feeds every scale-shift.
-    self.time_mlp1 = _linear(self.time_embed_channels, emb_dim, **f32)
-    self.time_mlp2 = _linear(emb_dim, emb_dim, **f32)
-    if num_classes > 0:
-      self.label_emb = nnx.Embed(
-        num_classes + 1,
-        emb_dim,
-        embedding_init=nnx.initializers.normal(1.0),  # PyTorch nn.Embedding init
-        **f32,
-      )
-    else:
-      self.label_emb = None
+    f32 = dict(dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    time_mlp1 = _linear(self.time_embed_channels, emb_dim, **f32)
+    time_mlp2 = _linear(emb_dim, emb_dim, **f32)
+    if self.num_classes == 0:
+      return time_mlp1, time_mlp2, None
+    label_emb = nnx.Embed(
+      self.num_classes + 1,
+      emb_dim,
+      embedding_init=nnx.initializers.normal(1.0),  # PyTorch nn.Embedding init
+      **f32,
+    )
+    return time_mlp1, time_mlp2, label_emb
 
-    counter = itertools.count()
+  def _build_down(self, layers: _Layers, base_channels: tuple[int, ...]):
+    """The encoder: the stem conv, then per level its ResBlocks (each with attention at the
+    listed resolutions) and a downsample between levels.
 
-    def res(in_w, out_w, resample=None, skip_conv=None):
-      return ResBlock(
-        in_w,
-        out_w,
-        emb_dim,
-        dropout=dropout,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resample=resample,
-        dropout_index=next(counter),
-        norm_group_size=norm_group_size,
-        skip_conv=skip_conv,
-        **kw,
-      )
-
-    def attn(width):
-      return AttentionBlock(width, heads_for(width), norm_group_size=norm_group_size, **kw)
-
-    input_blocks = [_EmbedSequential([_conv(in_channels, channels[0], 3, **kw)])]
+    Returns:
+      (the blocks as an ``nnx.List``, the width of every block's output: the decoder's skips).
+    """
+    channels = self.channels
+    blocks = [_EmbedSequential([layers.conv(self.in_channels, channels[0])])]
     skip_widths = [channels[0]]
-    ch, res_px = channels[0], image_size
+    ch = channels[0]
     for level, width in enumerate(channels):
-      for b in range(num_res_blocks[level]):
+      res_px = self.image_size // 2**level
+      for b in range(self.num_res_blocks[level]):
+        # A level-entry block whose base widths differ keeps its 1x1 skip conv (``base_channels``).
         entry = level > 0 and b == 0 and base_channels[level - 1] != base_channels[level]
-        layers = [res(ch, width, skip_conv=True if entry else None)]
+        block = [layers.res(ch, width, skip_conv=True if entry else None)]
         ch = width
-        if res_px in attention_resolutions:
-          layers.append(attn(ch))
-        input_blocks.append(_EmbedSequential(layers))
+        if res_px in self.attention_resolutions:
+          block.append(layers.attn(ch))
+        blocks.append(_EmbedSequential(block))
         skip_widths.append(ch)
-      if level != num_levels - 1:
-        down = res(ch, ch, "down") if resblock_updown else Downsample(ch, **kw)
-        input_blocks.append(_EmbedSequential([down]))
+      if level != len(channels) - 1:
+        blocks.append(_EmbedSequential([layers.down(ch)]))
         skip_widths.append(ch)
-        res_px //= 2
-    self.input_blocks = nnx.List(input_blocks)
+    return nnx.List(blocks), skip_widths
 
-    self.middle_block = _EmbedSequential([res(ch, ch), attn(ch), res(ch, ch)])
-
-    output_blocks = []
-    for level in reversed(range(num_levels)):
-      width = channels[level]
-      for i in range(num_res_blocks[level] + 1):
-        layers = [res(ch + skip_widths.pop(), width)]
+  def _build_up(self, layers: _Layers, skip_widths: list[int]) -> nnx.List:
+    """The decoder: per level, bottom first, ``num_res_blocks + 1`` ResBlocks each taking one
+    encoder skip (popped from ``skip_widths``, which ends empty), attention at the listed
+    resolutions, and an upsample after the level's last block except at the top level."""
+    blocks = []
+    ch = self.channels[-1]
+    for level in reversed(range(len(self.channels))):
+      width = self.channels[level]
+      res_px = self.image_size // 2**level
+      for i in range(self.num_res_blocks[level] + 1):
+        block = [layers.res(ch + skip_widths.pop(), width)]
         ch = width
-        if res_px in attention_resolutions:
-          layers.append(attn(ch))
-        if level and i == num_res_blocks[level]:
-          layers.append(res(ch, ch, "up") if resblock_updown else Upsample(ch, **kw))
-          res_px *= 2
-        output_blocks.append(_EmbedSequential(layers))
-    self.output_blocks = nnx.List(output_blocks)
-    assert not skip_widths and res_px == image_size  # construction invariant
-
-    self.out_norm = _group_norm(ch, param_dtype, rngs, norm_group_size)
-    self.out_conv = _conv(ch, out_channels, 3, zero=True, **kw)
+        if res_px in self.attention_resolutions:
+          block.append(layers.attn(ch))
+        if level and i == self.num_res_blocks[level]:
+          block.append(layers.up(ch))
+        blocks.append(_EmbedSequential(block))
+    assert not skip_widths  # construction invariant: every encoder output is used once
+    return nnx.List(blocks)
 
   def __call__(
     self,
