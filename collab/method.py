@@ -10,7 +10,6 @@ own batch (all K at once, ``vmap``), computes its cut images from the same noise
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import jax
@@ -18,83 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collab import client, protocol, server
+from collab import client, fields, protocol, server
 from common import data
 from common.diffusion import sampling
 from common.metrics import flops as flops_lib
 from common.train import state as state_lib
 from common.train.method import DDPM
 from common.train.validate import ConfigError
-
-OFFSETS = ("none", "code")
-CLIENT_LOOPS = ("vmap", "unroll")
-PARTITIONS = ("iid", "by_class", "dirichlet", "by_attribute")
-
-
-def validate(config, data_info) -> None:
-  """CollaFuse's own fields; raises ``ConfigError`` naming the field."""
-  big_t = config.diffusion.num_timesteps
-  k = config.num_clients
-  if not isinstance(k, int) or k < 1:
-    raise ConfigError("num_clients", k, "must be an integer >= 1")
-  if not isinstance(config.cut_point, int) or not 0 <= config.cut_point <= big_t:
-    raise ConfigError(
-      "cut_point", config.cut_point, f"must be an integer in [0, {big_t}] (diffusion.num_timesteps)"
-    )
-  if config.server_noising not in server.NOISINGS:
-    raise ConfigError(
-      "server_noising", config.server_noising, "allowed: " + ", ".join(server.NOISINGS)
-    )
-  if config.get("server_sampling_chain", "global") not in server.SAMPLING_CHAINS:
-    raise ConfigError(
-      "server_sampling_chain",
-      config.server_sampling_chain,
-      "allowed: " + ", ".join(server.SAMPLING_CHAINS),
-    )
-  if config.client_start_offset not in OFFSETS:
-    raise ConfigError(
-      "client_start_offset", config.client_start_offset, "allowed: " + ", ".join(OFFSETS)
-    )
-  if config.client_loop not in CLIENT_LOOPS:
-    raise ConfigError("client_loop", config.client_loop, "allowed: " + ", ".join(CLIENT_LOOPS))
-  if config.get("client_mesh_axis", "") not in ("", "data", "fsdp", "model"):
-    raise ConfigError(
-      "client_mesh_axis", config.client_mesh_axis, "allowed: '' (FSDP rule), data, fsdp, model"
-    )
-  if config.partition not in PARTITIONS:
-    raise ConfigError("partition", config.partition, "allowed: " + ", ".join(PARTITIONS))
-  per_client = config.classes_per_client
-  if not isinstance(per_client, int) or isinstance(per_client, bool) or per_client < 1:
-    raise ConfigError("classes_per_client", per_client, "must be an integer >= 1")
-  alpha = config.dirichlet_alpha
-  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-    raise ConfigError("dirichlet_alpha", alpha, "must be a finite number > 0")
-  if not isinstance(config.share_labels, bool):
-    raise ConfigError("share_labels", config.share_labels, "must be true or false")
-  if config.diffusion.loss != "simple":
-    raise ConfigError(
-      "diffusion.loss",
-      config.diffusion.loss,
-      "CollaFuse trains with the simple loss (the server's data, x_cut, is not 8-bit)",
-    )
-  n_groups = data_info.num_classes
-  if config.partition == "by_attribute":
-    names = list(data_info.attribute_names)
-    if config.partition_attribute not in names:
-      raise ConfigError(
-        "partition_attribute",
-        config.partition_attribute,
-        "allowed: " + ", ".join(names)
-        if names
-        else f"data.name={config.data.name!r} has no attributes",
-      )
-    n_groups = data_info.num_attribute_values[names.index(config.partition_attribute)]
-  if config.partition in ("by_class", "by_attribute") and k > n_groups:
-    raise ConfigError(
-      "num_clients",
-      k,
-      f"a {config.partition} split needs at most one client per class ({n_groups} here)",
-    )
 
 
 class CollaFuse(DDPM):
@@ -104,25 +33,30 @@ class CollaFuse(DDPM):
   default_ref_split = "test"  # each client's held-out data is its test set
 
   def __init__(self, config, data_info):
+    config = fields.upgrade(config)  # a run saved before collab.* reads the same
     super().__init__(config, data_info)
-    validate(config, data_info)
-    self.num_clients = int(config.num_clients)
-    self.t_cut = int(config.cut_point)
-    self.noising = config.server_noising
+    fields.validate(config, data_info)
+    self.num_clients = int(config.collab.num_clients)
+    self.t_cut = int(config.collab.cut_point)
+    self.noising = config.collab.server_noising
     self._splits: dict[str, list[np.ndarray]] = {}
     try:
       train_parts = self.client_indices("train")
     except ValueError as e:
-      raise ConfigError("partition", config.partition, str(e).splitlines()[0]) from None
+      raise ConfigError(
+        "collab.partition", config.collab.partition, str(e).splitlines()[0]
+      ) from None
     for k, idx in enumerate(train_parts):
       if len(idx) < 1:
-        raise ConfigError("num_clients", self.num_clients, f"client {k} has no training data")
+        raise ConfigError(
+          "collab.num_clients", self.num_clients, f"client {k} has no training data"
+        )
 
   # --- data: each client's private partition --------------------------------------------------
   def _partition_labels(self, split: str) -> np.ndarray:
-    if self.config.partition == "by_attribute":
+    if self.config.collab.partition == "by_attribute":
       names = list(self.data_info.attribute_names)
-      column = names.index(self.config.partition_attribute)
+      column = names.index(self.config.collab.partition_attribute)
       return data.load_attributes(self.config.data, split)[:, column]
     return data.load_labels(self.config.data, split)
 
@@ -134,14 +68,18 @@ class CollaFuse(DDPM):
     """
     if split not in self._splits:
       labels = self._partition_labels(split)
-      scheme = "by_class" if self.config.partition == "by_attribute" else self.config.partition
+      scheme = (
+        "by_class"
+        if self.config.collab.partition == "by_attribute"
+        else self.config.collab.partition
+      )
       self._splits[split] = data.partition_indices(
         labels,
         self.num_clients,
         scheme,
         self.config.seed + (0 if split == "train" else 1),
-        classes_per_client=self.config.classes_per_client,
-        alpha=self.config.dirichlet_alpha,
+        classes_per_client=self.config.collab.classes_per_client,
+        alpha=self.config.collab.dirichlet_alpha,
       )
     return self._splits[split]
 
@@ -184,14 +122,14 @@ class CollaFuse(DDPM):
     """The mesh axis the clients are split over, or None (axis unset, of size 1, or K not
     divisible by it)."""
     mesh = mesh or self.mesh
-    axis = self.config.get("client_mesh_axis", "")  # absent in configs saved before it existed
+    axis = self.config.collab.client_mesh_axis
     if mesh is None or not axis or mesh.shape[axis] == 1 or self.num_clients % mesh.shape[axis]:
       return None
     return axis
 
   def state_shardings(self, mesh, abstract_state):
     """The client axis of every client tensor (params, EMA, optimizer) split over the mesh axis
-    ``config.client_mesh_axis``, so K clients train in parallel across devices under ``vmap``;
+    ``config.collab.client_mesh_axis``, so K clients train in parallel across devices under ``vmap``;
     the server and anything K does not divide follow the FSDP rule."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -217,41 +155,41 @@ class CollaFuse(DDPM):
       return None
     return self.conditioning({"label": labels}, rng)
 
-  def make_train_step(self, tx, lr_schedule, ema_decay):
-    k_clients, t_cut, noising = self.num_clients, self.t_cut, self.noising
-    share = bool(self.config.share_labels) and self.class_conditional
-    client_loop = self.config.client_loop
-    client_axis = self.client_axis()
-    client_mesh = self.mesh if client_axis else None
+  # --- one training step: K client steps, the uplink, K server steps ---------------------------
+  def _client_objective(self, p_k, x0_k, y_k, rng_k):
+    """One client's loss on its own batch: (loss, x_cut) (``client.loss``)."""
+    r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
+    apply = functools.partial(self.apply, p_k, dropout_rng=r_drop)
+    y = self._labels_for_net(y_k, r_y)
+    return client.loss(
+      self.diffusion, lambda x, t, yy: apply(x, t, yy), x0_k, y, r_loss, self.t_cut
+    )
 
-    def client_objective(p_k, x0_k, y_k, rng_k):
-      r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
-      apply = functools.partial(self.apply, p_k, dropout_rng=r_drop)
-      y = self._labels_for_net(y_k, r_y)
-      return client.loss(self.diffusion, lambda x, t, yy: apply(x, t, yy), x0_k, y, r_loss, t_cut)
+  def _server_objective(self, p_s, message, k, rng_k):
+    """The server's loss on client ``k``'s message (``server.train_message_loss``)."""
+    r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
+    apply = functools.partial(self.apply, p_s, dropout_rng=r_drop)
+    wrapped = protocol.ClientMessage(
+      x_cut=message.x_cut,
+      labels=None if message.labels is None else self._labels_for_net(message.labels, r_y),
+    )
+    return server.train_message_loss(
+      self.diffusion,
+      lambda x, t, y: apply(x, t, y),
+      wrapped,
+      k,
+      r_loss,
+      t_cut=self.t_cut,
+      noising=self.noising,
+    )
 
-    def server_objective(p_s, message, k, rng_k):
-      r_y, r_loss, r_drop = jax.random.split(rng_k, 3)
-      apply = functools.partial(self.apply, p_s, dropout_rng=r_drop)
-      wrapped = protocol.ClientMessage(
-        x_cut=message.x_cut,
-        labels=None if message.labels is None else self._labels_for_net(message.labels, r_y),
-      )
-      return server.train_message_loss(
-        self.diffusion,
-        lambda x, t, y: apply(x, t, y),
-        wrapped,
-        k,
-        r_loss,
-        t_cut=t_cut,
-        noising=noising,
-      )
-
-    grad_fn = jax.value_and_grad(client_objective, has_aux=True)
+  def _clients_step(self, tx):
+    """``(c_params, c_opt, x0, labels, rngs) -> (params, opt state, losses, x_cut, squared grad
+    norms)`` for any number of clients (the leading axis)."""
+    grad_fn = jax.value_and_grad(self._client_objective, has_aux=True)
+    client_loop = self.config.collab.client_loop
 
     def clients_step(c_params, c_opt, x0, labels, rngs):
-      """Any number of clients' steps (leading axis): new params, opt state, losses, x_cut and
-      each client's squared gradient norm."""
       if client_loop == "vmap":
         (c_loss, x_cut), c_grads = jax.vmap(grad_fn)(c_params, x0, labels, rngs)
       else:
@@ -267,6 +205,58 @@ class CollaFuse(DDPM):
       )
       return optax.apply_updates(c_params, updates), c_opt, c_loss, x_cut, sumsq
 
+    return clients_step
+
+  def _run_clients(self, clients_step, client_args):
+    """All K clients' steps, laid out over the mesh: split over ``client_axis()`` (shard_map) or
+    whole on every device."""
+    client_axis = self.client_axis()
+    if client_axis:
+      # Each device group steps its own K / n clients (vmapped locally). Left to GSPMD, the
+      # vmapped weight-gradient convs split over the client axis came out wrong on XLA:CPU
+      # (tests/collab/test_sweep.py compares with one device), and shard_map is the explicit
+      # pod layout anyway.
+      spec = jax.sharding.PartitionSpec(client_axis)
+      return jax.shard_map(
+        clients_step, mesh=self.mesh, in_specs=(spec,) * 5, out_specs=(spec,) * 5
+      )(*client_args)
+    if self.mesh is not None and self.mesh.size > 1:
+      # Clients not split over the mesh (axis unset or K not divisible by it): keep their
+      # data whole on every device rather than let GSPMD split the vmapped convs' batch,
+      # which gave wrong weight gradients on XLA:CPU (same test as above).
+      whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+      client_args = jax.lax.with_sharding_constraint(client_args, whole)
+    return clients_step(*client_args)
+
+  def _server_steps(self, tx, server_p, server_o, message, rng_s):
+    """One server update per client message, in client order, as the official loop does:
+    (params, opt state, losses [K], gradient norms [K])."""
+
+    def server_update(carry, k):
+      p_s, o_s = carry
+      s_loss, g = jax.value_and_grad(self._server_objective)(
+        p_s, message, k, jax.random.fold_in(rng_s, k)
+      )
+      u, o_s = tx.update(g, o_s, p_s)
+      return (optax.apply_updates(p_s, u), o_s), (s_loss, optax.tree.norm(g))
+
+    carry = (server_p, server_o)
+    if self.config.collab.client_loop == "vmap":
+      (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
+        server_update, carry, jnp.arange(self.num_clients)
+      )
+      return server_p, server_o, s_loss, s_gnorm
+    per_client = []  # unrolled for XLA:CPU, as the clients' steps
+    for k in range(self.num_clients):
+      carry, out = server_update(carry, k)
+      per_client.append(out)
+    s_loss, s_gnorm = (jnp.stack(xs) for xs in zip(*per_client, strict=True))
+    return *carry, s_loss, s_gnorm
+
+  def make_train_step(self, tx, lr_schedule, ema_decay):
+    share = bool(self.config.collab.share_labels) and self.class_conditional
+    clients_step = self._clients_step(tx)
+
     def train_step(state, batch):
       rng = jax.random.fold_in(state.rng, state.step)
       rng_c, rng_s = jax.random.split(rng)
@@ -276,50 +266,17 @@ class CollaFuse(DDPM):
 
       # Clients: K independent steps at once.
       client_args = (
-        params["clients"], opt["clients"], x0, labels, jax.random.split(rng_c, k_clients)
+        params["clients"], opt["clients"], x0, labels, jax.random.split(rng_c, self.num_clients)
       )  # fmt: skip
-      if client_mesh is not None:
-        # Each device group steps its own K / n clients (vmapped locally). Left to GSPMD, the
-        # vmapped weight-gradient convs split over the client axis came out wrong on XLA:CPU
-        # (tests/collab/test_sweep.py compares with one device), and shard_map is the explicit
-        # pod layout anyway.
-        spec = jax.sharding.PartitionSpec(client_axis)
-        clients, c_opt, c_loss, x_cut, c_sumsq = jax.shard_map(
-          clients_step, mesh=client_mesh, in_specs=(spec,) * 5, out_specs=(spec,) * 5
-        )(*client_args)
-      else:
-        if self.mesh is not None and self.mesh.size > 1:
-          # Clients not split over the mesh (axis unset or K not divisible by it): keep their
-          # data whole on every device rather than let GSPMD split the vmapped convs' batch,
-          # which gave wrong weight gradients on XLA:CPU (same test as above).
-          whole = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-          client_args = jax.lax.with_sharding_constraint(client_args, whole)
-        clients, c_opt, c_loss, x_cut, c_sumsq = clients_step(*client_args)
+      clients, c_opt, c_loss, x_cut, c_sumsq = self._run_clients(clients_step, client_args)
 
       # The uplink: cut images (and labels if shared). Nothing else reaches the server.
       message = protocol.transmit(jax.lax.stop_gradient(x_cut), labels, share_labels=share)
 
-      # Server: one update per client message, in client order, as the official loop does.
-      def server_update(carry, k):
-        p_s, o_s = carry
-        s_loss, g = jax.value_and_grad(server_objective)(
-          p_s, message, k, jax.random.fold_in(rng_s, k)
-        )
-        u, o_s = tx.update(g, o_s, p_s)
-        return (optax.apply_updates(p_s, u), o_s), (s_loss, optax.tree.norm(g))
-
-      carry = (params["server"], opt["server"])
-      if client_loop == "vmap":
-        (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
-          server_update, carry, jnp.arange(k_clients)
-        )
-      else:  # unrolled for XLA:CPU, as the clients above
-        per_client = []
-        for k in range(k_clients):
-          carry, out = server_update(carry, k)
-          per_client.append(out)
-        (server_p, server_o) = carry
-        s_loss, s_gnorm = (jnp.stack(xs) for xs in zip(*per_client, strict=True))
+      # Server: one update per client message.
+      server_p, server_o, s_loss, s_gnorm = self._server_steps(
+        tx, params["server"], opt["server"], message, rng_s
+      )
       new_params = {"server": server_p, "clients": clients}
       metrics = {
         # The official code logs 0.5 * client + 0.5 * server; it is not an objective.
@@ -355,7 +312,7 @@ class CollaFuse(DDPM):
   def client_start_level(self) -> int:
     """The level the client starts from: t_cut, or the official code's offset t_cut + t_cut(1-c)."""
     big_t = self.diffusion.num_timesteps
-    if self.config.client_start_offset == "code" and 0 < self.t_cut < big_t:
+    if self.config.collab.client_start_offset == "code" and 0 < self.t_cut < big_t:
       return min(big_t, self.t_cut + round(self.t_cut * (1 - self.t_cut / big_t)))
     return self.t_cut
 
@@ -380,9 +337,9 @@ class CollaFuse(DDPM):
       t_cut=self.t_cut,
       noising=self.noising,
       num_steps=num_steps or max(s_steps, 1),
-      chain=self.config.get("server_sampling_chain", "global"),
-      labels=labels if self.config.share_labels else None,
-      **self._sampler_kwargs(labels if self.config.share_labels else None),
+      chain=self.config.collab.server_sampling_chain,
+      labels=labels if self.config.collab.share_labels else None,
+      **self._sampler_kwargs(labels if self.config.collab.share_labels else None),
     )
 
   def client_finish(
@@ -510,7 +467,7 @@ class CollaFuse(DDPM):
   def cost_description(self, params) -> dict[str, Any]:
     res, ch = self.data_info.resolution, self.data_info.channels
     b = int(self.config.batch_size)
-    share = bool(self.config.share_labels) and self.class_conditional
+    share = bool(self.config.collab.share_labels) and self.class_conditional
     calls = self.client_network_calls_per_image(params)
     one_client = self._first_client(params)
     return {
@@ -587,7 +544,7 @@ class CollaFuse(DDPM):
       "cut_point": self.t_cut,
       "server_noising": self.noising,
       "client_start_level": self.client_start_level(),
-      "server_sampling_chain": self.config.get("server_sampling_chain", "global"),
+      "server_sampling_chain": self.config.collab.server_sampling_chain,
     }
 
 

@@ -1,7 +1,7 @@
 """The server's side: trained only on cut images, and the noisy half of every sample.
 
 The server owns levels t_cut+1..T (model timesteps t in [t_cut, T)). Two formulations
-(``config.server_noising``):
+(``config.collab.server_noising``):
 
 * ``ratio`` (default, spec §2.3): the server treats ``x_cut`` as its data and noises it with the
   *rebased* chain, abar'(k) = abar(k) / abar(t_cut), which gives exactly the global marginal
@@ -10,7 +10,7 @@ The server owns levels t_cut+1..T (model timesteps t in [t_cut, T)). Two formula
 * ``full`` (the official code, spec §2.1): the server noises ``x_cut`` as if it were clean data
   with the full schedule at t, so its inputs carry noise abar(t) * abar(t_cut) in total; it samples
   the ordinary chain from T down to level t_cut. The client then starts from an offset level
-  (``client_start_offset='code'``) that the official code uses to compensate.
+  (``collab.client_start_offset='code'``) that the official code uses to compensate.
 
 Every function here receives a ``protocol.ClientMessage`` (training) or nothing private at all
 (sampling): never x_0, never the clients' noise.

@@ -16,8 +16,12 @@ Presets (``--config=configs/collab.py:<preset>``):
 * ``cifar10``  K=5 clients by class (two classes each), 32x32 (attention at 16, 8, 4), otherwise
                as celeba64.
 
-``batch_size`` is per client: a step reads K * batch_size images. Every field can be overridden:
-``--config.num_clients=5 --config.cut_point=20``.
+``batch_size`` is per client: a step reads K * batch_size images. CollaFuse's own fields are under
+``collab.*`` (the shared ones, ``batch_size``, ``model.*``, ``diffusion.*``, ... where every method
+keeps them); every field can be overridden: ``--config.collab.num_clients=5
+--config.collab.cut_point=20``. ``RENAMED`` maps the top-level names these fields had before
+(``--config.cut_point``) to their place now; ``collab.train`` and ``collab.sweep`` answer an old
+command line with the new name.
 """
 
 import ml_collections
@@ -25,9 +29,9 @@ import ml_collections
 from configs import ddpm
 
 
-def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
-  c = ddpm.base_config()
-  c.method = "collab"
+def collab_fields() -> ml_collections.ConfigDict:
+  """CollaFuse's own fields (``config.collab``), at the digits preset's values."""
+  c = ml_collections.ConfigDict()
   c.num_clients = 5
   c.cut_point = 20  # t_cut: levels 1..t_cut are the clients', t_cut+1..T the server's
   c.server_noising = "ratio"  # ratio (marginal-consistent, spec §2.3) | full (official code, §2.1)
@@ -47,7 +51,17 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   # The mesh axis the client axis of the stacked client tree is split over (K divisible by its
   # size; otherwise, or with "", the FSDP rule): 100 clients on a slice is --config.mesh.data=N.
   c.client_mesh_axis = "data"
+  return c
 
+
+# Where each field of ``collab_fields`` lived before it moved under ``collab.*`` (issue 21): the
+# old top-level name -> the new dotted one. Read by ``collab.fields`` (old command lines, runs
+# saved with the old layout).
+RENAMED = {name: f"collab.{name}" for name in collab_fields()}
+
+
+def _shared(c: ml_collections.ConfigDict) -> None:
+  """The fields every preset shares (the official code's settings)."""
   c.diffusion.schedule = "cosine"
   c.diffusion.min_snr_gamma = 5.0
   c.diffusion.cond_drop_prob = 0.1
@@ -59,74 +73,93 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   c.optimizer.grad_clip_norm = 0.0
   c.optimizer.warmup_steps = 0
 
+
+def _digits(c: ml_collections.ConfigDict) -> None:
+  c.collab.client_loop = "unroll"
+  c.data.name = "digits"
+  c.data.resolution = 8
+  # Six networks train at once (five clients and the server), so each is the small end of the
+  # spec's "tiny conv U-Net" (§11): 16/32 channels, no attention; 2.7x faster than ddpm's
+  # digits net (32/64 with attention at 4) on a CPU.
+  c.model.channels = (16, 32)
+  c.model.num_res_blocks = 1
+  c.model.attention_resolutions = ()
+  c.diffusion.num_timesteps = 100
+  c.diffusion.sample_steps = 100
+  c.diffusion.sampler = "ddpm"
+  c.batch_size = 32
+  # 0.76 s a step on 2 CPU cores (K=5: ten U-Net updates); the server gets 5 x 600 updates.
+  c.total_steps = 600
+  c.ema_decay = 0.99
+  c.log_every_steps = 50
+  c.ckpt_every_steps = 200
+  c.sample_every_steps = 600
+  c.num_sample_images = 40
+
+
+def _shapes(c: ml_collections.ConfigDict) -> None:
+  c.collab.num_clients = 4
+  c.collab.partition = "by_attribute"
+  c.collab.partition_attribute = "colour"
+  c.data.name = "shapes"
+  c.data.resolution = 32
+  c.model.channels = (64, 128, 128)
+  c.model.attention_resolutions = (8,)
+  c.diffusion.num_timesteps = 1000
+  c.collab.cut_point = 200
+  c.batch_size = 32
+  c.total_steps = 20_000
+  c.ema_decay = 0.999
+  c.log_every_steps = 100
+  c.ckpt_every_steps = 1000
+  c.sample_every_steps = 5000
+
+
+def _paper_scale(c: ml_collections.ConfigDict, preset: str) -> None:
+  """celeba64 and cifar10: the official code's network size and training settings."""
+  c.data.name = "array_record"
+  c.data.data_dir = f"data/{preset}"
+  c.data.resolution = 64 if preset == "celeba64" else 32
+  # Every network (server and each client) is our ADM U-Net at the size of the official code's
+  # imagen-pytorch EfficientUNet (SimeonAllmendinger/collafuse_imagen,
+  # configs/model/config_efficient_unet.yaml, UNET_64): dim 32 x mults (1, 2, 4, 8), res blocks
+  # (2, 4, 8, 8) per level, self-attention at levels 2-4 (and the bottleneck), 8 heads. Our
+  # attention splits the level's own width into the 8 heads (EfficientUNet projects to
+  # 8 x 64 = 512 at every level) and follows every res block at those resolutions (EfficientUNet:
+  # one transformer block per level); its encoder runs at the previous level's width; its
+  # cross-embed stem, pixel-shuffle upsampling, T5 cross-attention and GroupNorm(8) are not
+  # followed (WORKSPACE.md, collab substitutions). 46,217,475 parameters a network at celeba64
+  # with 5 classes, 277,304,850 for all six (tests/collab/test_collab_presets.py); EfficientUNet:
+  # 43,199,432, of which 34,806,720 outside its text conditioning
+  # (benchmarks/efficientunet_params.py).
+  c.model.channels = (32, 64, 128, 256)
+  with c.model.ignore_type():  # per-level res blocks: the field is an int in the base config
+    c.model.num_res_blocks = (2, 4, 8, 8)
+  r = c.data.resolution
+  c.model.attention_resolutions = (r // 2, r // 4, r // 8)  # levels 2-4: 32, 16, 8 at 64x64
+  c.model.num_heads = 8
+  c.model.num_head_channels = -1
+  c.diffusion.num_timesteps = 1000
+  c.collab.cut_point = 200  # c = 0.2
+  c.batch_size = 50
+  c.total_steps = 18_000
+  c.ema_decay = 0.9999
+  c.log_every_steps = 100
+  c.ckpt_every_steps = 1000
+  c.sample_every_steps = 5000
+
+
+def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
+  c = ddpm.base_config()
+  c.method = "collab"
+  c.collab = collab_fields()
+  _shared(c)
   if preset == "digits":
-    c.client_loop = "unroll"
-    c.data.name = "digits"
-    c.data.resolution = 8
-    # Six networks train at once (five clients and the server), so each is the small end of the
-    # spec's "tiny conv U-Net" (§11): 16/32 channels, no attention; 2.7x faster than ddpm's
-    # digits net (32/64 with attention at 4) on a CPU.
-    c.model.channels = (16, 32)
-    c.model.num_res_blocks = 1
-    c.model.attention_resolutions = ()
-    c.diffusion.num_timesteps = 100
-    c.diffusion.sample_steps = 100
-    c.diffusion.sampler = "ddpm"
-    c.batch_size = 32
-    # 0.76 s a step on 2 CPU cores (K=5: ten U-Net updates); the server gets 5 x 600 updates.
-    c.total_steps = 600
-    c.ema_decay = 0.99
-    c.log_every_steps = 50
-    c.ckpt_every_steps = 200
-    c.sample_every_steps = 600
-    c.num_sample_images = 40
+    _digits(c)
   elif preset == "shapes":
-    c.num_clients = 4
-    c.partition = "by_attribute"
-    c.partition_attribute = "colour"
-    c.data.name = "shapes"
-    c.data.resolution = 32
-    c.model.channels = (64, 128, 128)
-    c.model.attention_resolutions = (8,)
-    c.diffusion.num_timesteps = 1000
-    c.cut_point = 200
-    c.batch_size = 32
-    c.total_steps = 20_000
-    c.ema_decay = 0.999
-    c.log_every_steps = 100
-    c.ckpt_every_steps = 1000
-    c.sample_every_steps = 5000
+    _shapes(c)
   elif preset in ("celeba64", "cifar10"):
-    c.data.name = "array_record"
-    c.data.data_dir = f"data/{preset}"
-    c.data.resolution = 64 if preset == "celeba64" else 32
-    # Every network (server and each client) is our ADM U-Net at the size of the official code's
-    # imagen-pytorch EfficientUNet (SimeonAllmendinger/collafuse_imagen,
-    # configs/model/config_efficient_unet.yaml, UNET_64): dim 32 x mults (1, 2, 4, 8), res blocks
-    # (2, 4, 8, 8) per level, self-attention at levels 2-4 (and the bottleneck), 8 heads. Our
-    # attention splits the level's own width into the 8 heads (EfficientUNet projects to
-    # 8 x 64 = 512 at every level) and follows every res block at those resolutions (EfficientUNet:
-    # one transformer block per level); its encoder runs at the previous level's width; its
-    # cross-embed stem, pixel-shuffle upsampling, T5 cross-attention and GroupNorm(8) are not
-    # followed (WORKSPACE.md, collab substitutions). 46,217,475 parameters a network at celeba64
-    # with 5 classes, 277,304,850 for all six (tests/collab/test_collab_presets.py); EfficientUNet:
-    # 43,199,432, of which 34,806,720 outside its text conditioning
-    # (benchmarks/efficientunet_params.py).
-    c.model.channels = (32, 64, 128, 256)
-    with c.model.ignore_type():  # per-level res blocks: the field is an int in the base config
-      c.model.num_res_blocks = (2, 4, 8, 8)
-    r = c.data.resolution
-    c.model.attention_resolutions = (r // 2, r // 4, r // 8)  # levels 2-4: 32, 16, 8 at 64x64
-    c.model.num_heads = 8
-    c.model.num_head_channels = -1
-    c.diffusion.num_timesteps = 1000
-    c.cut_point = 200  # c = 0.2
-    c.batch_size = 50
-    c.total_steps = 18_000
-    c.ema_decay = 0.9999
-    c.log_every_steps = 100
-    c.ckpt_every_steps = 1000
-    c.sample_every_steps = 5000
+    _paper_scale(c, preset)
   else:
     raise ValueError(
       f"configs/collab.py: unknown preset {preset!r}; allowed: digits, shapes, celeba64, cifar10"

@@ -356,13 +356,13 @@ def mobile(p: Preset) -> dict:
 def collab(p: Preset) -> dict:
   """CollaFuse at one cut point against local-only (t_cut = T: the server owns no step)."""
   s = p.pick(
-    default=dict(steps=400, cut=20, T=100, extra=("num_clients=2",), est=70),
+    default=dict(steps=400, cut=20, T=100, extra=("collab.num_clients=2",), est=70),
     tiny=dict(
       steps=2,
       cut=4,
       T=10,
       extra=(
-        "num_clients=2",
+        "collab.num_clients=2",
         "mesh.data=1",
         "model.channels=(8,)",
         "model.num_res_blocks=1",
@@ -381,7 +381,7 @@ def collab(p: Preset) -> dict:
       name,
       "configs/collab.py:digits",
       steps=s["steps"],
-      extra=(f"cut_point={cut}", *s["extra"]),
+      extra=(f"collab.cut_point={cut}", *s["extra"]),
       estimate_s=s["est"],
     )
     runs[name] = p.eval(

@@ -20,9 +20,9 @@ from configs import collab as collab_config
 
 def tiny(**overrides):
   c = collab_config.get_config("digits")
-  c.num_clients = 2
-  c.classes_per_client = 5
-  c.cut_point = 8
+  c.collab.num_clients = 2
+  c.collab.classes_per_client = 5
+  c.collab.cut_point = 8
   c.model.channels = (16, 32)
   c.model.num_heads = 2
   c.diffusion.num_timesteps = 20
@@ -69,7 +69,7 @@ def test_privacy_boundary_server_sees_only_the_cut_images(monkeypatch):
   monkeypatch.setattr(protocol, "transmit", spy_transmit)
   monkeypatch.setattr(server, "train_message_loss", spy_server)
   jax.block_until_ready(jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch))
-  assert len(sent) == 1 and len(received) == config.num_clients
+  assert len(sent) == 1 and len(received) == config.collab.num_clients
   # What the server's code gets is the transmitted message and nothing else: its cut images and
   # (because this config shares them) the labels.
   for arrays in received:
@@ -82,7 +82,7 @@ def test_privacy_boundary_server_sees_only_the_cut_images(monkeypatch):
   x0 = np.asarray(batch["image"])
   # x_cut is x0 noised to exactly level t_cut: the residual after removing sqrt(abar) x0 is
   # N(0, 1 - abar(t_cut)); x0 itself (residual 0) or a lower level (smaller residual) would fail.
-  abar = float(m.diffusion.np_alpha_bar_levels()[config.cut_point])
+  abar = float(m.diffusion.np_alpha_bar_levels()[config.collab.cut_point])
   residual = x_cut - np.sqrt(abar) * x0
   assert abs(residual.std() - np.sqrt(1 - abar)) < 0.05 * np.sqrt(1 - abar)
   assert abs(residual.mean()) < 0.05
@@ -100,7 +100,7 @@ def test_privacy_boundary_server_sees_only_the_cut_images(monkeypatch):
 
 
 def test_labels_stay_private_when_not_shared(monkeypatch):
-  m, tx, lr, state, batch = build(tiny(share_labels=False))
+  m, tx, lr, state, batch = build(tiny(**{"collab.share_labels": False}))
   received = []
   real = server.train_message_loss
   monkeypatch.setattr(
@@ -136,7 +136,7 @@ def test_stacked_client_step_equals_separate_steps():
   )
   state = state.replace(params=params, ema_params=params, opt_state=m.init_opt_state(tx, params))
   unrolled, _ = jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
-  mv = collab_method.CollaFuse(tiny(client_loop="vmap"), m.data_info)
+  mv = collab_method.CollaFuse(tiny(**{"collab.client_loop": "vmap"}), m.data_info)
   vmapped, _ = jax.jit(mv.make_train_step(tx, lr, 0.99))(state, batch)
   change = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new, params)
   d_unrolled, d_vmapped = change(unrolled.params), change(vmapped.params)
@@ -144,10 +144,10 @@ def test_stacked_client_step_equals_separate_steps():
     np.testing.assert_allclose(a, b, rtol=0, atol=_leaf_tolerance(a))
   # Client 1 on its own: the same objective's gradient outside the stacked tree.
   rng_c = jax.random.split(jax.random.fold_in(state.rng, state.step))[0]
-  rng_1 = jax.random.split(rng_c, config.num_clients)[1]
+  rng_1 = jax.random.split(rng_c, config.collab.num_clients)[1]
   p1 = jax.tree.map(lambda a: a[1], params["clients"])
-  x0 = batch["image"].reshape(config.num_clients, -1, 8, 8, 1)[1]
-  y = batch["label"].reshape(config.num_clients, -1)[1]
+  x0 = batch["image"].reshape(config.collab.num_clients, -1, 8, 8, 1)[1]
+  y = batch["label"].reshape(config.collab.num_clients, -1)[1]
 
   def objective(p):
     r_y, r_loss, r_drop = jax.random.split(rng_1, 3)
@@ -156,7 +156,7 @@ def test_stacked_client_step_equals_separate_steps():
     yy = m._labels_for_net(y, r_y)
     apply = functools.partial(m.apply, p, dropout_rng=r_drop)
     return client.loss(
-      m.diffusion, lambda x, t, lab: apply(x, t, lab), x0, yy, r_loss, config.cut_point
+      m.diffusion, lambda x, t, lab: apply(x, t, lab), x0, yy, r_loss, config.collab.cut_point
     )[0]
 
   alone = jax.tree.leaves(jax.jit(jax.grad(objective))(p1))
@@ -170,7 +170,7 @@ def test_stacked_client_step_equals_separate_steps():
 
 @pytest.mark.parametrize("cut", [0, 20])
 def test_cut_extremes(cut):
-  config = tiny(cut_point=cut)
+  config = tiny(**{"collab.cut_point": cut})
   m, tx, lr, state, batch = build(config)
   new, metrics = jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
   changed = lambda a, b: any(
@@ -206,7 +206,7 @@ def test_ratio_noising_gives_the_global_marginal():
 
 
 def test_handoff_with_one_shared_model_equals_plain_sampling():
-  config = tiny(server_noising="full")
+  config = tiny(**{"collab.server_noising": "full"})
   m, _, _, state, _ = build(config)
   params = state.params
   # Perturb the zero-initialised output layer so the network is not the trivial zero map, then
@@ -243,12 +243,15 @@ def test_resume_continues_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.parametrize(
   "overrides,field",
   [
-    ({"cut_point": -1}, "cut_point"),
-    ({"cut_point": 21}, "cut_point"),
-    ({"num_clients": 11, "classes_per_client": 1}, "num_clients"),
-    ({"server_noising": "half"}, "server_noising"),
-    ({"partition": "iid", "num_clients": 2000}, "partition"),
-    ({"partition": "by_attribute", "partition_attribute": "colour"}, "partition_attribute"),
+    ({"collab.cut_point": -1}, "collab.cut_point"),
+    ({"collab.cut_point": 21}, "collab.cut_point"),
+    ({"collab.num_clients": 11, "collab.classes_per_client": 1}, "collab.num_clients"),
+    ({"collab.server_noising": "half"}, "collab.server_noising"),
+    ({"collab.partition": "iid", "collab.num_clients": 2000}, "collab.partition"),
+    (
+      {"collab.partition": "by_attribute", "collab.partition_attribute": "colour"},
+      "collab.partition_attribute",
+    ),
   ],
 )
 def test_bad_input_names_the_field(tmp_path, overrides, field):

@@ -13,9 +13,9 @@ from tests.multiprocess import LEARN, assert_same_losses, finish, launch, run_fi
 # with mesh.data=2 the clients' parameters are split over the data axis too (client_mesh_axis).
 COLLAB = [
   "--config=configs/collab.py:digits",
-  "--config.num_clients=2",
-  "--config.classes_per_client=5",
-  "--config.cut_point=8",
+  "--config.collab.num_clients=2",
+  "--config.collab.classes_per_client=5",
+  "--config.collab.cut_point=8",
   "--config.model.channels=(8,16)",
   "--config.model.num_heads=2",
   "--config.diffusion.num_timesteps=20",

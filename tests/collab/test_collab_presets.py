@@ -51,7 +51,7 @@ def _check_shape(config):
   assert tuple(config.model.num_res_blocks) == (2, 4, 8, 8)
   assert tuple(config.model.attention_resolutions) == (res // 2, res // 4, res // 8)
   assert config.model.num_heads == 8 and config.model.num_head_channels <= 0
-  assert config.num_clients == 5
+  assert config.collab.num_clients == 5
 
 
 def _preset_method(preset: str, tmp_path):
@@ -68,7 +68,7 @@ def test_celeba64_six_networks_counted_exactly(tmp_path):
   """Server + 5 stacked clients through CollaFuse's own ``init_params`` (~30 s of tracing)."""
   config, method, per_network, total = _preset_method("celeba64", tmp_path)
   params = jax.eval_shape(method.init_params, jax.random.key(0))
-  k = config.num_clients
+  k = config.collab.num_clients
   assert _count(params["server"]) == per_network
   assert all(x.shape[0] == k for x in jax.tree.leaves(params["clients"]))
   assert _count(params["clients"]) == k * per_network

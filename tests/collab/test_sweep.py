@@ -44,7 +44,7 @@ def test_cut_image_mse_matches_the_analytic_formula():
 
 @pytest.mark.parametrize("processes", [2, 4])
 def test_processes_read_their_clients_rows_of_one_client_major_batch(processes):
-  config = tiny(batch_size=6, num_clients=4, classes_per_client=2)
+  config = tiny(**{"batch_size": 6, "collab.num_clients": 4, "collab.classes_per_client": 2})
   m = collab_method.CollaFuse(config, data.get_info(config.data))
   one = m.train_iterator(process_index=0, process_count=1)
   whole = [next(one) for _ in range(3)]
@@ -92,18 +92,19 @@ def test_diagnostics_and_client_compute():
   assert all(v.shape == (8, 8, 8, 1) for v in diag.values())
   # The client's network runs exactly t_cut times per image, and its FLOPs follow.
   costs = m.cost_description(state.params)
-  assert costs["client_network_calls_per_image"] == config.cut_point
+  assert costs["client_network_calls_per_image"] == config.collab.cut_point
   one = jax.tree.map(lambda a: a[0], state.params["clients"])
   np.testing.assert_allclose(
-    costs["client_inference_flops_per_image"], config.cut_point * m.denoiser_call_flops(one, 1)
+    costs["client_inference_flops_per_image"],
+    config.collab.cut_point * m.denoiser_call_flops(one, 1),
   )
   assert costs["uplink_bytes_per_client_step"] == 8 * 64 * 4 + 8 * 4
   assert costs["downlink_bytes_per_image"] == 64 * 4
   assert (
     costs["client_train_flops_per_step"]
-    > 2 * config.batch_size * costs["client_inference_flops_per_image"] / config.cut_point
+    > 2 * config.batch_size * costs["client_inference_flops_per_image"] / config.collab.cut_point
   )
-  m0 = collab_method.CollaFuse(tiny(cut_point=0), m.data_info)
+  m0 = collab_method.CollaFuse(tiny(**{"collab.cut_point": 0}), m.data_info)
   assert m0.client_network_calls_per_image(state.params) == 0
   assert "client_from_noise" not in m0.sample_diagnostics(state.params, 0, rng, 8, y)
 
@@ -150,7 +151,13 @@ def test_client_axis_is_sharded_over_the_mesh_and_trains_like_unsplit_clients():
 
   metrics_by_axis = {}
   for client_axis in ("", "data"):
-    config = tiny(client_loop="vmap", num_clients=2, client_mesh_axis=client_axis)
+    config = tiny(
+      **{
+        "collab.client_loop": "vmap",
+        "collab.num_clients": 2,
+        "collab.client_mesh_axis": client_axis,
+      }
+    )
     config.mesh.data = 2
     mesh, m = loop.setup(config, devices=jax.devices()[:2])
     fns = loop.build(config, m, mesh)
