@@ -401,11 +401,20 @@ class Checkpointer:
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()
 
-  def close(self) -> None:
+  def close(self, *, failed: bool = False) -> None:
     """Finishes the write in flight and seals what is vouched for; provisional steps stay
-    unsealed (a resumed run restores them on a finiteness check and confirms them)."""
-    self._seal_finished()
-    self._manager.close()
+    unsealed (a resumed run restores them on a finiteness check and confirms them).
+
+    ``failed``: this process is leaving on an error. With several processes it then skips every
+    collective (the seal barrier, the rotation, orbax's own close): its peers may be waiting in a
+    step this process will never run, and a barrier here would hang both instead of letting the
+    error end the job.
+    """
+    if failed and jax.process_count() > 1:
+      logging.error("leaving on an error: checkpoints not sealed or rotated by this process")
+    else:
+      self._seal_finished()
+      self._manager.close()
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)
       signal.set_wakeup_fd(self._wakeup[2])

@@ -227,9 +227,12 @@ def train(
       drift.record(workdir, config_json, config_changes, start)
     logger.truncate_after(start)
     state = _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, config_json)
-  finally:
-    ckpt.close()
+  except BaseException:
+    ckpt.close(failed=True)
     logger.close()
+    raise
+  ckpt.close()
+  logger.close()
   return state
 
 
