@@ -19,6 +19,15 @@ from common.diffusion import sampling
 from common.diffusion.sampling import DenoiseFn, Segment
 
 
+def _one_per_group(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> tuple[DenoiseFn, ...]:
+  fns = tuple(denoise_fns)
+  if len(fns) != groups.num_groups:
+    raise ValueError(
+      f"need one denoise_fn per group: {groups.num_groups} groups, got {len(fns)} functions"
+    )
+  return fns
+
+
 def routed_denoise_fn(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> DenoiseFn:
   """One denoiser that calls ``denoise_fns[group(t)]``: the core's routing by level
   (``sampling.routed_denoise_fn``, one ``lax.switch``) over the group table.
@@ -29,11 +38,7 @@ def routed_denoise_fn(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> Denoi
   Raises:
     ValueError: the number of functions is not N.
   """
-  fns = tuple(denoise_fns)
-  if len(fns) != groups.num_groups:
-    raise ValueError(
-      f"need one denoise_fn per group: {groups.num_groups} groups, got {len(fns)} functions"
-    )
+  fns = _one_per_group(groups, denoise_fns)
   return sampling.routed_denoise_fn(groups.group_of(np.arange(groups.num_timesteps)), fns)
 
 
@@ -62,10 +67,7 @@ def group_segments(
   Returns:
     Contiguous segments from levels[0] down to levels[-1], one per group visited.
   """
-  if len(denoise_fns) != groups.num_groups:
-    raise ValueError(
-      f"need one denoise_fn per group: {groups.num_groups} groups, got {len(denoise_fns)} functions"
-    )
+  denoise_fns = _one_per_group(groups, denoise_fns)
   grid = np.asarray(levels)
   step_group = groups.group_of(grid[:-1].astype(np.int64) - 1)
   segments, start = [], 0

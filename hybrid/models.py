@@ -42,11 +42,11 @@ def row_keys(rng: jax.Array, batch: int) -> jax.Array:
   Accepts typed keys (``jax.random.key``) and raw uint32 keys (``jax.random.PRNGKey``).
   """
   rng = rng if isinstance(rng, jax.Array) else jnp.asarray(rng)
-  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
-  if rng.ndim == (1 if typed else 2):
+  if sampling.is_row_keys(rng):
     if rng.shape[0] != batch:
       raise ValueError(f"got {rng.shape[0]} row keys for a batch of {batch}")
     return rng
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
   if rng.ndim != (0 if typed else 1):
     raise ValueError(f"rng must be one key or [B] keys, got shape {rng.shape}")
   return jax.random.split(rng, batch)

@@ -190,25 +190,24 @@ def state_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
   return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp)), abstract_tree)
 
 
-def check_process_rows(sharding: NamedSharding, global_batch_size: int) -> None:
-  """Checks that this process's devices hold rows ``[i B/P, (i+1) B/P)`` of a global batch, the
-  block ``common.data.process_rows`` gives its input pipeline.
+def check_process_rows(sharding: NamedSharding, global_batch_size: int, rows: range) -> None:
+  """Checks that this process's devices hold exactly ``rows`` of a global batch: the block
+  ``common.data.process_rows`` gives its input pipeline.
 
   Raises:
     ValueError: one line naming the rows the mesh puts on this process, when they differ (a
       device order in which a process's devices are not one block of the batch axes).
   """
-  p, n = jax.process_index(), jax.process_count()
-  per = global_batch_size // n
-  rows = set()
+  held = set()
   for index in sharding.addressable_devices_indices_map((global_batch_size,)).values():
-    rows.update(range(*index[0].indices(global_batch_size)))
-  if rows != set(range(p * per, (p + 1) * per)):
-    lo, hi = (min(rows), max(rows) + 1) if rows else (0, 0)
+    held.update(range(*index[0].indices(global_batch_size)))
+  if held != set(rows):
+    lo, hi = (min(held), max(held) + 1) if held else (0, 0)
     raise ValueError(
-      f"process {p} of {n} holds rows {lo}..{hi - 1} ({len(rows)} rows) of the {global_batch_size}"
-      f"-row batch, not its block {p * per}..{(p + 1) * per - 1}: the mesh's device order "
-      "splits processes across the batch axes"
+      f"process {jax.process_index()} of {jax.process_count()} holds rows {lo}..{hi - 1} "
+      f"({len(held)} rows) of the {global_batch_size}-row batch, not its block "
+      f"{rows.start}..{rows.stop - 1}: the mesh's device order splits processes across the "
+      "batch axes"
     )
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from common import checkpoint, images, parallel
+from common import checkpoint, data, images, parallel
 from common.train import drift
 from common.train import validate as validate_lib
 from common.train.logger import MetricLogger
@@ -197,7 +197,9 @@ def train(
   # --- Model, optimizer and shardings. -------------------------------------------------------
   fns = build(config, method, mesh)
   try:
-    parallel.check_process_rows(fns["batch_sharding"], method.images_per_step())
+    rows = method.images_per_step()
+    mine = data.process_rows(rows, jax.process_index(), jax.process_count())
+    parallel.check_process_rows(fns["batch_sharding"], rows, mine)
   except ValueError as e:
     raise validate_lib.ConfigError("mesh", dict(mesh.shape), str(e)) from None
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(fns["abstract_state"].params))
