@@ -38,7 +38,11 @@ def free_port() -> int:
 
 def device_env(devices: int) -> dict:
   env = os.environ.copy()
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The conftest's -O0 (compiling, not running, dominates these tiny runs) with this launch's
+  # device count.
+  env["XLA_FLAGS"] = (
+    f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
+  )
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONFAULTHANDLER"] = "1"
   return env

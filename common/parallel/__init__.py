@@ -149,7 +149,8 @@ def make_mesh(mesh_config: Mapping[str, int], devices: list | None = None) -> Me
   """Builds the ``(data, fsdp, model)`` mesh from ``config.mesh``.
 
   A mesh smaller than the device count uses the first devices (handy for tests that compare a
-  1-device run with an 8-device run in one process).
+  1-device run with an 8-device run in one process). With several CPU processes every process
+  must call this at the same point: it connects the mesh's device groups (``cpu_collectives``).
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_config, len(devices))
@@ -158,9 +159,14 @@ def make_mesh(mesh_config: Mapping[str, int], devices: list | None = None) -> Me
   # sharding annotations inside; JAX's default for make_mesh is now Explicit.
   axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   if n == len(devices):
-    return jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types, devices=devices)
-  grid = np.asarray(devices[:n]).reshape(tuple(shape.values()))
-  return Mesh(grid, MESH_AXES, axis_types=axis_types)
+    mesh = jax.make_mesh(tuple(shape.values()), MESH_AXES, axis_types, devices=devices)
+  else:
+    grid = np.asarray(devices[:n]).reshape(tuple(shape.values()))
+    mesh = Mesh(grid, MESH_AXES, axis_types=axis_types)
+  from common.parallel import cpu_collectives
+
+  cpu_collectives.open_groups(mesh)  # several CPU processes: see cpu_collectives
+  return mesh
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

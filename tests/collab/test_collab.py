@@ -14,6 +14,7 @@ from collab import protocol, server
 from common import data
 from common.diffusion import sampling
 from common.train import loop
+from common.train.method import DDPM
 from common.train.validate import ConfigError
 from configs import collab as collab_config
 
@@ -129,6 +130,17 @@ def test_stacked_client_step_equals_separate_steps():
 
   config = tiny()
   m, _, _, state, batch = build(config)
+  # The tree: the server and K clients stacked on a leading axis, each one DDPM network (the
+  # paper-scale presets' counts in test_collab_presets.py rely on it).
+  one = jax.eval_shape(lambda key: DDPM.init_params(m, key), jax.random.key(0))
+  k = config.collab.num_clients
+  assert jax.tree.structure(state.params["server"]) == jax.tree.structure(one)
+  assert [a.shape for a in jax.tree.leaves(state.params["server"])] == [
+    a.shape for a in jax.tree.leaves(one)
+  ]
+  assert [a.shape for a in jax.tree.leaves(state.params["clients"])] == [
+    (k, *a.shape) for a in jax.tree.leaves(one)
+  ]
   tx, lr = optax.sgd(1.0), optax.constant_schedule(1.0)
   rng = np.random.default_rng(0)
   params = jax.tree.map(

@@ -15,7 +15,15 @@ import pytest
 
 from common import parallel
 from tests.common.test_train import REPO, TINY_FLAGS, read_losses
-from tests.multiprocess import LEARN, assert_same_losses, device_env, finish, launch, run_files
+from tests.multiprocess import (
+  LEARN,
+  assert_same_losses,
+  device_env,
+  finish,
+  free_port,
+  launch,
+  run_files,
+)
 
 TINY = [f for f in TINY_FLAGS if not f.startswith("--config.mesh.")]
 DDPM = ["--config=configs/ddpm.py:digits", *TINY, "--config.mesh.data=8", *LEARN]
@@ -122,3 +130,36 @@ def test_binary_half_launch_exits_2(tmp_path):
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("launch error:"), lines
   assert not os.path.exists(workdir)
+
+
+# A peer that reaches a new program's first collective 35 s after the other (a slow compile on a
+# loaded machine): gloo's 30 s connect limit would fail the early one, unless make_mesh connected
+# the mesh's device groups while the processes were in step (common/parallel/cpu_collectives.py).
+LATE_PEER = """
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from common import parallel
+i, port = int(sys.argv[1]), sys.argv[2]
+parallel.maybe_initialize_distributed(f"127.0.0.1:{port}", 2, i)
+mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "model": 1})
+x = jax.make_array_from_callback(
+  (4, 8), NamedSharding(mesh, P("data", "fsdp")), lambda _: np.ones((2, 4), np.float32))
+if i == 1:
+  time.sleep(35)
+# A sum over the data axis alone (groups of 2 devices across the processes), then all devices.
+over_data = jax.jit(lambda a: a.sum(0), out_shardings=NamedSharding(mesh, P("fsdp")))(x)
+print("sums", float(over_data.sum()), float(jax.jit(jnp.sum)(x)))
+"""
+
+
+@pytest.mark.slow
+def test_a_peer_late_at_a_new_programs_first_collective_is_waited_for():
+  port = str(free_port())
+  procs = [
+    subprocess.Popen([sys.executable, "-c", LATE_PEER, str(i), port], cwd=REPO, env=device_env(2),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for i in range(2)
+  ]  # fmt: skip
+  for out in finish(procs, timeout=200):
+    assert "sums 32.0 32.0" in out, out[-2000:]

@@ -118,7 +118,7 @@ TINY_FLAGS = [
 
 def _single_device_env():
   env = os.environ.copy()
-  env["XLA_FLAGS"] = ""
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device; the conftest's -O0
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
