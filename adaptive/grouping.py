@@ -27,8 +27,6 @@ import math
 from collections.abc import Sequence
 
 import chex
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from common.diffusion import schedules
@@ -151,25 +149,6 @@ class Groups:
         f"[{t.min()}, {t.max()}]"
       )
     return np.searchsorted(np.asarray(self.cuts, np.int64), t, side="right").astype(np.int64)
-
-  def group_of_jnp(self, t: jax.Array) -> jax.Array:
-    """Group index of each timestep, traceable under jit (cuts are baked in as constants).
-
-    Out-of-range t is not checked (it cannot be, under jit): t < 0 maps to group 0 and t >= T to
-    group N - 1.
-
-    Args:
-      t: [...] int32.
-
-    Returns:
-      [...] int32 in [0, N).
-    """
-    t = jnp.asarray(t)
-    if not self.cuts:
-      return jnp.zeros(t.shape, jnp.int32)
-    # A sum of N - 1 comparisons: cheaper than searchsorted's loop for the handful of groups here.
-    cuts = jnp.asarray(self.cuts, jnp.int32)
-    return jnp.sum(t[..., None] >= cuts, axis=-1).astype(jnp.int32)
 
   def snr_range(self, diffusion: GaussianDiffusion) -> np.ndarray:
     """Per group (SNR_dB at t_lo, SNR_dB at t_hi), i.e. (highest, lowest) dB of the group.
@@ -467,32 +446,3 @@ def flops_budgets(
   if full_model_end == "high_snr":
     ranks = ranks[::-1]
   return [float((i / n + (n - i) / n * k) * base_flops) for i in ranks]
-
-
-def mean_flops_ratio(
-  groups: Groups,
-  budgets: Sequence[float],
-  base_flops: float,
-  timesteps: Sequence[int] | np.ndarray | None = None,
-) -> float:
-  """Mean of budgets[group(t)] / base_flops over the given model timesteps.
-
-  Args:
-    groups: the grouping.
-    budgets: N FLOPs per group (``flops_budgets``).
-    base_flops: F > 0.
-    timesteps: [S] ints in [0, T), e.g. a respaced sampler's (``space_timesteps``); repeats count
-      repeatedly. None = all T timesteps, i.e. the size-weighted mean.
-
-  Returns:
-    float.
-  """
-  b = np.asarray(budgets, np.float64)
-  if b.shape != (groups.num_groups,):
-    raise ValueError(f"need {groups.num_groups} budgets (one per group), got shape {b.shape}")
-  if not base_flops > 0:
-    raise ValueError(f"base_flops must be > 0, got base_flops={base_flops!r}")
-  t = np.arange(groups.num_timesteps) if timesteps is None else np.asarray(timesteps)
-  if t.ndim != 1 or t.size == 0:
-    raise ValueError(f"timesteps must be a non-empty 1-D array, got shape {t.shape}")
-  return float(np.mean(b[groups.group_of(t)]) / base_flops)

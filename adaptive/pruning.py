@@ -15,10 +15,9 @@ import time
 from typing import Any
 
 import ml_collections
-import numpy as np
 from absl import logging
 
-from adaptive import grouping, heldout, proxy, search_space
+from adaptive import grouping, heldout, proxy, routing, search_space
 from adaptive.search import get_pruner
 from common import fileio
 from common.train.validate import ConfigError
@@ -182,10 +181,11 @@ def prune_groups(
 
 
 def sampling_flops_ratio(config, groups, pruned) -> float:
-  """Analytic sampling FLOPs of the routed chain over the base model's, at the sampler's steps."""
-  from common.diffusion import sampling
-
-  levels = sampling.make_levels(int(config.diffusion.num_timesteps), config.diffusion.sample_steps)
-  t = np.asarray(levels[:-1]) - 1
-  per_group = np.asarray([p["flops"] for p in pruned])
-  return float(per_group[groups.group_of(t)].mean() / pruned[0]["base_flops"])
+  """Analytic sampling FLOPs of the routed chain over the base model's, at the sampler's steps
+  (``routing.sampling_flops`` with each group's pruned FLOPs)."""
+  return routing.sampling_flops(
+    groups,
+    [p["flops"] for p in pruned],
+    base_flops=pruned[0]["base_flops"],
+    timesteps=routing.sampler_timesteps(config),
+  ).ratio

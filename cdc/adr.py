@@ -118,15 +118,6 @@ def mmd2(
   return jnp.maximum(kxx + kyy - 2.0 * kxy, 0.0)
 
 
-def coverage_radius(pool, indices) -> float:
-  """max over the pool of the distance to the nearest anchor (what k-center minimises)."""
-  # On the host in float64: a metric for reports and tests, not part of the device path.
-  pool = np.asarray(pool, np.float64)
-  anchors = pool[np.asarray(indices)]
-  d2 = (pool * pool).sum(1)[:, None] + (anchors * anchors).sum(1)[None] - 2.0 * pool @ anchors.T
-  return float(np.sqrt(max(np.max(np.min(d2, axis=1)), 0.0)))
-
-
 def assignment_weights(pool: jax.Array, indices: jax.Array) -> jax.Array:
   """float32 [K]: the fraction of the pool whose nearest anchor is each anchor."""
   nearest = jnp.argmin(sq_dists(pool, pool[indices]), axis=1)

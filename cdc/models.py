@@ -36,7 +36,6 @@ from collections.abc import Sequence
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 HEAD_LAYERS = ("fusion1", "fusion2", "qa", "ret_video", "ret_text")
@@ -400,8 +399,3 @@ def merge_head(local_head: dict, generated: dict) -> dict:
   if missing:
     raise ValueError(f"generated tensor {missing[0]!r} is not a head tensor")
   return {**local_head, **generated}
-
-
-def head_nbytes(head: dict) -> int:
-  """Bytes of a head dict's arrays."""
-  return int(sum(np.asarray(a).nbytes for a in head.values()))

@@ -1,5 +1,5 @@
 """CollaFuse (arXiv 2406.14429): split training of a diffusion model between a shared server
-(noisy steps, t > t_cut) and private clients (the last t_cut steps, private data).
+(noisy steps, t > cut_point) and private clients (the last cut_point steps, private data).
 
 Modules are named after the paper's parts: ``protocol`` (the one function data crosses the
 client/server boundary through), ``client`` (the client's loss and the cut image), ``server`` (the

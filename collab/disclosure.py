@@ -64,13 +64,13 @@ def cut_mse_measured(x0: np.ndarray, x_cut: np.ndarray) -> float:
   return float(np.mean((np.asarray(x_cut, np.float64) - np.asarray(x0, np.float64)) ** 2))
 
 
-def cut_mse_analytic(diffusion: GaussianDiffusion, t_cut: int, x0: np.ndarray) -> float:
+def cut_mse_analytic(diffusion: GaussianDiffusion, cut_point: int, x0: np.ndarray) -> float:
   """The spec's §5 value of ``E ||x_cut - x0||^2 / d`` for images ``x0`` [N, H, W, C]:
 
-  ``(1 - sqrt(abar))^2 E||x0||^2 / d + (1 - abar)`` with abar = abar(t_cut), since
+  ``(1 - sqrt(abar))^2 E||x0||^2 / d + (1 - abar)`` with abar = abar(cut_point), since
   ``x_cut - x0 = (sqrt(abar) - 1) x0 + sqrt(1 - abar) eps`` and eps is independent of x0.
   """
-  abar = float(diffusion.np_alpha_bar_levels()[t_cut])
+  abar = float(diffusion.np_alpha_bar_levels()[cut_point])
   second_moment = float(np.mean(np.asarray(x0, np.float64) ** 2))
   return (1.0 - np.sqrt(abar)) ** 2 * second_moment + (1.0 - abar)
 

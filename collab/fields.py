@@ -9,7 +9,7 @@ name; before, they sat at the config's top level (``config.cut_point``), and
   ``CollaFuse`` reads, so ``common.eval`` works on an old run;
 * ``in_layout_of``: the config to resume a run with, in the layout its saved config has, so an old
   run resumes with today's command line (the drift check compares like with like);
-* ``renamed_override`` / ``exit_if_renamed``: an old command line (``--config.cut_point=10``)
+* ``exit_if_renamed``: an old command line (``--config.cut_point=10``)
   answered with one line naming the new field, and exit code 2.
 """
 
@@ -18,9 +18,10 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 
 import ml_collections
+
+from common import renamed_fields
 
 # Fields added after the first runs were saved, with the value those runs used.
 _ABSENT_IN_OLD_RUNS = {"server_sampling_chain": "global", "client_mesh_axis": ""}
@@ -42,14 +43,7 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   value they ran with)."""
   if not _is_old_layout(config):
     return config
-  tree = config.to_dict()
-  for old, new in _renamed().items():
-    if old in tree:
-      node = tree
-      *parents, leaf = new.split(".")
-      for part in parents:
-        node = node.setdefault(part, {})
-      node[leaf] = tree.pop(old)
+  tree = renamed_fields.move(config.to_dict(), _renamed())
   for name, value in _ABSENT_IN_OLD_RUNS.items():
     tree["collab"].setdefault(name, value)
   return ml_collections.ConfigDict(tree)
@@ -78,25 +72,10 @@ def in_layout_of(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
   return flat
 
 
-def renamed_override(argv: list[str]) -> str | None:
-  """The first ``--config.<old>`` of ``argv`` naming a field that moved, as one line naming its
-  new place; None when there is none."""
-  renamed = _renamed()
-  for arg in argv:
-    if arg.startswith("--config."):
-      old = arg[len("--config.") :].split("=", 1)[0]
-      if old in renamed:
-        return f"--config.{old} is now --config.{renamed[old]}"
-  return None
-
-
 def exit_if_renamed(argv: list[str]) -> None:
   """A binary's first step: an old command line exits 2 with ``error: --config.cut_point is now
   --config.collab.cut_point`` instead of absl's unknown-field message."""
-  message = renamed_override(argv[1:])
-  if message is not None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+  renamed_fields.exit_if_renamed(argv, _renamed())
 
 
 OFFSETS = ("none", "code")

@@ -1,5 +1,5 @@
 """CollaFuse wired into the shared loop: K private clients (one stacked, vmapped parameter tree)
-and one shared server, trained split at the cut level ``t_cut`` and sampled server-then-client.
+and one shared server, trained split at the cut level ``cut_point`` and sampled server-then-client.
 
 One training step follows the official code (spec §2.1): every client takes one Adam step on its
 own batch (all K at once, ``vmap``), computes its cut images from the same noise draw and
@@ -37,7 +37,7 @@ class CollaFuse(DDPM):
     super().__init__(config, data_info)
     fields.validate(config, data_info)
     self.num_clients = int(config.collab.num_clients)
-    self.t_cut = int(config.collab.cut_point)
+    self.cut_point = int(config.collab.cut_point)
     self.noising = config.collab.server_noising
     self._splits: dict[str, list[np.ndarray]] = {}
     try:
@@ -162,7 +162,7 @@ class CollaFuse(DDPM):
     apply = functools.partial(self.apply, p_k, dropout_rng=r_drop)
     y = self._labels_for_net(y_k, r_y)
     return client.loss(
-      self.diffusion, lambda x, t, yy: apply(x, t, yy), x0_k, y, r_loss, self.t_cut
+      self.diffusion, lambda x, t, yy: apply(x, t, yy), x0_k, y, r_loss, self.cut_point
     )
 
   def _server_objective(self, p_s, message, k, rng_k):
@@ -179,7 +179,7 @@ class CollaFuse(DDPM):
       wrapped,
       k,
       r_loss,
-      t_cut=self.t_cut,
+      cut_point=self.cut_point,
       noising=self.noising,
     )
 
@@ -298,23 +298,24 @@ class CollaFuse(DDPM):
 
     return train_step
 
-  # --- sampling: server to t_cut, hand-off, client to 0 --------------------------------------
+  # --- sampling: server to cut_point, hand-off, client to 0 --------------------------------------
   def steps_split(self) -> tuple[int, int]:
     """(server steps, client steps) of the configured sampling budget, proportional to the split."""
     big_t, total = self.diffusion.num_timesteps, self.config.diffusion.sample_steps
-    if self.t_cut == 0:
+    if self.cut_point == 0:
       return min(total, big_t), 0
-    if self.t_cut == big_t:
+    if self.cut_point == big_t:
       return 0, min(total, big_t)
-    s = min(max(1, round(total * (big_t - self.t_cut) / big_t)), big_t - self.t_cut)
+    s = min(max(1, round(total * (big_t - self.cut_point) / big_t)), big_t - self.cut_point)
     return s, min(max(1, total - s), self.client_start_level())
 
   def client_start_level(self) -> int:
-    """The level the client starts from: t_cut, or the official code's offset t_cut + t_cut(1-c)."""
+    """The level the client starts from: cut_point, or the official code's offset
+    cut_point + cut_point (1 - c)."""
     big_t = self.diffusion.num_timesteps
-    if self.config.collab.client_start_offset == "code" and 0 < self.t_cut < big_t:
-      return min(big_t, self.t_cut + round(self.t_cut * (1 - self.t_cut / big_t)))
-    return self.t_cut
+    if self.config.collab.client_start_offset == "code" and 0 < self.cut_point < big_t:
+      return min(big_t, self.cut_point + round(self.cut_point * (1 - self.cut_point / big_t)))
+    return self.cut_point
 
   def _sampler_kwargs(self, labels):
     d = self.config.diffusion
@@ -327,14 +328,14 @@ class CollaFuse(DDPM):
     )
 
   def server_handoff(self, server_params, rng, shape, labels=None, num_steps=None):
-    """The server's half: pure noise -> x_cut at level t_cut, for a batch of requests."""
+    """The server's half: pure noise -> x_cut at level cut_point, for a batch of requests."""
     s_steps, _ = self.steps_split()
     return server.sample(
       self.diffusion,
       lambda x, t, y: self.apply(server_params, x, t, y),
       shape,
       rng,
-      t_cut=self.t_cut,
+      cut_point=self.cut_point,
       noising=self.noising,
       num_steps=num_steps or max(s_steps, 1),
       chain=self.config.collab.server_sampling_chain,
@@ -397,14 +398,14 @@ class CollaFuse(DDPM):
         "generated": self.client_finish(client_params, x_cut, rng, labels),
         "handoff": x_cut,
         # What the server can produce alone: its own network continues the global chain from
-        # t_cut to 0 (it was never trained there; that is the point of the measurement).
+        # cut_point to 0 (it was never trained there; that is the point of the measurement).
         "server_alone": self.client_finish(
           None, x_cut, rng, labels, network=functools.partial(self.apply, params["server"])
         ),
       }
-      if self.t_cut > 0:
+      if self.cut_point > 0:
         # The client alone at equal inference compute: its own network from pure noise with
-        # only its t_cut-share of the steps (the official code's ``client_from_noise``).
+        # only its cut_point-share of the steps (the official code's ``client_from_noise``).
         noise = jax.random.normal(jax.random.fold_in(rng, 1 << 22), x_cut.shape, jnp.float32)
         out["client_from_noise"] = self.client_finish(
           client_params, noise, rng, labels, start=big_t
@@ -417,8 +418,8 @@ class CollaFuse(DDPM):
     """Everything one request of client ``k`` involves, each [n, H, W, C] float32.
 
     ``generated`` (CollaFuse output), ``handoff`` (the server's x_cut: what the client receives),
-    ``server_alone`` (the server's own network continued to t=0) and, for t_cut > 0,
-    ``client_from_noise`` (the client's network from pure noise with its t_cut-share of steps).
+    ``server_alone`` (the server's own network continued to t=0) and, for cut_point > 0,
+    ``client_from_noise`` (the client's network from pure noise with its cut_point-share of steps).
     ``generated`` equals ``sample_client`` with the same arguments.
     """
     y = None if labels is None else jnp.asarray(labels, jnp.int32)
@@ -450,7 +451,7 @@ class CollaFuse(DDPM):
 
   def client_train_flops_per_step(self, params) -> float:
     """FLOPs of one client's training step (forward + backward of its network, its batch)."""
-    if self.t_cut == 0:
+    if self.cut_point == 0:
       return 0.0
     res, ch = self.data_info.resolution, self.data_info.channels
     b = int(self.config.batch_size)
@@ -459,7 +460,7 @@ class CollaFuse(DDPM):
 
     def objective(p, x0, rng):
       apply = functools.partial(self.apply, p)
-      return client.loss(self.diffusion, apply, x0, y, rng, self.t_cut)[0]
+      return client.loss(self.diffusion, apply, x0, y, rng, self.cut_point)[0]
 
     x0 = jax.ShapeDtypeStruct((b, res, res, ch), jnp.float32)
     return flops_lib.count_flops(jax.grad(objective), one_client, x0, jax.random.key(0))
@@ -541,7 +542,7 @@ class CollaFuse(DDPM):
       **super().sampling_description(),
       "server_steps": s_steps,
       "client_steps": c_steps,
-      "cut_point": self.t_cut,
+      "cut_point": self.cut_point,
       "server_noising": self.noising,
       "client_start_level": self.client_start_level(),
       "server_sampling_chain": self.config.collab.server_sampling_chain,

@@ -1,8 +1,8 @@
 """The privacy boundary of CollaFuse, as code.
 
 In training a client sends the server only its cut images ``x_cut`` (its batch noised to level
-``t_cut``) and, if configured, the labels; in inference the server sends a client only the
-hand-off latent at ``t_cut``. Both directions go through the functions here and nothing else
+``cut_point``) and, if configured, the labels; in inference the server sends a client only the
+hand-off latent at ``cut_point``. Both directions go through the functions here and nothing else
 reaches the server's code: ``server.loss`` and ``server.sample`` take a ``ClientMessage`` and no
 other data. ``tests/collab/test_collab.py`` checks that what arrives is exactly this message.
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 @flax.struct.dataclass
 class ClientMessage:
-  """Uplink of one training step: ``x_cut`` [K, B, H, W, C] float32 at level t_cut; ``labels``
+  """Uplink of one training step: ``x_cut`` [K, B, H, W, C] float32 at level cut_point; ``labels``
   [K, B] int32 or None when labels are not shared with the server."""
 
   x_cut: jax.Array
@@ -37,5 +37,5 @@ def uplink_bytes(message_shape: tuple[int, ...], share_labels: bool) -> int:
 
 
 def downlink_bytes_per_image(image_shape: tuple[int, ...]) -> int:
-  """Bytes the server sends a client per generated image: one float32 latent at t_cut."""
+  """Bytes the server sends a client per generated image: one float32 latent at cut_point."""
   return int(np.prod(image_shape)) * 4

@@ -1,15 +1,15 @@
 """The server's side: trained only on cut images, and the noisy half of every sample.
 
-The server owns levels t_cut+1..T (model timesteps t in [t_cut, T)). Two formulations
+The server owns levels cut_point+1..T (model timesteps t in [cut_point, T)). Two formulations
 (``config.collab.server_noising``):
 
 * ``ratio`` (default, spec §2.3): the server treats ``x_cut`` as its data and noises it with the
-  *rebased* chain, abar'(k) = abar(k) / abar(t_cut), which gives exactly the global marginal
+  *rebased* chain, abar'(k) = abar(k) / abar(cut_point), which gives exactly the global marginal
   q(x_k | x_0) because x_cut ~ q(x_cut | x_0) and the chain is Markov. It samples down that chain
   to its own data, x_cut, with no clipping (x_cut is noisy, not in [-1, 1]).
 * ``full`` (the official code, spec §2.1): the server noises ``x_cut`` as if it were clean data
-  with the full schedule at t, so its inputs carry noise abar(t) * abar(t_cut) in total; it samples
-  the ordinary chain from T down to level t_cut. The client then starts from an offset level
+  with the full schedule at t, so its inputs carry noise abar(t) * abar(cut_point) in total; it
+  samples the ordinary chain from T down to level cut_point. The client then starts from an offset level
   (``collab.client_start_offset='code'``) that the official code uses to compensate.
 
 Every function here receives a ``protocol.ClientMessage`` (training) or nothing private at all
@@ -29,13 +29,6 @@ NOISINGS = ("ratio", "full")
 SAMPLING_CHAINS = ("global", "rebased")
 
 
-def diffusion_for(diffusion: GaussianDiffusion, t_cut: int, noising: str) -> GaussianDiffusion:
-  """The chain the server's network is trained and sampled on (model timestep offset: t_cut)."""
-  if noising == "ratio" and t_cut < diffusion.num_timesteps:
-    return diffusion.rebased(t_cut)
-  return diffusion
-
-
 def loss(
   diffusion: GaussianDiffusion,
   apply_fn,
@@ -43,7 +36,7 @@ def loss(
   labels: jax.Array | None,
   rng: jax.Array,
   *,
-  t_cut: int,
+  cut_point: int,
   noising: str,
 ) -> jax.Array:
   """The server's loss on one client's message.
@@ -53,21 +46,21 @@ def loss(
     x_cut: [B, H, W, C] one client's cut images; labels: [B] int32 or None (not shared).
 
   Returns:
-    Scalar loss (0 when t_cut == T: the server owns no step).
+    Scalar loss (0 when cut_point == T: the server owns no step).
   """
   big_t = diffusion.num_timesteps
-  if t_cut >= big_t:
+  if cut_point >= big_t:
     return jnp.zeros((), jnp.float32)
   rng_t, rng_noise = jax.random.split(rng)
   noise = jax.random.normal(rng_noise, x_cut.shape, x_cut.dtype)
   if noising == "ratio":
-    chain = diffusion.rebased(t_cut)
-    t = chain.sample_timesteps(rng_t, x_cut.shape[0], 0, big_t - t_cut)
+    chain = diffusion.rebased(cut_point)
+    t = chain.sample_timesteps(rng_t, x_cut.shape[0], 0, big_t - cut_point)
     terms = chain.training_losses(
-      lambda x, tt, y: apply_fn(x, tt + t_cut, y), x_cut, t, noise, labels
+      lambda x, tt, y: apply_fn(x, tt + cut_point, y), x_cut, t, noise, labels
     )
   else:
-    t = diffusion.sample_timesteps(rng_t, x_cut.shape[0], t_cut, big_t)
+    t = diffusion.sample_timesteps(rng_t, x_cut.shape[0], cut_point, big_t)
     terms = diffusion.training_losses(apply_fn, x_cut, t, noise, labels)
   return jnp.mean(terms["loss"])
 
@@ -84,7 +77,7 @@ def sample(
   shape: tuple[int, ...],
   rng: jax.Array,
   *,
-  t_cut: int,
+  cut_point: int,
   noising: str,
   num_steps: int,
   labels: jax.Array | None = None,
@@ -94,7 +87,7 @@ def sample(
   guidance_scale: float = 1.0,
   null_label: int | None = None,
 ) -> jax.Array:
-  """Pure noise -> the hand-off latent at level ``t_cut`` ([B, H, W, C] float32).
+  """Pure noise -> the hand-off latent at level ``cut_point`` ([B, H, W, C] float32).
 
   ``labels`` are the requesting clients' conditions (the only thing a client sends at inference).
   ``chain`` (ratio noising only): ``global`` samples the ordinary chain with the server's noise
@@ -103,12 +96,12 @@ def sample(
   """
   big_t = diffusion.num_timesteps
   x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape, jnp.float32)
-  if t_cut >= big_t:
+  if cut_point >= big_t:
     return x_T
   common = dict(
     sampler=sampler, eta=eta, y=labels, guidance_scale=guidance_scale, null_label=null_label
   )
-  if noising == "ratio" and chain == "global" and t_cut > 0:
+  if noising == "ratio" and chain == "global" and cut_point > 0:
     # The server's eps_s is, at its optimum, a fixed fraction of the global chain's noise:
     # x_k = sqrt(abar'_k) x_cut + sqrt(1 - abar'_k) eps_s = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps,
     # so E[eps_s | x_k] = r_k E[eps | x_k] with r_k = sqrt(1 - abar_k / abar_cut) / sqrt(1 - abar_k).
@@ -117,8 +110,8 @@ def sample(
     # top step it amplifies eps errors ~30x and the hand-off diverged (std 26 instead of 0.8).
     abar = diffusion.np_alpha_bar_levels()
     ratio = np.zeros(big_t, np.float64)
-    levels_above = np.arange(t_cut + 1, big_t + 1)
-    ratio[levels_above - 1] = np.sqrt(1 - abar[levels_above] / abar[t_cut]) / np.sqrt(
+    levels_above = np.arange(cut_point + 1, big_t + 1)
+    ratio[levels_above - 1] = np.sqrt(1 - abar[levels_above] / abar[cut_point]) / np.sqrt(
       1 - abar[levels_above]
     )
     ratio = jnp.asarray(ratio, jnp.float32)
@@ -129,20 +122,23 @@ def sample(
       return server_eps(x, t, y) / ratio[t].reshape(-1, *([1] * (x.ndim - 1)))
 
   elif noising == "ratio":
-    rebased = diffusion.rebased(t_cut)
+    rebased = diffusion.rebased(cut_point)
     steps = min(num_steps, rebased.num_timesteps)
-    segment = sampling.Segment(lambda x, t, y: apply_fn(x, t + t_cut, y), rebased.num_timesteps, 0)
+    segment = sampling.Segment(
+      lambda x, t, y: apply_fn(x, t + cut_point, y), rebased.num_timesteps, 0
+    )
     levels = sampling.make_levels(rebased.num_timesteps, steps)
-    # x_cut is a noisy latent unless t_cut == 0, so only then is the estimate clipped to [-1, 1].
+    # x_cut is a noisy latent unless cut_point == 0, so only then is the estimate clipped to
+    # [-1, 1].
     # The rebased chain's levels 1.. would reuse the client's step keys (fold_in(rng, k)), so the
     # server's steps draw from their own stream.
     return sampling.sample_segment(
       rebased, segment, x_T, jax.random.fold_in(rng, 1 << 21), levels=levels,
-      clip_denoised=t_cut == 0, **common,
+      clip_denoised=cut_point == 0, **common,
     )  # fmt: skip
-  steps = min(num_steps, big_t - t_cut)
-  levels = sampling.make_levels(big_t, steps, big_t, t_cut)
-  segment = sampling.Segment(apply_fn, big_t, t_cut)
+  steps = min(num_steps, big_t - cut_point)
+  levels = sampling.make_levels(big_t, steps, big_t, cut_point)
+  segment = sampling.Segment(apply_fn, big_t, cut_point)
   return sampling.sample_segment(
     diffusion, segment, x_T, rng, levels=levels, clip_denoised=True, **common
   )

@@ -5,7 +5,7 @@ On the same data and seeds it trains and evaluates
 * CollaFuse at every cut point of ``--cut_points`` (default 0, 0.1T, 0.2T, 0.4T, 0.7T and T);
 * local-only training: the cut-point-T run, where the server owns no step and every client trains
   alone on all T steps of its own data with the same optimizer steps and batch;
-* the client run from pure noise with only its t_cut-share of the steps (equal client inference
+* the client run from pure noise with only its cut_point-share of the steps (equal client inference
   compute; drawn from each CollaFuse run's client networks, ``client_from_noise``);
 * a centralized model on all clients' data (upper bound): one network, the same architecture,
   optimizer and number of steps, with the K client batches as one batch.
@@ -44,7 +44,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Sweep directory.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds (config.seed).")
   flags.DEFINE_list(
-    "cut_points", [], "Cut points t_cut in [0, T] (default: 0, 0.1T, 0.2T, 0.4T, 0.7T, T)."
+    "cut_points", [], "Cut points in [0, T] (default: 0, 0.1T, 0.2T, 0.4T, 0.7T, T)."
   )
   flags.DEFINE_integer("samples_per_client", 200, "Generated images per client and arm.")
   flags.DEFINE_bool("centralized", True, "Also train the centralized upper bound.")
@@ -159,10 +159,10 @@ def evaluate_collab_run(run: Run, net, clients: ClientData, n: int) -> dict[str,
       entry["client_from_noise"] = _quality(
         net, clients, k, diag["client_from_noise"], labels, run.seed
       )
-    # What the server sees in training: the client's private images noised to t_cut.
+    # What the server sees in training: the client's private images noised to cut_point.
     x0 = clients.train[k]
     noise = np.asarray(jax.random.normal(jax.random.fold_in(rng, 100 + k), x0.shape))
-    x_cut = np.asarray(client_lib.cut_image(method.diffusion, x0, noise, method.t_cut))
+    x_cut = np.asarray(client_lib.cut_image(method.diffusion, x0, noise, method.cut_point))
     disclosed = {
       "cut_images": x_cut,
       "handoff": diag["handoff"],
@@ -176,7 +176,7 @@ def evaluate_collab_run(run: Run, net, clients: ClientData, n: int) -> dict[str,
     }
     entry["cut_mse"] = {
       "measured": disclosure.cut_mse_measured(x0, x_cut),
-      "analytic": disclosure.cut_mse_analytic(method.diffusion, method.t_cut, x0),
+      "analytic": disclosure.cut_mse_analytic(method.diffusion, method.cut_point, x0),
     }
     per_client.append(entry)
     logging.info(

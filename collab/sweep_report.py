@@ -122,8 +122,8 @@ def _claims(client_curve, cuts, big_t, ref_cut, table) -> dict[str, Any]:
     "verdict": "supported"
     if eq and all(verdict(v) == "supported" for v in eq.values())
     else ("not supported" if all(verdict(v) == "not supported" for v in eq.values()) else "mixed"),
-    "rule": "at every 0 < t_cut < T, lower FID and KID than the client's own network from noise "
-    "with t_cut steps, for every client (mean over seeds)",
+    "rule": "at every 0 < cut_point < T, lower FID and KID than the client's own network from "
+    "noise with cut_point steps, for every client (mean over seeds)",
   }
   if 0 in cuts and mids:
     zero = table["cuts"]["0"]
@@ -182,7 +182,7 @@ def write_markdown(path: str, summary: dict[str, Any], big_t: int, command: str)
     "",
     "## Quality and client cost",
     "",
-    "| t_cut | CollaFuse FID | CollaFuse KID | label acc | client-from-noise FID | "
+    "| cut_point | CollaFuse FID | CollaFuse KID | label acc | client-from-noise FID | "
     "client-from-noise KID | client calls / image | client inference MFLOPs / image | "
     "client train MFLOPs / step | uplink B / client step | downlink B / image |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -209,8 +209,8 @@ def write_markdown(path: str, summary: dict[str, Any], big_t: int, command: str)
     "",
     "## Disclosure (server-side images vs the client's training images)",
     "",
-    "| t_cut | cut images FID | cut images NN dist | cut images pixel MSE | measured / analytic "
-    "MSE(x_cut, x0) | hand-off FID | hand-off NN dist | server-alone FID | server-alone NN dist "
+    "| cut_point | cut images FID | cut images NN dist | cut images pixel MSE | measured / "
+    "analytic MSE(x_cut, x0) | hand-off FID | hand-off NN dist | server-alone FID | server-alone NN dist "
     "| server-alone pixel MSE |",
     "|---|---|---|---|---|---|---|---|---|---|",
   ]
@@ -232,7 +232,7 @@ def write_markdown(path: str, summary: dict[str, Any], big_t: int, command: str)
   lines.append("|---|" + "---|" * k)
   for cut, row in t["cuts"].items():
     vals = row["collafuse/kid_mean/per_client"]
-    lines.append(f"| CollaFuse t_cut={cut} | " + " | ".join(_f(v) for v in vals) + " |")
+    lines.append(f"| CollaFuse cut_point={cut} | " + " | ".join(_f(v) for v in vals) + " |")
   if c and c["fid"]["n"]:
     lines.append("| centralized | " + " | ".join(_f(v) for v in c["kid_mean/per_client"]) + " |")
   lines += ["", "## Claims", ""]
@@ -274,7 +274,7 @@ def write_plot(path: str, summary: dict[str, Any], big_t: int) -> None:
     std = [t["cuts"][str(c)][key]["std"] for c in cuts]
     ax.errorbar(cuts, mean, yerr=std, color="k", lw=2.2, capsize=3, label="mean ± std (seeds)")
     ax.set_title(title, fontsize=9)
-    ax.set_xlabel("t_cut (client steps)")
+    ax.set_xlabel("cut_point (client steps)")
     ax.grid(alpha=0.3)
   cfn = [t["cuts"][str(c)]["client_from_noise/fid"]["mean"] for c in cuts]
   axes[0].plot(cuts, cfn, "k--", lw=1.5, label="client from noise (equal compute)")
@@ -284,7 +284,7 @@ def write_plot(path: str, summary: dict[str, Any], big_t: int) -> None:
   axes[0].set_yscale("log")
   axes[1].set_yscale("log")
   axes[0].legend(fontsize=7)
-  fig.suptitle(f"CollaFuse sweep (t_cut={big_t}: local-only), seeds {summary['seeds']}")
+  fig.suptitle(f"CollaFuse sweep (cut_point={big_t}: local-only), seeds {summary['seeds']}")
   fig.tight_layout()
   with fileio.atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=110)

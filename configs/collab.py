@@ -1,4 +1,5 @@
-"""CollaFuse (arXiv 2406.14429): K clients with private data, one shared server, cut point t_cut.
+"""CollaFuse (arXiv 2406.14429): K clients with private data, one shared server, cut point
+``collab.cut_point`` (the paper's t_ζ).
 
 Presets (``--config=configs/collab.py:<preset>``):
 
@@ -33,12 +34,15 @@ def collab_fields() -> ml_collections.ConfigDict:
   """CollaFuse's own fields (``config.collab``), at the digits preset's values."""
   c = ml_collections.ConfigDict()
   c.num_clients = 5
-  c.cut_point = 20  # t_cut: levels 1..t_cut are the clients', t_cut+1..T the server's
+  # The paper's t_ζ: the clients own levels 1..cut_point (the low-noise steps), the server
+  # levels cut_point + 1..T.
+  c.cut_point = 20
   c.server_noising = "ratio"  # ratio (marginal-consistent, spec §2.3) | full (official code, §2.1)
   # ratio only: sample the server's half on the global chain with its noise estimate rescaled
   # (x0_hat clipped; "global") or with the rebased chain's unclipped posterior ("rebased", §2.3).
   c.server_sampling_chain = "global"
-  c.client_start_offset = "none"  # none | code (the official code's t_cut + t_cut(1-c) start)
+  # none | code (the client starts at the official code's offset cut_point + cut_point (1 - c))
+  c.client_start_offset = "none"
   c.share_labels = True  # the server also receives the labels (as in the official code)
   c.partition = "by_class"  # iid | by_class | dirichlet | by_attribute
   c.classes_per_client = 2

@@ -25,6 +25,10 @@ so that the model half of hybrid (cluster-wide and personalized models, T = 200)
 ``hybrid/system.py``; ``hybrid.profile`` writes one). The physical transmission formula:
 ``--config.scheduler.system.transmission=physical``. Every ``scheduler.*`` field is checked by
 ``hybrid.optimize.validate`` before the binary reads or writes anything (one line, exit 2).
+``RENAMED`` maps the names fields had before the cut point got one name
+(``--config.hybrid.eval_split``) to their names now; ``hybrid.train`` and ``hybrid.optimize``
+answer an old command line with the new name, and a run saved before reads and resumes as it was
+(``hybrid.fields``).
 
 The model half's fields live under ``hybrid.*`` (``_models``). Stage 1 (the cluster-wide model)
 uses the top-level ``total_steps``, ``batch_size``, ``optimizer`` and ``ema_decay``; stage 2 (the
@@ -44,7 +48,7 @@ def _scheduler() -> ml_collections.ConfigDict:
   # The official simulator's constants (hybrid.system.SystemParams, field for field).
   s.system = ml_collections.ConfigDict()
   s.system.num_steps = 200  # T: denoising steps per image
-  s.system.min_split = 80.0  # n_min: A is concave on [n_min, T]
+  s.system.min_cut_point = 80.0  # n_min: A is concave on [n_min, T]
   s.system.capacity = 18  # C: users per edge batch
   s.system.max_users = 20  # rows of the agent's state
   s.system.window = 1.0  # K (s)
@@ -103,7 +107,7 @@ def _scheduler() -> ml_collections.ConfigDict:
   e.ga_population = 100
   e.ga_generations = 200
   e.ga_mutation = 0.1
-  e.fixed_splits = (80.0, 140.0, 200.0)
+  e.fixed_cut_points = (80.0, 140.0, 200.0)
   return s
 
 
@@ -130,18 +134,29 @@ def _models() -> ml_collections.ConfigDict:
   # vmap: all users in one batched step (accelerators); unroll: the U steps written out in one
   # program (XLA:CPU runs vmapped weight-gradient convs ~40x slower, see collab).
   h.user_loop = "unroll"
-  h.eval_split = 100  # split point n of the samples common.eval and the training grid draw
-  # hybrid.profile: the personalized-accuracy index at these split points, the latency fit.
+  h.eval_cut_point = 100  # cut point n of the samples common.eval and the training grid draw
+  # hybrid.profile: the personalized-accuracy index at these cut points, the latency fit.
   p = h.profile = ml_collections.ConfigDict()
-  p.splits = tuple(range(0, 201, 20))
-  p.seeds_per_user = 32  # samples per (user, split); seed s is shared by every user
+  p.cut_points = tuple(range(0, 201, 20))
+  p.seeds_per_user = 32  # samples per (user, cut point); seed s is shared by every user
   p.pai_scale = 1.0  # the paper's 3 maps CLIP cosine (~0.33) to ~1; our Sim is a probability
   p.diff_sharpness = 30.0  # PAI_raw = scale Sim sigmoid(sharpness (Diff - d0))
-  p.d0 = "midrange"  # midrange (of Diff over the splits) | median (spec §11 A) | a number
+  p.d0 = "midrange"  # midrange (of Diff over the cut points) | median (spec §11 A) | a number
   p.batch_sizes = tuple(range(1, 21))
   p.latency_repeats = 30
   p.batch_size = 128  # rows per edge call of the accuracy sweep
   return h
+
+
+# Fields renamed when the level where a request's latent leaves the edge got one name across the
+# methods, ``cut_point`` (issue 21): the old dotted name -> the new one. Read by ``hybrid.fields``
+# (old command lines, runs saved with the old names).
+RENAMED = {
+  "scheduler.system.min_split": "scheduler.system.min_cut_point",
+  "scheduler.eval.fixed_splits": "scheduler.eval.fixed_cut_points",
+  "hybrid.eval_split": "hybrid.eval_cut_point",
+  "hybrid.profile.splits": "hybrid.profile.cut_points",
+}
 
 
 def get_config(preset: str = "sim") -> ml_collections.ConfigDict:
@@ -225,8 +240,8 @@ def get_config(preset: str = "sim") -> ml_collections.ConfigDict:
     h.personal_steps = 2
     h.personal_batch_size = 4
     h.personal_warmup_steps = 0
-    h.eval_split = 12
-    h.profile.splits = (0, 6, 12, 18, 24)
+    h.eval_cut_point = 12
+    h.profile.cut_points = (0, 6, 12, 18, 24)
     h.profile.seeds_per_user = 4
     h.profile.batch_sizes = (1, 2, 3, 4)
     h.profile.latency_repeats = 3

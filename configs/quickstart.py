@@ -3,8 +3,8 @@
 Presets (``--config=configs/quickstart.py:<preset>``):
 
 * ``default``  every method on the embedded data, cut down to fit about 15 minutes on 2 CPU cores
-               (the measured time is in README.md): the DDPM baseline; CollaFuse at t_cut = 20
-               against local-only (t_cut = T); TDC groups against its own stage-1 single model;
+               (the measured time is in README.md): the DDPM baseline; CollaFuse at cut_point = 20
+               against local-only (cut_point = T); TDC groups against its own stage-1 single model;
                TFDiff Config I and II against the DDPM U-Net; the hybrid scheduler against the
                exact optimum and the simple policies; cdc's generated parameters against the static
                model and few-shot fine-tuning. Quality here is that of minutes of training: the
@@ -189,7 +189,7 @@ def hybrid(p: Preset) -> dict:
         "log_every_steps=50",
         "ckpt_every_steps=400",
         "hybrid.personal_steps=100",
-        "hybrid.profile.splits=(0,40,80,120,160,200)",
+        "hybrid.profile.cut_points=(0,40,80,120,160,200)",
         "hybrid.profile.batch_sizes=(1,2,4,8,12,16,20)",
       ),
       profile=("--seeds_per_user=8", "--latency_repeats=5"),
@@ -216,8 +216,8 @@ def hybrid(p: Preset) -> dict:
       models=(
         "diffusion.num_timesteps=200",
         "diffusion.sample_steps=200",
-        "hybrid.eval_split=100",
-        "hybrid.profile.splits=(0,50,100,150,200)",
+        "hybrid.eval_cut_point=100",
+        "hybrid.profile.cut_points=(0,50,100,150,200)",
       ),
       profile=(),
       scheduler=(),
@@ -354,7 +354,7 @@ def mobile(p: Preset) -> dict:
 
 
 def collab(p: Preset) -> dict:
-  """CollaFuse at one cut point against local-only (t_cut = T: the server owns no step)."""
+  """CollaFuse at one cut point against local-only (cut_point = T: the server owns no step)."""
   s = p.pick(
     default=dict(steps=400, cut=20, T=100, extra=("collab.num_clients=2",), est=70),
     tiny=dict(
@@ -388,7 +388,7 @@ def collab(p: Preset) -> dict:
       name,
       (f"train_{name}",),
       section="collab",
-      label=f"CollaFuse t_cut={cut}" if cut < s["T"] else f"local-only (t_cut=T={cut})",
+      label=f"CollaFuse cut_point={cut}" if cut < s["T"] else f"local-only (cut_point=T={cut})",
       baseline="collab_local" if name == "collab_cut" else "",
       # Each client against its own held-out data: the pooled FID compares a few clients'
       # classes with every class of the test split.

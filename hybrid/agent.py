@@ -363,14 +363,15 @@ def drl_decide(
   hybrid_env: env.HybridEnv,
   scn: system.Scenario,
 ) -> baselines.Decision:
-  """DRL-convex: the greedy policy decides admissions user by user, the convex solver the splits."""
+  """DRL-convex: the greedy policy decides admissions user by user, the convex solver the cut
+  points."""
   policy = lambda s_l, s_g: agent.greedy_action(params, s_l, s_g)
   s_l, s_g = hybrid_env.reset(scn)
   done = False
   while not done:
     s_l, s_g, done = hybrid_env.step(policy(s_l, s_g))
-  utility, admit, splits = hybrid_env.outcome()
-  return baselines.Decision(admit, splits, utility, len(hybrid_env.actions))
+  utility, admit, cut_points = hybrid_env.outcome()
+  return baselines.Decision(admit, cut_points, utility, len(hybrid_env.actions))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Admission policies to compare the DRL agent with; every one uses the closed-form splits.
+"""Admission policies to compare the DRL agent with; every one uses the closed-form cut points.
 
 Exact optima (spec §5, §11 C):
 
@@ -10,8 +10,8 @@ Exact optima (spec §5, §11 C):
   picks one B with a one-hot ``z_B`` and linearizes ``y_iB = x_i z_B``:
   ``max sum_iB w_i(B) y_iB`` s.t. ``sum_B z_B = 1``, ``sum_i x_i = sum_B B z_B``,
   ``y_iB <= x_i``, ``y_iB <= z_B``, ``y_iB >= x_i + z_B - 1``, where ``w_i(B)`` is user i's gain
-  from admission into a batch of B with its optimal split. This is the GQAP of the paper with the
-  continuous split folded into the costs, exactly.
+  from admission into a batch of B with its optimal cut point. This is the GQAP of the paper with
+  the continuous cut point folded into the costs, exactly.
 * ``optimum_by_batch``: the same observation as an algorithm: for every B the best admission is
   the B users with the largest ``w_i(B)``, so the optimum is the best of C sorted prefixes,
   O(C N log N). Exact for any N (cross-checked against the other two in the tests).
@@ -20,7 +20,7 @@ Heuristics: ``genetic_algorithm`` (the code's: population 100, 200 generations,
 fitness-proportional selection, single-point crossover, swap mutation p = 0.1; optionally under a
 wall-time budget), ``greedy`` (add the user with the largest marginal gain while U improves),
 ``greedy_delta`` (admit in order of Delta_i(1), the best prefix), ``random_admission``,
-``all_local``, ``admit_all`` (optimal or fixed splits).
+``all_local``, ``admit_all`` (optimal or fixed cut points).
 """
 
 from __future__ import annotations
@@ -30,23 +30,22 @@ import time
 
 import numpy as np
 
-from hybrid import split as split_lib
-from hybrid import system
+from hybrid import convex, system
 
 
 @dataclasses.dataclass
 class Decision:
-  """An admission with its splits and objective.
+  """An admission with its cut points and objective.
 
   Attributes:
     admit: [N] bool.
-    split: [N] float64 split points (T for denied users).
+    cut_point: [N] float64 cut points (T for denied users).
     utility: U.
     evaluations: objective evaluations spent (heuristics; 0 when not meaningful).
   """
 
   admit: np.ndarray
-  split: np.ndarray
+  cut_point: np.ndarray
   utility: float
   evaluations: int = 0
 
@@ -54,10 +53,10 @@ class Decision:
 def decide(
   scn: system.Scenario, sysp: system.SystemParams, profile: system.Profile, admit
 ) -> Decision:
-  """The decision of admitting ``admit`` ([N] bool) with closed-form splits."""
+  """The decision of admitting ``admit`` ([N] bool) with closed-form cut points."""
   admit = np.asarray(admit, dtype=bool)
-  utility, splits = split_lib.evaluate_admission(scn, sysp, profile, admit)
-  return Decision(admit, splits, float(utility), 1)
+  utility, cut_points = convex.evaluate_admission(scn, sysp, profile, admit)
+  return Decision(admit, cut_points, float(utility), 1)
 
 
 def max_batch(scn: system.Scenario, sysp: system.SystemParams) -> int:
@@ -71,19 +70,19 @@ def gains_table(
 
   Returns:
     local: [N] utility of each user when denied.
-    gain: [Bmax + 1, N] ``w_i(B)``: admitted utility in a batch of B (optimal split) minus local;
-      row 0 is 0. Bmax = min(C, N).
-    splits: [Bmax + 1, N] the optimal split of user i in a batch of B (row 0: T).
+    gain: [Bmax + 1, N] ``w_i(B)``: admitted utility in a batch of B (optimal cut point) minus
+      local; row 0 is 0. Bmax = min(C, N).
+    cut_points: [Bmax + 1, N] the optimal cut point of user i in a batch of B (row 0: T).
   """
   bmax = max_batch(scn, sysp)
   t = sysp.num_steps
   local = scn.alpha * profile.accuracy(t) - system.local_latency(scn, sysp)
   batch = np.arange(1, bmax + 1, dtype=np.float64)[:, None]
-  n = split_lib.optimal_split(scn.alpha, scn.delta(batch), profile.accuracy, sysp.min_split, t)
+  n = convex.optimal_cut_point(scn.alpha, scn.delta(batch), profile.accuracy, sysp.min_cut_point, t)
   admitted = scn.alpha * profile.accuracy(n) - system.admitted_latency(scn, sysp, batch, n)
   gain = np.concatenate([np.zeros((1, scn.num_users)), admitted - local], axis=0)
-  splits = np.concatenate([np.full((1, scn.num_users), float(t)), n], axis=0)
-  return local, gain, splits
+  cut_points = np.concatenate([np.full((1, scn.num_users), float(t)), n], axis=0)
+  return local, gain, cut_points
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,7 +98,7 @@ def optimum_enumeration(
 ) -> Decision:
   """Exact optimum by scoring every admission with at most C users (2^N of them).
 
-  Each admission is scored independently with its closed-form splits and ``system.objective``
+  Each admission is scored independently with its closed-form cut points and ``system.objective``
   (not through ``gains_table``), so it cross-checks the other two exact solvers.
   """
   n = scn.num_users
@@ -114,7 +113,7 @@ def optimum_enumeration(
     admit, codes = admit[feasible], codes[feasible]
     if not len(codes):
       continue
-    utility, _ = split_lib.evaluate_admission(scn, sysp, profile, admit)
+    utility, _ = convex.evaluate_admission(scn, sysp, profile, admit)
     i = int(np.argmax(utility))
     if utility[i] > best_u:
       best_u, best_code = float(utility[i]), int(codes[i])
@@ -246,7 +245,7 @@ def genetic_algorithm(
   time_budget_s: float | None = None,
   elitism: bool = False,
 ) -> Decision:
-  """The official code's GA over admission vectors (splits in closed form for every individual).
+  """The official code's GA over admission vectors (cut points in closed form for every individual).
 
   Fitness-proportional selection needs non-negative weights and our utilities are mostly
   negative, so the weights are ``U - min U`` of the generation (the code's fitness function is
@@ -262,7 +261,7 @@ def genetic_algorithm(
   start = time.perf_counter()
   n = scn.num_users
   pop = _repair(rng.integers(0, 2, size=(population, n)).astype(bool), sysp.capacity, rng)
-  fitness, _ = split_lib.evaluate_admission(scn, sysp, profile, pop)
+  fitness, _ = convex.evaluate_admission(scn, sysp, profile, pop)
   evaluations = population
   cols = np.arange(n)
   for _ in range(generations):
@@ -287,7 +286,7 @@ def genetic_algorithm(
     if elitism:
       children[0] = pop[int(np.argmax(fitness))]
     pop = children
-    fitness, _ = split_lib.evaluate_admission(scn, sysp, profile, pop)
+    fitness, _ = convex.evaluate_admission(scn, sysp, profile, pop)
     evaluations += population
   d = decide(scn, sysp, profile, pop[int(np.argmax(fitness))])
   d.evaluations = evaluations
@@ -298,7 +297,7 @@ def greedy(scn: system.Scenario, sysp: system.SystemParams, profile: system.Prof
   """Adds, one at a time, the user whose admission raises U most; stops when none does."""
   n = scn.num_users
   admit = np.zeros(n, bool)
-  best, _ = split_lib.evaluate_admission(scn, sysp, profile, admit)
+  best, _ = convex.evaluate_admission(scn, sysp, profile, admit)
   evaluations = 1
   while admit.sum() < sysp.capacity:
     free = np.nonzero(~admit)[0]
@@ -306,7 +305,7 @@ def greedy(scn: system.Scenario, sysp: system.SystemParams, profile: system.Prof
       break
     cands = np.repeat(admit[None], len(free), axis=0)
     cands[np.arange(len(free)), free] = True
-    utility, _ = split_lib.evaluate_admission(scn, sysp, profile, cands)
+    utility, _ = convex.evaluate_admission(scn, sysp, profile, cands)
     evaluations += len(free)
     k = int(np.argmax(utility))
     if utility[k] <= best:
@@ -326,7 +325,7 @@ def greedy_delta(
   cands = np.zeros((bmax + 1, scn.num_users), bool)
   for b in range(1, bmax + 1):
     cands[b, order[:b]] = True
-  utility, _ = split_lib.evaluate_admission(scn, sysp, profile, cands)
+  utility, _ = convex.evaluate_admission(scn, sysp, profile, cands)
   d = decide(scn, sysp, profile, cands[int(np.argmax(utility))])
   d.evaluations = bmax + 1
   return d
@@ -341,22 +340,22 @@ def admit_all(
   scn: system.Scenario,
   sysp: system.SystemParams,
   profile: system.Profile,
-  fixed_split: float | None = None,
+  fixed_cut_point: float | None = None,
 ) -> Decision:
   """Admits the first min(N, C) users in visiting order (an always-grant policy).
 
   Args:
-    fixed_split: None for the closed-form optimal splits, else every admitted user's n.
+    fixed_cut_point: None for the closed-form optimal cut points, else every admitted user's n.
   """
   admit = np.zeros(scn.num_users, bool)
   admit[: max_batch(scn, sysp)] = True
-  if fixed_split is None:
+  if fixed_cut_point is None:
     return decide(scn, sysp, profile, admit)
-  if not 0 <= fixed_split <= sysp.num_steps:
-    raise ValueError(f"admit_all: fixed split must lie in [0, T={sysp.num_steps}]")
-  splits = np.where(admit, float(fixed_split), float(sysp.num_steps))
-  utility = float(system.objective(scn, sysp, profile, admit, splits))
-  return Decision(admit, splits, utility, 1)
+  if not 0 <= fixed_cut_point <= sysp.num_steps:
+    raise ValueError(f"admit_all: fixed cut point must lie in [0, T={sysp.num_steps}]")
+  cut_points = np.where(admit, float(fixed_cut_point), float(sysp.num_steps))
+  utility = float(system.objective(scn, sysp, profile, admit, cut_points))
+  return Decision(admit, cut_points, utility, 1)
 
 
 def random_admission(

@@ -33,7 +33,7 @@ class ClientResult:
   id: str
   user: int
   kind: str  # latent | local | error | no_answer
-  split: int | None = None
+  cut_point: int | None = None
   batch: int | None = None
   x0: np.ndarray | None = None
   error: dict[str, Any] | None = None
@@ -112,10 +112,12 @@ def run_client(
     x_n = x_T
   else:
     raise protocol.RequestError(protocol.BAD_TYPE, f"unexpected answer type {kind!r}")
-  n = header.get("split")
+  n = header.get("cut_point")
   if not isinstance(n, int) or not 0 <= n <= num_steps:
-    raise protocol.RequestError(protocol.BAD_FIELD, f"answer's split {n!r} not in [0, {num_steps}]")
-  res.kind, res.split, res.batch = kind, n, header.get("batch")
+    raise protocol.RequestError(
+      protocol.BAD_FIELD, f"answer's cut_point {n!r} not in [0, {num_steps}]"
+    )
+  res.kind, res.cut_point, res.batch = kind, n, header.get("batch")
   start = time.monotonic()
   x0 = np.asarray(jax.block_until_ready(device_fn(x_n, n, key)))
   res.local_compute = time.monotonic() - start

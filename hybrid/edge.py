@@ -5,7 +5,7 @@ number of device connections, one reader thread each (``hybrid.connections``). A
 window at the first queued request and closes it ``window`` seconds later (or once the policy's
 state is full); the window's ``policy.Scheduler`` decides who is admitted; denied users are told
 to run locally at once, and the admitted batch runs through the cluster-wide model, each user's
-latent leaving as soon as its own split is reached (``staged``) or when the whole batch is done
+latent leaving as soon as its own cut point is reached (``staged``) or when the whole batch is done
 (``one_shot``).
 """
 
@@ -28,8 +28,9 @@ from hybrid import connections, policy, protocol
 
 DEFAULT_HOST = "127.0.0.1"
 
-EdgeFn = Callable[[np.ndarray, np.ndarray, jax.Array], Any]  # (x_T [B,H,W,C], splits [B], keys [B])
-# (x_T, splits, keys) -> iterator of (rows whose latent is ready, x [B, H, W, C] holding them)
+# (x_T [B,H,W,C], cut_points [B], keys [B])
+EdgeFn = Callable[[np.ndarray, np.ndarray, jax.Array], Any]
+# (x_T, cut_points, keys) -> iterator of (rows whose latent is ready, x [B, H, W, C] holding them)
 EdgeStages = Callable[[np.ndarray, np.ndarray, jax.Array], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
@@ -51,7 +52,7 @@ class EdgeServer:
 
   Args:
     edge: the cluster-wide model's T -> n_i steps for each row of the admitted batch, as stages
-      ``(x_T [B, H, W, C] float32, splits [B] int32, keys [B] PRNG keys) -> iterator of (rows,
+      ``(x_T [B, H, W, C] float32, cut_points [B] int32, keys [B] PRNG keys) -> iterator of (rows,
       x [B, H, W, C])``: the latents of ``rows`` are ready in ``x`` and go out at once
       (``one_shot(edge_denoise)`` or ``staged(models)``).
     scheduler: the window's decision maker.
@@ -302,7 +303,7 @@ class EdgeServer:
           "alpha": r.alpha,
           "wait": float(wait[i]),
           "admitted": bool(dec.admit[i]),
-          "split": int(dec.split[i]),
+          "cut_point": int(dec.cut_point[i]),
           "predicted": float(dec.predicted[i]),
         }
         for i, r in enumerate(live)
@@ -314,7 +315,12 @@ class EdgeServer:
       if not dec.admit[i]:
         if not r.conn.answer(
           r.rid,
-          {"type": "local", "id": r.client_id, "split": int(self.num_steps), "batch": dec.batch},
+          {
+            "type": "local",
+            "id": r.client_id,
+            "cut_point": int(self.num_steps),
+            "batch": dec.batch,
+          },
         ):
           self.lost.append({"id": r.client_id, "stage": "local answer"})
     admitted = [i for i in range(len(live)) if dec.admit[i]]
@@ -322,11 +328,11 @@ class EdgeServer:
       record["edge_seconds"] = 0.0
       return
     x = np.stack([live[i].x_T for i in admitted])
-    splits = np.asarray([dec.split[i] for i in admitted], np.int32)
+    cut_points = np.asarray([dec.cut_point[i] for i in admitted], np.int32)
     keys = jax.random.wrap_key_data(np.stack([live[i].key for i in admitted]))
     t0 = time.perf_counter()
     ready = {}
-    for rows, x_n in self.edge(x, splits, keys):
+    for rows, x_n in self.edge(x, cut_points, keys):
       x_n = np.asarray(x_n, np.float32)
       if x_n.shape != x.shape:
         raise RuntimeError(f"the edge returned {x_n.shape} for a batch {x.shape}")
@@ -336,7 +342,7 @@ class EdgeServer:
         head = {
           "type": "latent",
           "id": r.client_id,
-          "split": int(dec.split[i]),
+          "cut_point": int(dec.cut_point[i]),
           "batch": dec.batch,
           **protocol.array_header(x_n[j]),
         }
@@ -356,14 +362,14 @@ def one_shot(edge_fn: EdgeFn) -> EdgeStages:
   """One batched call (``models.edge_denoise``): every latent goes out when the longest edge
   chain (T - min n) is done."""
 
-  def stages(x_T, splits, keys):
-    yield np.arange(len(splits)), jax.block_until_ready(edge_fn(x_T, splits, keys))
+  def stages(x_T, cut_points, keys):
+    yield np.arange(len(cut_points)), jax.block_until_ready(edge_fn(x_T, cut_points, keys))
 
   return stages
 
 
 def staged(models) -> EdgeStages:
-  """The batch's chain cut at each distinct split: user i's latent goes out after its own
+  """The batch's chain cut at each distinct cut point: user i's latent goes out after its own
   T - n_i steps, while the whole batch of B rows stays in every network call (finished rows
   frozen), which is what the latency model charges (``(T - n_i) tau_e(B)``).
 
@@ -373,21 +379,21 @@ def staged(models) -> EdgeStages:
   """
   big_t = models.num_timesteps
 
-  def stages(x_T, splits, keys):
-    splits = np.asarray(splits, np.int32)
-    b = len(splits)
+  def stages(x_T, cut_points, keys):
+    cut_points = np.asarray(cut_points, np.int32)
+    b = len(cut_points)
     x = jax.numpy.asarray(x_T, jax.numpy.float32)
     level = big_t
-    for stop in sorted({int(v) for v in splits}, reverse=True):
+    for stop in sorted({int(v) for v in cut_points}, reverse=True):
       if stop < level:
         x = models.programs.chain(
           models.cluster_params,
           x,
           np.full((b,), level, np.int32),
-          np.maximum(splits, stop).astype(np.int32),
+          np.maximum(cut_points, stop).astype(np.int32),
           keys,
         )
         level = stop
-      yield np.flatnonzero(splits == stop), jax.block_until_ready(x)
+      yield np.flatnonzero(cut_points == stop), jax.block_until_ready(x)
 
   return stages

@@ -1,4 +1,5 @@
-"""The admission MDP (spec §7): users visited one at a time, grant or deny, splits after the episode.
+"""The admission MDP (spec §7): users visited one at a time, grant or deny, cut points after the
+episode.
 
 State ``(s_l, s_g)``:
 
@@ -9,7 +10,7 @@ State ``(s_l, s_g)``:
 * ``s_g``: [6] ``[0.1 capacity left, 0.1 undecided, 0.1 granted, 0.1 denied, 100 k_e, 100 h_e]``.
 
 The episode ends when the capacity is used up (every user not yet visited is denied) or every user
-has been decided. Then the admitted users' splits are solved in closed form with the final B and
+has been decided. Then the admitted users' cut_points are solved in closed form with the final B and
 rewards are assigned (gamma = 1): step t gets ``0.1 alpha_t A(n_t)`` for the user it decided, the
 last step also the accuracy terms of the users never visited and ``-0.1 sum_i L_i``, so an
 episode's rewards sum to ``0.1 U``. (The released code folds with the padded length, which drops
@@ -29,7 +30,7 @@ import dataclasses
 
 import numpy as np
 
-from hybrid import split, system
+from hybrid import convex, system
 
 UNDECIDED, CURRENT, GRANTED, DENIED = 0, 1, 2, 3
 NUM_STATUS = 4
@@ -153,22 +154,23 @@ class HybridEnv:
     return x
 
   def outcome(self) -> tuple[float, np.ndarray, np.ndarray]:
-    """(U, admit [N], splits [N]) of the finished episode (closed-form splits at the final B)."""
+    """(U, admit [N], cut_points [N]) of the finished episode (closed-form cut points at the final
+    B)."""
     if not self.done:
       raise RuntimeError("HybridEnv.outcome: the episode is not finished")
     admit = self.admitted()
-    utility, splits = split.evaluate_admission(self.scn, self.sysp, self.profile, admit)
-    return float(utility), admit, splits
+    utility, cut_points = convex.evaluate_admission(self.scn, self.sysp, self.profile, admit)
+    return float(utility), admit, cut_points
 
   def episode_rewards(self) -> np.ndarray:
     """[steps] float64 rewards of the finished episode; they sum to 0.1 U."""
     if not self.done:
       raise RuntimeError("HybridEnv.episode_rewards: the episode is not finished")
     admit = self.admitted()
-    splits = split.splits_for_admission(self.scn, self.sysp, self.profile, admit)
-    n = np.where(admit, splits, self.sysp.num_steps)
+    cut_points = convex.cut_points_for_admission(self.scn, self.sysp, self.profile, admit)
+    n = np.where(admit, cut_points, self.sysp.num_steps)
     per_user = REWARD_SCALE * self.scn.alpha * self.profile.accuracy(n)
-    latency = system.user_latency(self.scn, self.sysp, admit, splits)
+    latency = system.user_latency(self.scn, self.sysp, admit, cut_points)
     steps = len(self.actions)
     rewards = per_user[:steps].copy()
     rewards[-1] += per_user[steps:].sum() - REWARD_SCALE * latency.sum()

@@ -3,7 +3,7 @@
 ``evaluate_cell`` draws ``scheduler.eval.scenarios`` scenarios for one (G, N) (seeded apart from
 training) and runs every method on them: the exact optimum (by batch size, checked against
 enumeration and OR-Tools where they run), DRL-convex, GA (full, and cut at DRL's decision time),
-greedy, greedy by Delta, random, all-local, admit-all with optimal and fixed splits.
+greedy, greedy by Delta, random, all-local, admit-all with optimal and fixed cut points.
 
 Metrics per (G, N) and method: utility per user (mean of U / N); the gap to the optimum per user;
 ``gain_share`` = (U - U_local) / (U_opt - U_local) on scenario means, the share of the optimum's
@@ -104,7 +104,7 @@ def evaluate_cell(config, sysp, profile, agents, g: float, n: int) -> dict[str, 
     ):
       d, t = _timed(fn)
       record(name, d, t)
-    for fixed in e.fixed_splits:
+    for fixed in e.fixed_cut_points:
       d, t = _timed(lambda scn=scn, fixed=fixed: baselines.admit_all(scn, sysp, profile, fixed))
       record(f"admit_all_n{fixed:g}", d, t)
   return rows
@@ -160,7 +160,7 @@ def claims(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
       ),
       "cells": len(cells),
     }
-  fixed = [f"admit_all_n{v:g}" for v in config.scheduler.eval.fixed_splits]
+  fixed = [f"admit_all_n{v:g}" for v in config.scheduler.eval.fixed_cut_points]
   out["E2"] = {
     f"optimal_minus_{f}_per_user": float(
       np.mean(

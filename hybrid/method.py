@@ -8,7 +8,7 @@ vmapped ``tx``); the cluster-wide network is carried along unchanged, so one che
 everything ``hybrid.models.load_run`` and ``common.eval`` need. Stage 1 (the cluster-wide model)
 is ``ClusterDDPM``: the plain DDPM on the cluster's data.
 
-Sampling (``common.eval``, the training grid) is the hybrid sampler at ``hybrid.eval_split``;
+Sampling (``common.eval``, the training grid) is the hybrid sampler at ``hybrid.eval_cut_point``;
 the groups are the users, each compared with the real images of its subject class.
 """
 
@@ -27,7 +27,7 @@ from common.train import state as state_lib
 from common.train.method import DDPM
 from common.train.validate import ConfigError
 from hybrid import data as hdata
-from hybrid import models
+from hybrid import fields, models
 
 USER_LOOPS = ("vmap", "unroll")
 
@@ -45,8 +45,10 @@ def validate(config, data_info) -> None:
     raise ConfigError("hybrid.user_loop", h.user_loop, "allowed: " + ", ".join(USER_LOOPS))
   if not h.prior_weight >= 0:
     raise ConfigError("hybrid.prior_weight", h.prior_weight, "must be >= 0 (0 disables it)")
-  if not isinstance(h.eval_split, int) or not 0 <= h.eval_split <= big_t:
-    raise ConfigError("hybrid.eval_split", h.eval_split, f"must be an integer in [0, {big_t}]")
+  if not isinstance(h.eval_cut_point, int) or not 0 <= h.eval_cut_point <= big_t:
+    raise ConfigError(
+      "hybrid.eval_cut_point", h.eval_cut_point, f"must be an integer in [0, {big_t}]"
+    )
 
 
 class ClusterDDPM(DDPM):
@@ -71,6 +73,7 @@ class Hybrid(DDPM):
   name = "hybrid"
 
   def __init__(self, config, data_info):
+    config = fields.upgrade(config)  # a run saved before the cut point's rename reads the same
     super().__init__(config, data_info)
     validate(config, data_info)
     self.num_users = int(config.hybrid.num_users)
@@ -171,7 +174,7 @@ class Hybrid(DDPM):
 
     return train_step
 
-  # --- sampling: the hybrid sampler at the configured split ---------------------------------------
+  # --- sampling: the hybrid sampler at the configured cut point -----------------------------
   @property
   def programs(self) -> models.Programs:
     return models.programs_for(self.config)
@@ -179,9 +182,9 @@ class Hybrid(DDPM):
   def models_of(self, params) -> models.HybridModels:
     return models.from_params(self.config, params, programs=self.programs)
 
-  def sample_users(self, params, rng, users, split: int | None = None) -> np.ndarray:
-    """Hybrid samples [len(users), H, W, C] for the given users at split ``split``."""
-    n = int(self.config.hybrid.eval_split if split is None else split)
+  def sample_users(self, params, rng, users, cut_point: int | None = None) -> np.ndarray:
+    """Hybrid samples [len(users), H, W, C] for the given users at cut point ``cut_point``."""
+    n = int(self.config.hybrid.eval_cut_point if cut_point is None else cut_point)
     users = np.asarray(users, np.int32)
     out = models.hybrid_sample(self.models_of(params), users, np.full_like(users, n), rng)
     return np.asarray(out)
@@ -222,7 +225,7 @@ class Hybrid(DDPM):
 
   def cost_description(self, params) -> dict[str, Any]:
     del params
-    n = int(self.config.hybrid.eval_split)
+    n = int(self.config.hybrid.eval_cut_point)
     res, ch = self.data_info.resolution, self.data_info.channels
     return {
       "edge_steps_per_image": int(self.diffusion.num_timesteps) - n,
@@ -237,7 +240,7 @@ class Hybrid(DDPM):
       "sampling_steps": int(self.diffusion.num_timesteps),
       "ddim_eta": float(d.ddim_eta),
       "guidance_scale": 1.0,
-      "split": int(self.config.hybrid.eval_split),
+      "cut_point": int(self.config.hybrid.eval_cut_point),
     }
 
 

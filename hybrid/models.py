@@ -1,6 +1,6 @@
 """The trained models of a hybrid run and the hybrid sampler: edge (cluster-wide) then device.
 
-A request of user i with split point n_i runs the reverse chain from level T to level n_i on the
+A request of user i with cut point n_i runs the reverse chain from level T to level n_i on the
 edge with the cluster-wide model, batched with every other admitted request, then levels n_i..1 on
 the device with the user's personalized model (spec §1, §11 A). ``n = 0`` is the cluster-wide model
 alone, ``n = T`` the personalized model alone.
@@ -15,7 +15,7 @@ the paper's 200 inference steps with T = 200.
 Both halves are segments of the core's chain (``common.diffusion.sampling.sample_chain``) with
 per-row bounds: on the edge, row i is updated while its level is above n_i and frozen after, so the
 batch shares one network call per level (what the latency model charges every admitted user for)
-and the chain stops at the smallest split; the device's segment runs n_i -> 0 with its user's
+and the chain stops at the smallest cut point; the device's segment runs n_i -> 0 with its user's
 slice of the stacked tree.
 """
 
@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from common.diffusion import GaussianDiffusion, sampling
+from hybrid import fields
 
 
 def row_keys(rng: jax.Array, batch: int) -> jax.Array:
@@ -133,10 +134,6 @@ class HybridModels:
     """``(x, t, y) -> output`` of one network (the form ``common.diffusion.sampling`` takes)."""
     return lambda x, t, y: self.programs.apply(params, x, t)
 
-  def personal(self, user: int):
-    """The personalized network of ``user``: its slice of the stacked tree."""
-    return jax.tree.map(lambda a: a[user], self.personal_params)
-
 
 _PROGRAMS: dict[str, Programs] = {}
 
@@ -164,23 +161,23 @@ def _network_apply(config):
   return lambda params, x, t: net.apply(params, x, t, None)
 
 
-def _check_splits(splits, batch: int, big_t: int) -> jax.Array:
-  if not isinstance(splits, jax.core.Tracer):
-    s = np.asarray(splits)
+def _check_cut_points(cut_points, batch: int, big_t: int) -> jax.Array:
+  if not isinstance(cut_points, jax.core.Tracer):
+    s = np.asarray(cut_points)
     if s.shape != (batch,) or s.dtype.kind not in "iu":
-      raise ValueError(f"splits must be [{batch}] integers, got {s.dtype} {s.shape}")
+      raise ValueError(f"cut_points must be [{batch}] integers, got {s.dtype} {s.shape}")
     if s.min() < 0 or s.max() > big_t:
-      raise ValueError(f"split points must lie in [0, T={big_t}], got [{s.min()}, {s.max()}]")
-  return jnp.asarray(splits, jnp.int32)
+      raise ValueError(f"cut points must lie in [0, T={big_t}], got [{s.min()}, {s.max()}]")
+  return jnp.asarray(cut_points, jnp.int32)
 
 
-def edge_denoise(models: HybridModels, x_T, splits, rng) -> jax.Array:
+def edge_denoise(models: HybridModels, x_T, cut_points, rng) -> jax.Array:
   """Cluster-wide model, one batch for all admitted users: level T down to n_i per row.
 
   Args:
     models: the run's models.
     x_T: [B, H, W, C] float32 noise.
-    splits: [B] int32 split points n_i in [0, T] (row i is frozen once it reaches n_i).
+    cut_points: [B] int32 cut points n_i in [0, T] (row i is frozen once it reaches n_i).
     rng: one key (split into B row keys) or [B] per-request keys.
 
   Returns:
@@ -191,21 +188,21 @@ def edge_denoise(models: HybridModels, x_T, splits, rng) -> jax.Array:
   chex.assert_shape(x_T, (None, *models.image_shape))
   b = x_T.shape[0]
   big_t = models.num_timesteps
-  n = _check_splits(splits, b, big_t)
+  n = _check_cut_points(cut_points, b, big_t)
   keys = row_keys(rng, b)
   return models.programs.chain(
     models.cluster_params, x_T, jnp.full((b,), big_t, jnp.int32), n, keys
   )
 
 
-def device_denoise(models: HybridModels, user, x_n, split, rng) -> jax.Array:
+def device_denoise(models: HybridModels, user, x_n, cut_point, rng) -> jax.Array:
   """Personalized model of ``user`` runs levels n..1 on x_n and returns x_0 in [-1, 1].
 
   Args:
     models: the run's models.
     user: int in [0, U).
     x_n: [H, W, C] (one request; ``rng`` is then its key) or [b, H, W, C].
-    split: the level x_n is at: an int or [b] ints in [0, T]; n = 0 returns x_n unchanged.
+    cut_point: the level x_n is at: an int or [b] ints in [0, T]; n = 0 returns x_n unchanged.
     rng: one key or [b] per-request keys (as for ``edge_denoise``).
 
   Returns:
@@ -223,8 +220,8 @@ def device_denoise(models: HybridModels, user, x_n, split, rng) -> jax.Array:
       rng = rng[None]
   chex.assert_shape(x, (None, *models.image_shape))
   b = x.shape[0]
-  n = np.broadcast_to(np.asarray(split), (b,)) if np.ndim(split) == 0 else split
-  n = _check_splits(n, b, models.num_timesteps)
+  n = np.broadcast_to(np.asarray(cut_point), (b,)) if np.ndim(cut_point) == 0 else cut_point
+  n = _check_cut_points(n, b, models.num_timesteps)
   out = models.programs.device_chain(
     models.personal_params, jnp.int32(user), x, n, row_keys(rng, b)
   )
@@ -237,13 +234,13 @@ def initial_noise(models: HybridModels, keys: jax.Array) -> jax.Array:
   return jax.vmap(lambda k: sampling.initial_noise(k, shape)[0])(keys)
 
 
-def hybrid_sample(models: HybridModels, users, splits, rng) -> jax.Array:
+def hybrid_sample(models: HybridModels, users, cut_points, rng) -> jax.Array:
   """``edge_denoise`` then ``device_denoise`` per user.
 
   Args:
     models: the run's models.
     users: [B] ints in [0, U).
-    splits: [B] ints in [0, T].
+    cut_points: [B] ints in [0, T].
     rng: one key (split into B request keys) or [B] request keys; x_T of request i is
       ``sampling.initial_noise(key_i, (1, H, W, C))``.
 
@@ -251,16 +248,18 @@ def hybrid_sample(models: HybridModels, users, splits, rng) -> jax.Array:
     x_0: [B, H, W, C] float32 in [-1, 1].
   """
   users = np.asarray(users)
-  splits = np.asarray(splits)
+  cut_points = np.asarray(cut_points)
   b = len(users)
-  if users.shape != (b,) or splits.shape != (b,):
-    raise ValueError(f"users and splits must both be [B], got {users.shape} and {splits.shape}")
+  if users.shape != (b,) or cut_points.shape != (b,):
+    raise ValueError(
+      f"users and cut points must both be [B], got {users.shape} and {cut_points.shape}"
+    )
   keys = row_keys(rng, b)
-  x_n = edge_denoise(models, initial_noise(models, keys), splits, keys)
+  x_n = edge_denoise(models, initial_noise(models, keys), cut_points, keys)
   out = x_n
   for u in np.unique(users):
     idx = np.flatnonzero(users == u)
-    x0 = device_denoise(models, int(u), x_n[idx], splits[idx], keys[idx])
+    x0 = device_denoise(models, int(u), x_n[idx], cut_points[idx], keys[idx])
     out = out.at[idx].set(x0)
   return out
 
@@ -307,6 +306,7 @@ def load_run(workdir: str, *, require_finished: bool = True) -> HybridModels:
       f"{workdir} is a {config.method!r} run, not a hybrid.train workdir (method 'hybrid')"
     )
   config, method, params, step = eval_lib.load_params(workdir)
+  config = fields.upgrade(config)  # a run saved before the cut point's rename
   if require_finished and step < int(config.total_steps):
     raise ValueError(
       f"{workdir}: the personalized models are at step {step} of {config.total_steps}; "

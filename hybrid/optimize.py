@@ -73,7 +73,10 @@ def _validate_system(config) -> None:
     raise ConfigError("scheduler.system", sorted(extra), "unknown fields")
   t = require(config, "scheduler.system.num_steps", integer(1), "must be an integer >= 1")
   require(
-    config, "scheduler.system.min_split", number(lambda v: 0 <= v <= t), f"must be in [0, T={t}]"
+    config,
+    "scheduler.system.min_cut_point",
+    number(lambda v: 0 <= v <= t),
+    f"must be in [0, T={t}]",
   )
   for k in ("capacity", "max_users"):
     require(config, f"scheduler.system.{k}", integer(1), "must be an integer >= 1")
@@ -121,9 +124,9 @@ def _validate_grid(config) -> None:
   t = s.system.num_steps
   require(
     config,
-    "scheduler.eval.fixed_splits",
+    "scheduler.eval.fixed_cut_points",
     lambda v: all(map(number(lambda n: 0 <= n <= t), v)),
-    f"must be split points in [0, T={t}]",
+    f"must be cut points in [0, T={t}]",
   )
 
 
@@ -336,6 +339,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import sys
+
+  from hybrid import fields
+
+  fields.exit_if_renamed(sys.argv)
   _define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
   from common.train import cli

@@ -1,9 +1,9 @@
-"""Admission decisions for the edge loop: who a window admits and where each chain is split.
+"""Admission decisions for the edge loop: who a window admits and where each chain is cut.
 
 A ``Scheduler`` turns one window's requests into the MDP's view (users in visiting order,
-strongest device first) and asks a policy ``Scenario -> Decision`` for admissions and splits,
+strongest device first) and asks a policy ``Scenario -> Decision`` for admissions and cut points,
 rounded to whole steps. The policy is the trained PER-DQN of a ``hybrid.optimize`` workdir
-(``drl_policy``: grant/deny user by user, closed-form splits at the final B) or a
+(``drl_policy``: grant/deny user by user, closed-form cut points at the final B) or a
 ``hybrid.baselines`` fallback (``fallback_policy``). This module is the one that knows the
 layout of a ``hybrid.optimize`` workdir (``config.json``, ``agents/<name>/agent.npz``).
 """
@@ -36,17 +36,17 @@ class WindowDecision:
 
   Attributes:
     admit: [N] bool.
-    split: [N] int local steps n_i (T for denied users).
+    cut_point: [N] int local steps n_i (T for denied users).
     batch: B, the number admitted.
     predicted: [N] float64 latency model's L_i (seconds) for these decisions and waits.
-    utility: U of the decision (closed-form objective with the rounded splits).
+    utility: U of the decision (closed-form objective with the rounded cut points).
     scenario: the scheduler's view, users in visiting order; ``order[j]`` is the request index of
       scenario row j.
     seconds: wall time of the decision.
   """
 
   admit: np.ndarray
-  split: np.ndarray
+  cut_point: np.ndarray
   batch: int
   predicted: np.ndarray
   utility: float
@@ -56,7 +56,8 @@ class WindowDecision:
 
 
 class Scheduler:
-  """Turns a window's requests into admissions and splits with a policy ``Scenario -> Decision``."""
+  """Turns a window's requests into admissions and cut points with a policy
+  ``Scenario -> Decision``."""
 
   def __init__(
     self,
@@ -95,15 +96,15 @@ class Scheduler:
     scn, order = self.scenario(alpha, tau, wait)
     d = self.policy(scn)
     t = self.sysp.num_steps
-    split = np.where(d.admit, np.rint(d.split), t).astype(np.int64)
-    predicted = system.user_latency(scn, self.sysp, d.admit, split)
-    utility = float(system.objective(scn, self.sysp, self.profile, d.admit, split))
+    cut_point = np.where(d.admit, np.rint(d.cut_point), t).astype(np.int64)
+    predicted = system.user_latency(scn, self.sysp, d.admit, cut_point)
+    utility = float(system.objective(scn, self.sysp, self.profile, d.admit, cut_point))
     seconds = time.perf_counter() - t0
     inverse = np.empty(n, np.int64)
     inverse[order] = np.arange(n)
     return WindowDecision(
       admit=np.asarray(d.admit, bool)[inverse],
-      split=split[inverse],
+      cut_point=cut_point[inverse],
       batch=int(np.sum(d.admit)),
       predicted=predicted[inverse],
       utility=utility,
@@ -209,7 +210,7 @@ def load_agent(
 def drl_policy(
   ag: agent_lib.PerDQN, params, sysp: system.SystemParams, profile: system.Profile
 ) -> Callable[[system.Scenario], baselines.Decision]:
-  """DRL-convex: the trained agent's greedy admissions, closed-form splits."""
+  """DRL-convex: the trained agent's greedy admissions, closed-form cut points."""
   if ag.max_users != sysp.max_users:
     raise ValueError(
       f"the agent's state has {ag.max_users} user rows, the serving system {sysp.max_users}"

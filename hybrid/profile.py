@@ -1,8 +1,8 @@
 """Measured profiles of a hybrid run: ``python -m hybrid.profile --workdir=runs/hybrid``.
 
-Accuracy (spec §3, §11 A). For every split point n of ``hybrid.profile.splits`` and every seed s
+Accuracy (spec §3, §11 A). For every cut point n of ``hybrid.profile.cut_points`` and every seed s
 (shared by all users, so user images of one seed start from the same noise and share the edge
-half), each user's image is ``hybrid_sample`` at split n. With the dataset's feature classifier
+half), each user's image is ``hybrid_sample`` at cut point n. With the dataset's feature classifier
 (``common.metrics.feature_nets``) standing in for CLIP and LPIPS:
 
 * Sim(n)  = mean over users and seeds of P(class = the user's subject class), the identity
@@ -13,7 +13,7 @@ half), each user's image is ``hybrid_sample`` at split n. With the dataset's fea
 * PAI_raw(n) = scale Sim(n) sigmoid(sharpness (Diff(n) - d0)) (the paper: 3 Sim sigmoid(30 (Diff
   - 0.1)); its 3 maps CLIP cosines of ~0.33 to ~1, our Sim is a probability already, so
   ``pai_scale`` = 1 whatever U is). d0 (``hybrid.profile.d0``) is the middle of Diff's range by
-  default; the spec's median of Diff over the splits is the other rule, and both are reported:
+  default; the spec's median of Diff over the cut points is the other rule, and both are reported:
   where Diff saturates early (digits) the median lies on the plateau, the sigmoid factor is then
   ~1/2 at n = T and PAI_raw stops at half the scale, which no sigmoid with asymptote 1 fits;
 
@@ -32,7 +32,7 @@ Device heterogeneity follows the spec's simulator: device types are slowdown fac
 measured edge step, the paper's device rows 3..10 relative to its edge GPU row 0 (written into
 ``profile.json`` as ``latency.device_slowdowns``), drawn with weights ``linspace(1, 2)``.
 
-Writes ``DIR/profile/accuracy.json`` (+ ``.png``, and ``splits.png``: the images per split),
+Writes ``DIR/profile/accuracy.json`` (+ ``.png``, and ``cut_points.png``: the images per cut_point),
 ``DIR/profile/latency.json`` (+ ``.png``) and ``DIR/profile.json`` in ``hybrid.system``'s layout,
 for ``python -m hybrid.optimize --config=configs/hybrid.py:sim
 --config.scheduler.profile=DIR/profile.json``.
@@ -73,7 +73,7 @@ def fit_sigmoid(n, y, num_steps: int, iters: int = 200) -> dict[str, float]:
   """Least-squares ``(a, b)`` of ``A(n)`` to points ``(n, y)``; Levenberg-Marquardt.
 
   Args:
-    n, y: [M] split points and values.
+    n, y: [M] cut points and values.
     num_steps: T (scales the starting grid: a in [0.1, 40] / T, b in [0, T]).
 
   Returns:
@@ -142,8 +142,8 @@ D0_RULES = ("midrange", "median")
 
 
 def threshold(diff, rule) -> float:
-  """d0 of the PAI: ``median`` of Diff over the splits (spec §11 A), ``midrange`` (the middle of
-  Diff's range), or a number."""
+  """d0 of the PAI: ``median`` of Diff over the cut points (spec §11 A), ``midrange`` (the middle
+  of Diff's range), or a number."""
   diff = np.asarray(diff, np.float64)
   if isinstance(rule, int | float) and not isinstance(rule, bool):
     return float(rule)
@@ -205,12 +205,12 @@ def reference_distance(config, net, classes) -> float:
   return float(np.mean(dists))
 
 
-def sample_splits(models, splits, seeds: int, seed: int, batch_size: int) -> np.ndarray:
-  """Hybrid samples [len(splits), U, seeds, H, W, C]; seed s gives every user the same key."""
+def sample_cut_points(models, cut_points, seeds: int, seed: int, batch_size: int) -> np.ndarray:
+  """Hybrid samples [len(cut_points), U, seeds, H, W, C]; seed s gives every user the same key."""
   keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 7), seeds)
   x_t = models_lib.initial_noise(models, keys)
-  out = np.zeros((len(splits), models.num_users, seeds, *models.image_shape), np.float32)
-  for i, n in enumerate(splits):
+  out = np.zeros((len(cut_points), models.num_users, seeds, *models.image_shape), np.float32)
+  for i, n in enumerate(cut_points):
     for lo in range(0, seeds, batch_size):
       sl = slice(lo, min(seeds, lo + batch_size))
       b = sl.stop - sl.start
@@ -230,19 +230,21 @@ def accuracy_profile(models, *, net=None, seed: int = 0) -> dict[str, Any]:
   if u_count < 2:
     raise ValueError("the accuracy profile compares users' images: needs hybrid.num_users >= 2")
   classes = [int(c) for c in config.hybrid.user_classes]
-  splits = [int(n) for n in p.splits]
-  if any(not 0 <= n <= big_t for n in splits) or len(splits) < 2:
-    raise ValueError(f"hybrid.profile.splits must be >= 2 points in [0, {big_t}], got {splits}")
+  cut_points = [int(n) for n in p.cut_points]
+  if any(not 0 <= n <= big_t for n in cut_points) or len(cut_points) < 2:
+    raise ValueError(
+      f"hybrid.profile.cut_points must be >= 2 points in [0, {big_t}], got {cut_points}"
+    )
   net = net or _feature_network(config)
   seeds = int(p.seeds_per_user)
   t0 = time.perf_counter()
-  images = sample_splits(models, splits, seeds, seed, int(p.batch_size))
+  images = sample_cut_points(models, cut_points, seeds, seed, int(p.batch_size))
   sample_s = time.perf_counter() - t0
   flat = images.reshape(-1, *models.image_shape)
   logits = np.asarray(net.logits(flat), np.float64)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs = (probs / probs.sum(-1, keepdims=True)).reshape(len(splits), u_count, seeds, -1)
-  feats = np.asarray(net.features(flat), np.float64).reshape(len(splits), u_count, seeds, -1)
+  probs = (probs / probs.sum(-1, keepdims=True)).reshape(len(cut_points), u_count, seeds, -1)
+  feats = np.asarray(net.features(flat), np.float64).reshape(len(cut_points), u_count, seeds, -1)
   ref = reference_distance(config, net, classes)
   sim_user = np.stack([probs[:, u, :, c].mean(-1) for u, c in enumerate(classes)], axis=1)
   hit_user = np.stack(
@@ -261,12 +263,16 @@ def accuracy_profile(models, *, net=None, seed: int = 0) -> dict[str, Any]:
   for rule in D0_RULES:
     d0_rule = threshold(diff, rule)
     v = pai(sim, diff, scale=scale, sharpness=sharpness, d0=d0_rule)
-    alternatives[rule] = {"d0": d0_rule, "pai": v.tolist(), "fit": fit_sigmoid(splits, v, big_t)}
+    alternatives[rule] = {
+      "d0": d0_rule,
+      "pai": v.tolist(),
+      "fit": fit_sigmoid(cut_points, v, big_t),
+    }
   d0 = threshold(diff, p.get("d0", "midrange"))
   values = pai(sim, diff, scale=scale, sharpness=sharpness, d0=d0)
-  fit = fit_sigmoid(splits, values, big_t)
+  fit = fit_sigmoid(cut_points, values, big_t)
   return {
-    "splits": splits,
+    "cut_points": cut_points,
     "num_timesteps": big_t,
     "seeds_per_user": seeds,
     "users": [{"user": u, "class": c} for u, c in enumerate(classes)],
@@ -281,7 +287,7 @@ def accuracy_profile(models, *, net=None, seed: int = 0) -> dict[str, Any]:
     "diff_sharpness": float(p.diff_sharpness),
     "pai": values.tolist(),
     "fit": fit,
-    "checks": shape_checks(splits, values, fit, big_t),
+    "checks": shape_checks(cut_points, values, fit, big_t),
     "by_d0_rule": alternatives,
     "feature_net": getattr(net, "name", "custom"),
     "feature_net_sha256": getattr(net, "sha256", None),
@@ -383,7 +389,7 @@ def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  n = np.asarray(acc["splits"])
+  n = np.asarray(acc["cut_points"])
   big_t = acc["num_timesteps"]
   fit = acc["fit"]
   grid = np.linspace(0, big_t, 201)
@@ -400,7 +406,7 @@ def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
   ax1.plot(
     grid, paper(grid * 200 / big_t), "--", color="0.5", label="paper A(n), a=0.0413, b=71.44"
   )
-  ax1.set_xlabel("split point n (steps on the device)")
+  ax1.set_xlabel("cut point n (steps on the device)")
   ax1.set_ylabel("personalized accuracy index")
   ax1.set_ylim(-0.03, 1.05)
   ax1.legend(fontsize=7)
@@ -409,7 +415,7 @@ def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
   for u, row in enumerate(np.asarray(acc["sim_per_user"]).T):
     ax2.plot(n, row, ":", lw=0.8, color=f"C{u + 2}", label=f"Sim user {u}")
   ax2.axhline(acc["d0"], color="0.6", lw=0.8, ls="--")
-  ax2.set_xlabel("split point n")
+  ax2.set_xlabel("cut point n")
   ax2.legend(fontsize=7)
   fig.tight_layout()
   with fileio.atomic_path(path) as tmp:
@@ -445,8 +451,8 @@ def save_latency_png(path: str, lat: dict[str, Any]) -> None:
   plt.close(fig)
 
 
-def save_splits_png(path: str, acc: dict[str, Any], seeds: int = 2) -> None:
-  """Rows: (seed, user); columns: split points. Every row of a seed starts from the same noise."""
+def save_cut_points_png(path: str, acc: dict[str, Any], seeds: int = 2) -> None:
+  """Rows: (seed, user); columns: cut points. Every row of a seed starts from the same noise."""
   from common import images as images_lib
 
   imgs = acc["_images"]  # [S, U, seeds, H, W, C]
@@ -465,7 +471,7 @@ def save_splits_png(path: str, acc: dict[str, Any], seeds: int = 2) -> None:
 def profile_models(models, out_dir: str, *, net=None, seed: int = 0) -> dict[str, Any]:
   """Measures both profiles of ``models`` and writes every output under ``out_dir``.
 
-  ``out_dir/profile/{accuracy,latency}.{json,png}``, ``out_dir/profile/splits.png`` and
+  ``out_dir/profile/{accuracy,latency}.{json,png}``, ``out_dir/profile/cut_points.png`` and
   ``out_dir/profile.json``. Returns the ``profile.json`` dict with both measurements.
   """
   prof_dir = os.path.join(out_dir, PROFILE_DIR)
@@ -478,7 +484,7 @@ def profile_models(models, out_dir: str, *, net=None, seed: int = 0) -> dict[str
     acc["fit"]["r2"],
     acc["sampling_seconds"],
   )
-  save_splits_png(os.path.join(prof_dir, "splits.png"), acc)
+  save_cut_points_png(os.path.join(prof_dir, "cut_points.png"), acc)
   acc = {k: v for k, v in acc.items() if not k.startswith("_")}
   lat = latency_profile(models, seed=seed)
   logging.info(
@@ -500,6 +506,8 @@ def rewrite(workdir: str) -> dict[str, Any]:
   prof_dir = os.path.join(workdir, PROFILE_DIR)
   with open(os.path.join(prof_dir, "accuracy.json")) as f:
     acc = json.load(f)
+  if "splits" in acc:  # measured before the cut point got one name (issue 21)
+    acc["cut_points"] = acc.pop("splits")
   with open(os.path.join(prof_dir, "latency.json")) as f:
     lat = json.load(f)
   save_accuracy_png(os.path.join(prof_dir, "accuracy.png"), acc)

@@ -18,9 +18,9 @@ Messages (``header["type"]``):
   ``tau`` (the device's per-step latency in seconds, its capability), ``alpha`` (its
   accuracy-vs-latency preference), ``key`` (the request's PRNG key data, uint32 list), ``id``
   (free text), and ``x_T`` [H, W, C] float32 as the payload: the prompt stand-in.
-* ``latent`` (edge -> device): the request was admitted; ``split`` n (local steps left), ``batch``
-  B, the payload x_n [H, W, C] float32.
-* ``local`` (edge -> device): denied; run all ``split`` = T steps on the device.
+* ``latent`` (edge -> device): the request was admitted; ``cut_point`` n (local steps left),
+  ``batch`` B, the payload x_n [H, W, C] float32.
+* ``local`` (edge -> device): denied; run all ``cut_point`` = T steps on the device.
 * ``error``: ``code`` (one of ``ERROR_CODES``) and ``message``.
 """
 
@@ -37,7 +37,9 @@ from typing import Any
 
 import numpy as np
 
-MAGIC = b"HYB1"
+# The format's version: HYB2 names the answer's local steps ``cut_point`` (HYB1 said ``split``), so
+# a peer of the old format is refused at its first frame ("bad frame magic").
+MAGIC = b"HYB2"
 _PREFIX = struct.Struct("!4sII")
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 16 * 1024

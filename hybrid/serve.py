@@ -24,12 +24,12 @@ the edge down. Pieces, in the order a request meets them (the module holding eac
   decides who is admitted: users in the visiting order of the MDP (strongest device first), the
   state built from each request's alpha, device step latency and *measured* wait; the decision comes
   from the trained PER-DQN of a ``hybrid.optimize`` workdir (``agent.drl_decide``: grant/deny user
-  by user, closed-form splits at the final B), or from a fallback policy (``--fallback``, default
-  the exact optimum) when no policy is given. Splits are rounded to whole steps.
+  by user, closed-form cut points at the final B), or from a fallback policy (``--fallback``,
+  default the exact optimum) when no policy is given. Cut points are rounded to whole steps.
 * Denied users are told to run locally at once. The admitted users' x_T go through the cluster
   model as one batch (T -> n_i per row) and each user's x_{n_i} is streamed back on its
   connection as soon as it is ready: ``--edge=staged`` (default) cuts the batch's chain at each
-  distinct split, so user i's latent leaves after its own T - n_i steps with all B rows in every
+  distinct cut point, so user i's latent leaves after its own T - n_i steps with all B rows in every
   network call, as the latency model charges; ``--edge=one_shot`` is one ``edge_denoise`` call,
   every latent leaving after T - min n steps. A device that disconnected is skipped; the others
   are not disturbed.
@@ -52,7 +52,7 @@ measurement only: the decision itself, Python and socket overheads, and the CPU 
 devices and the edge share.
 
 Both are split at the answer: until it (wait, decision, edge steps, link) and after it (the n
-local steps). Served x_0 is checked against ``hybrid_sample`` with the same keys and splits.
+local steps). Served x_0 is checked against ``hybrid_sample`` with the same keys and cut points.
 
 Writes (``hybrid.serve_report``) ``OUT/serve.json`` (every request with its decision, measured and
 predicted latency and their parts, every window), ``OUT/serve.md`` (the table) and ``OUT/serve.png``
@@ -154,7 +154,7 @@ def serving_system(config, num_steps: int, image_shape) -> system.SystemParams:
   # A request's header is ~200 bytes; a latent answer's ~120 (device.request_header).
   s.update(
     num_steps=int(num_steps),
-    min_split=float(s["min_split"]) * scale,
+    min_cut_point=float(s["min_cut_point"]) * scale,
     prompt_bits=8.0 * (protocol.PREFIX_BYTES + 200 + payload),
     latent_bits=8.0 * (protocol.PREFIX_BYTES + 120 + payload),
     transmission="physical",
@@ -373,7 +373,7 @@ def _max_diff_vs_hybrid_sample(models, measured) -> float | None:
       ref = models_lib.hybrid_sample(
         models,
         np.array([results[c].user for c in ok]),
-        np.array([results[c].split for c in ok], np.int32),
+        np.array([results[c].cut_point for c in ok], np.int32),
         keys[np.array(ok)],
       )
       served = np.stack([results[c].x0 for c in ok])
@@ -410,7 +410,7 @@ def _record(
     "profile": profile_path,
     "num_gpus": spec.num_gpus,
     "num_steps": models.num_timesteps,
-    "min_split": sysp.min_split,
+    "min_cut_point": sysp.min_cut_point,
     "window": sysp.window,
     "rounds": rounds,
     "warmup_rounds": warmup_rounds,

@@ -41,7 +41,7 @@ def request_rows(measured, windows: list[dict[str, Any]]) -> list[dict[str, Any]
           "alpha": float(scn.alpha[c]),
           "device_type": int(scn.device_type[c]),
           "kind": res.kind,
-          "split": res.split,
+          "cut_point": res.cut_point,
           "batch": res.batch,
           "wait": u.get("wait"),
           "edge_seconds": u.get("edge_ready") if res.kind == "latent" else None,
@@ -51,10 +51,14 @@ def request_rows(measured, windows: list[dict[str, Any]]) -> list[dict[str, Any]
           "measured": res.latency,
           # The halves: until the answer arrives (wait, decision, edge, link), then local.
           "predicted_answer": (
-            u["predicted"] - res.split * float(scn.tau[c]) if u and res.split is not None else None
+            u["predicted"] - res.cut_point * float(scn.tau[c])
+            if u and res.cut_point is not None
+            else None
           ),
           "measured_answer": res.answered - res.sent,
-          "predicted_local": res.split * float(scn.tau[c]) if res.split is not None else None,
+          "predicted_local": res.cut_point * float(scn.tau[c])
+          if res.cut_point is not None
+          else None,
           "measured_local": res.done - res.answered,
         }
       )
@@ -107,7 +111,7 @@ def write_report(out: str, result: dict[str, Any]) -> None:
     f"`{result['command']}`",
     "",
     f"Scheduler `{result['scheduler']}`; profile `{result['profile']}`; edge G = "
-    f"{result['num_gpus']:g}; T = {result['num_steps']}, n in [{result['min_split']:.1f}, "
+    f"{result['num_gpus']:g}; T = {result['num_steps']}, n in [{result['min_cut_point']:.1f}, "
     f"{result['num_steps']}]; window K = {result['window']:g} s; {result['rounds']} rounds of "
     f"{result['users']} devices on {result['address']}. Device speed emulated (each device's "
     "n local steps take at least n tau_i); the link is loopback. Served x_0 vs `hybrid_sample` "
@@ -125,7 +129,7 @@ def write_report(out: str, result: dict[str, Any]) -> None:
   for r in rows:
     lines.append(
       f"| {r['round']} | {r['id']} | {r['user']} | {1e3 * r['tau']:.2f} | {r['alpha']:.3g} | "
-      f"{r['kind']} | {_fmt(r.get('split'), 'd')} | {_fmt(r.get('batch'), 'd')} | "
+      f"{r['kind']} | {_fmt(r.get('cut_point'), 'd')} | {_fmt(r.get('batch'), 'd')} | "
       f"{_fmt(r.get('wait'), '.3f')} | {_fmt(r.get('edge_seconds'), '.3f')} | "
       f"{_fmt(r.get('predicted_answer'), '.3f')} / {_fmt(r.get('measured_answer'), '.3f')} | "
       f"{_fmt(r.get('predicted_local'), '.3f')} / {_fmt(r.get('measured_local'), '.3f')} | "

@@ -2,8 +2,9 @@
 
 A user i either is admitted (``x_i = 1``): the edge runs the first ``T - n_i`` denoising steps for
 all ``B = sum_j x_j`` admitted users in one batch, ships the latent, and the device runs the last
-``n_i`` steps; or is denied (``x_i = 0``) and runs all ``T`` steps on its device. The split point
-``n`` counts the *local* (personalized) steps: ``n = 0`` is the cluster model alone, ``n = T`` the
+``n_i`` steps; or is denied (``x_i = 0``) and runs all ``T`` steps on its device. The cut point
+``n`` (``cut_point`` in code and configs; the paper's split point n_i) counts the *local*
+(personalized) steps: ``n = 0`` is the cluster model alone, ``n = T`` the
 personalized model alone. The objective is ``U = sum_i alpha_i A(n_i) - L_i``.
 
 Profiles. ``Profile.paper()`` is the official code's model: the fitted sigmoid ``a = 0.0413,
@@ -63,7 +64,7 @@ TRANSMISSION_FORMULAS = ("code", "physical")
 
 @dataclasses.dataclass(frozen=True)
 class AccuracyProfile:
-  """The personalized-accuracy index vs split point, ``A(n) = 1 / (1 + exp(-a (n - b)))``.
+  """The personalized-accuracy index vs cut point, ``A(n) = 1 / (1 + exp(-a (n - b)))``.
 
   ``alpha_lo_slope`` / ``alpha_hi_slope`` bound the preference draw (spec §5): the code's 0.01 is
   about ``a / 4`` (A's largest slope: below it n* = n_min) and 0.0002 about
@@ -85,7 +86,7 @@ class AccuracyProfile:
       raise ValueError("AccuracyProfile: alpha_lo_slope and alpha_hi_slope must be > 0")
 
   def __call__(self, n) -> np.ndarray:
-    """A(n) for an array of split points n (any shape), float64."""
+    """A(n) for an array of cut points n (any shape), float64."""
     n = np.asarray(n, dtype=np.float64)
     return 1.0 / (1.0 + np.exp(-self.a * (n - self.b)))
 
@@ -254,7 +255,7 @@ class SystemParams:
   """
 
   num_steps: int = 200  # T
-  min_split: float = 80.0  # n_min: A is concave on [n_min, T] because b < n_min
+  min_cut_point: float = 80.0  # n_min: A is concave on [n_min, T] because b < n_min
   capacity: int = 18  # C: the most users one edge batch takes
   max_users: int = 20  # rows of the state; also the batch size of the alpha lower bound
   window: float = 1.0  # K (s): requests arrive in [0, K), the batch launches at K
@@ -268,9 +269,9 @@ class SystemParams:
   def __post_init__(self):
     if self.num_steps < 1:
       raise ValueError(f"SystemParams: num_steps T must be >= 1, got {self.num_steps}")
-    if not (0 <= self.min_split <= self.num_steps):
+    if not (0 <= self.min_cut_point <= self.num_steps):
       raise ValueError(
-        f"SystemParams: min_split must lie in [0, T={self.num_steps}], got {self.min_split}"
+        f"SystemParams: min_cut_point must lie in [0, T={self.num_steps}], got {self.min_cut_point}"
       )
     if self.capacity < 1:
       raise ValueError(f"SystemParams: capacity C must be >= 1, got {self.capacity}")
@@ -394,42 +395,42 @@ def sample_scenario(
 # Latency, utility, objective.
 
 
-def _check_decision(scn: Scenario, sysp: SystemParams, admit, split):
+def _check_decision(scn: Scenario, sysp: SystemParams, admit, cut_point):
   admit = np.asarray(admit)
-  split = np.asarray(split, dtype=np.float64)
+  cut_point = np.asarray(cut_point, dtype=np.float64)
   if admit.shape[-1:] != (scn.num_users,):
     raise ValueError(f"admit must have shape [..., N={scn.num_users}], got {admit.shape}")
   if admit.dtype != bool:
     if not np.all((admit == 0) | (admit == 1)):
       raise ValueError("admit must be boolean or 0/1")
     admit = admit.astype(bool)
-  split = np.broadcast_to(split, admit.shape)
-  used = split[admit]
+  cut_point = np.broadcast_to(cut_point, admit.shape)
+  used = cut_point[admit]
   if used.size and (np.any(~np.isfinite(used)) or used.min() < 0 or used.max() > sysp.num_steps):
     raise ValueError(
-      f"split points of admitted users must lie in [0, T={sysp.num_steps}], got "
+      f"cut points of admitted users must lie in [0, T={sysp.num_steps}], got "
       f"[{used.min()}, {used.max()}]"
     )
   batch = admit.sum(-1, keepdims=True)
   if np.any(batch > sysp.capacity):
     raise ValueError(f"an admission exceeds the edge capacity C={sysp.capacity}: B={batch.max()}")
-  return admit, split, batch
+  return admit, cut_point, batch
 
 
-def admitted_latency(scn: Scenario, sysp: SystemParams, batch, split) -> np.ndarray:
-  """[..., N] latency of users admitted into a batch of B users with split points n (spec §4).
+def admitted_latency(scn: Scenario, sysp: SystemParams, batch, cut_point) -> np.ndarray:
+  """[..., N] latency of users admitted into a batch of B users with cut points n (spec §4).
 
   ``(T - n) tau_e(B) + L^tx(B) + n tau_i + R_i``: every admitted user pays the full batch's step
   for all of its edge steps (no shrinkage as users with larger n leave the batch earlier).
 
   Args:
     batch: B, broadcastable against [..., N] (e.g. [..., 1]).
-    split: [..., N] split points (local steps).
+    cut_point: [..., N] cut points (local steps).
   """
   t = sysp.num_steps
-  split = np.asarray(split, dtype=np.float64)
-  edge = (t - split) * scn.edge_step(batch) + sysp.transmission_latency(batch)
-  return edge + split * scn.tau + scn.wait
+  cut_point = np.asarray(cut_point, dtype=np.float64)
+  edge = (t - cut_point) * scn.edge_step(batch) + sysp.transmission_latency(batch)
+  return edge + cut_point * scn.tau + scn.wait
 
 
 def local_latency(scn: Scenario, sysp: SystemParams) -> np.ndarray:
@@ -437,28 +438,30 @@ def local_latency(scn: Scenario, sysp: SystemParams) -> np.ndarray:
   return sysp.num_steps * scn.tau + scn.wait
 
 
-def user_latency(scn: Scenario, sysp: SystemParams, admit, split) -> np.ndarray:
+def user_latency(scn: Scenario, sysp: SystemParams, admit, cut_point) -> np.ndarray:
   """Per-user latency L_i (spec §4), batched over leading axes.
 
   Args:
     admit: [..., N] bool (or 0/1): x_i.
-    split: [..., N] split points n_i in [0, T] (local steps); ignored for denied users.
+    cut_point: [..., N] cut points n_i in [0, T] (local steps); ignored for denied users.
 
   Returns:
     [..., N] float64 seconds: admitted users as ``admitted_latency`` with ``B = sum_j x_j`` per
     leading index, denied users ``T tau_i + R_i``.
   """
-  admit, split, batch = _check_decision(scn, sysp, admit, split)
-  return np.where(admit, admitted_latency(scn, sysp, batch, split), local_latency(scn, sysp))
+  admit, cut_point, batch = _check_decision(scn, sysp, admit, cut_point)
+  return np.where(admit, admitted_latency(scn, sysp, batch, cut_point), local_latency(scn, sysp))
 
 
-def user_utility(scn: Scenario, sysp: SystemParams, profile: Profile, admit, split) -> np.ndarray:
+def user_utility(
+  scn: Scenario, sysp: SystemParams, profile: Profile, admit, cut_point
+) -> np.ndarray:
   """[..., N] per-user utility ``alpha_i A(n_i) - L_i`` (denied users: ``n_i = T``)."""
-  admit, split, _ = _check_decision(scn, sysp, admit, split)
-  n = np.where(admit, split, sysp.num_steps)
-  return scn.alpha * profile.accuracy(n) - user_latency(scn, sysp, admit, split)
+  admit, cut_point, _ = _check_decision(scn, sysp, admit, cut_point)
+  n = np.where(admit, cut_point, sysp.num_steps)
+  return scn.alpha * profile.accuracy(n) - user_latency(scn, sysp, admit, cut_point)
 
 
-def objective(scn: Scenario, sysp: SystemParams, profile: Profile, admit, split) -> np.ndarray:
+def objective(scn: Scenario, sysp: SystemParams, profile: Profile, admit, cut_point) -> np.ndarray:
   """The GQAP objective U = sum_i (alpha_i A(n_i) - L_i): [...] for decisions [..., N]."""
-  return user_utility(scn, sysp, profile, admit, split).sum(-1)
+  return user_utility(scn, sysp, profile, admit, cut_point).sum(-1)

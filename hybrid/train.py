@@ -12,7 +12,11 @@ cluster model's EMA weights (DreamBooth-style, optional prior preservation), in 
 for ``hybrid.personal_steps`` steps of ``hybrid.personal_batch_size`` images per user. The
 initial weights are written as the run's step-0 checkpoint, so stage 2 is an ordinary run of the
 shared loop: both stages resume, and ``python -m common.eval --workdir=DIR`` samples the hybrid
-chain at ``hybrid.eval_split`` per user.
+chain at ``hybrid.eval_cut_point`` per user.
+
+A command line with a field's name from before the cut point's rename
+(``--config.hybrid.eval_split=100``) exits 2 naming the new one; a run saved before resumes as it
+was (``hybrid.fields``).
 
 Faults: ``validate`` checks both stages' configs (every ``hybrid.*`` field through
 ``hybrid.method.validate`` and the shared loop's checks) before ``DIR`` is created; a bad field is
@@ -182,6 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Stage 1 (or the given cluster run), then stage 2; returns a summary (also written)."""
   from common.train import loop
   from hybrid import data as hdata
+  from hybrid import fields
   from hybrid import method as hmethod
 
   validate(config)
@@ -191,6 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c1 = cluster_config(config)
     cluster_dir = os.path.join(workdir, CLUSTER_DIR)
     logging.info("stage 1: cluster-wide model, %d steps in %s", c1.total_steps, cluster_dir)
+    c1 = fields.in_layout_of(c1, cluster_dir)  # resumed under the names it was saved with
     loop.train(c1, cluster_dir, method=hmethod.ClusterDDPM(c1, info))
   cluster_params, source, step = load_cluster(config, workdir)
   logging.info("cluster-wide model: %s step %d", source, step)
@@ -203,7 +209,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c2.total_steps,
     workdir,
   )
-  loop.train(c2, workdir)
+  loop.train(fields.in_layout_of(c2, workdir), workdir)
   summary = {
     "cluster": {"source": source, "step": step, "examples": len(hdata.cluster_indices(config))},
     "users": [
@@ -220,6 +226,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 if __name__ == "__main__":
-  from common.train import cli
+  import sys
 
+  from common.train import cli
+  from hybrid import fields
+
+  fields.exit_if_renamed(sys.argv)
   cli.config_workdir_binary(run, workdir_help="Run directory (stage 2; stage 1 in cluster/).")

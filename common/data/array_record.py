@@ -141,21 +141,3 @@ def open_source(data_dir: str, split: str):
       f"{meta['splits'][split]['count']}; re-run common.data.prepare"
     )
   return source, meta
-
-
-def read_all(data_dir: str, split: str, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """Reads a whole split.
-
-  Returns:
-    images: uint8 [N, res, res, C]; labels: int32 [N].
-  """
-  source, meta = open_source(data_dir, split)
-  res, ch, n = meta["resolution"], meta["channels"], len(source)
-  images = np.empty((n, res, res, ch), np.uint8)
-  labels = np.empty((n,), np.int32)
-  for start in range(0, n, chunk):
-    keys = list(range(start, min(n, start + chunk)))
-    images[keys[0] : keys[-1] + 1], labels[keys[0] : keys[-1] + 1] = decode_batch(
-      source.__getitems__(keys), res, ch
-    )
-  return images, labels

@@ -82,7 +82,14 @@ def test_snr_equal_db_custom_clip_moves_cuts():
 # The Groups type.
 
 
-def test_group_of_numpy_and_jnp_agree_and_cover_intervals():
+def _jitted_group(groups, t):
+  """The group the routed denoiser (``routing.routed_denoise_fn``, under jit) runs at timestep t."""
+  fns = [lambda x, t, y, g=g: jnp.full_like(x, g) for g in range(groups.num_groups)]
+  fn = jax.jit(routing.routed_denoise_fn(groups, fns))
+  return int(fn(jnp.zeros((1, 1, 1, 1)), jnp.full((1,), t, jnp.int32), None)[0, 0, 0, 0])
+
+
+def test_group_of_host_and_jitted_routing_agree_and_cover_intervals():
   g = Groups((3, 7, 8), 12)
   assert g.num_groups == 4
   assert g.intervals == [(0, 2), (3, 6), (7, 7), (8, 11)]
@@ -90,16 +97,13 @@ def test_group_of_numpy_and_jnp_agree_and_cover_intervals():
   t = np.arange(12)
   expected = np.array([0, 0, 0, 1, 1, 1, 1, 2, 3, 3, 3, 3])
   np.testing.assert_array_equal(g.group_of(t), expected)
+  np.testing.assert_array_equal(g.group_of(t.reshape(3, 4)), expected.reshape(3, 4))
   assert g.group_of(7) == 2
-  jitted = jax.jit(g.group_of_jnp)(jnp.asarray(t, jnp.int32))
-  assert jitted.dtype == jnp.int32
-  np.testing.assert_array_equal(np.asarray(jitted), expected)
-  np.testing.assert_array_equal(
-    np.asarray(g.group_of_jnp(jnp.asarray(t.reshape(3, 4)))), expected.reshape(3, 4)
-  )
+  assert [_jitted_group(g, int(s)) for s in t] == expected.tolist()
   assert g.level_range(1) == (7, 3)
   one = Groups((), 5)
-  np.testing.assert_array_equal(np.asarray(one.group_of_jnp(jnp.arange(5))), np.zeros(5))
+  np.testing.assert_array_equal(one.group_of(np.arange(5)), np.zeros(5))
+  assert [_jitted_group(one, s) for s in range(5)] == [0] * 5
 
 
 def test_groups_validation():
@@ -222,6 +226,12 @@ def test_flops_budgets_formula_and_direction():
   assert grouping.flops_budgets(3.0, 1, 0.2) == [3.0]
 
 
+def _ratio(groups, budgets, base_flops, timesteps=None):
+  """Sampling FLOPs over the base model's at the given timesteps (all T when None)."""
+  t = np.arange(groups.num_timesteps) if timesteps is None else timesteps
+  return routing.sampling_flops(groups, budgets, base_flops=base_flops, timesteps=t).ratio
+
+
 @pytest.mark.parametrize(
   "n,k,ratio",
   [
@@ -236,27 +246,23 @@ def test_flops_budgets_formula_and_direction():
 def test_mean_ratio_equal_use_matches_spec_table(n, k, ratio):
   # Every group used equally often: T = N, one timestep per group.
   g = grouping.make_groups(_cosine(n), n, "uniform_t")
-  got = grouping.mean_flops_ratio(g, grouping.flops_budgets(1.0, n, k), 1.0)
+  got = _ratio(g, grouping.flops_budgets(1.0, n, k), 1.0)
   assert abs(got - ratio) <= 0.0005 + 1e-12
 
 
 def test_mean_ratio_rank_from_zero_and_size_weighted():
   g5 = grouping.make_groups(_cosine(5), 5, "uniform_t")
-  assert grouping.mean_flops_ratio(
-    g5, grouping.flops_budgets(2.0, 5, 0.5, rank_from=0), 2.0
-  ) == pytest.approx(0.70)
+  assert _ratio(g5, grouping.flops_budgets(2.0, 5, 0.5, rank_from=0), 2.0) == pytest.approx(0.70)
   # Spec 3.3: weighted by the clipped-dB T=4000 group sizes, N=4 -> 0.811 and N=5 -> 0.798 with
   # the full model at high SNR; the reversed direction gives 0.814 and 0.802.
   diffusion = _cosine(4000)
   for n, high, low in [(4, 0.811, 0.814), (5, 0.798, 0.802)]:
     g = grouping.make_groups(diffusion, n)
     for end, want in [("high_snr", high), ("low_snr", low)]:
-      got = grouping.mean_flops_ratio(g, grouping.flops_budgets(1.0, n, 0.5, end), 1.0)
+      got = _ratio(g, grouping.flops_budgets(1.0, n, 0.5, end), 1.0)
       assert round(got, 3) == want, (n, end)
   g = Groups((2,), 10)
-  assert grouping.mean_flops_ratio(g, [4.0, 2.0], 4.0, timesteps=[0, 1, 5]) == pytest.approx(
-    (1 + 1 + 0.5) / 3
-  )
+  assert _ratio(g, [4.0, 2.0], 4.0, timesteps=[0, 1, 5]) == pytest.approx((1 + 1 + 0.5) / 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,8 +308,6 @@ def test_bad_inputs_raise_naming_the_argument():
   with pytest.raises(ValueError, match="base_flops=0"):
     grouping.flops_budgets(0, 4, 0.5)
   g = Groups((5,), 10)
-  with pytest.raises(ValueError, match="need 2 budgets"):
-    grouping.mean_flops_ratio(g, [1.0], 1.0)
   with pytest.raises(ValueError, match="one denoise_fn per group"):
     routing.routed_denoise_fn(g, [lambda x, t, y: x])
   with pytest.raises(ValueError, match="one denoise_fn per group"):
@@ -316,6 +320,10 @@ def test_bad_inputs_raise_naming_the_argument():
     routing.sampling_flops(g, [1.0, 1.0], base_flops=1.0, levels=[0, 10])
   with pytest.raises(ValueError, match="need 2 flops_per_group"):
     routing.sampling_flops(g, [1.0], base_flops=1.0, timesteps=[1])
+  with pytest.raises(ValueError, match="base_flops=0"):
+    routing.sampling_flops(g, [1.0, 1.0], base_flops=0, timesteps=[1])
+  with pytest.raises(ValueError, match="non-empty 1-D"):
+    routing.sampling_flops(g, [1.0, 1.0], base_flops=1.0, timesteps=[])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -403,5 +411,5 @@ def test_sampling_flops_on_respaced_grid():
     groups, budgets, base_flops=10.0, timesteps=sampling.space_timesteps(t_count, [10])
   )
   assert same == res
-  # The respaced ratio equals mean_flops_ratio over the same timesteps.
-  assert res.ratio == pytest.approx(grouping.mean_flops_ratio(groups, budgets, 10.0, t))
+  # The respaced ratio is the mean of budgets[group(t)] / F over the same timesteps.
+  assert res.ratio == pytest.approx(np.mean(np.asarray(budgets)[groups.group_of(t)]) / 10.0)

@@ -81,8 +81,9 @@ def test_privacy_boundary_server_sees_only_the_cut_images(monkeypatch):
     assert np.all((got == true) | (got == 10))
   x_cut = sent[0].reshape(-1, 8, 8, 1)
   x0 = np.asarray(batch["image"])
-  # x_cut is x0 noised to exactly level t_cut: the residual after removing sqrt(abar) x0 is
-  # N(0, 1 - abar(t_cut)); x0 itself (residual 0) or a lower level (smaller residual) would fail.
+  # x_cut is x0 noised to exactly level cut_point: the residual after removing sqrt(abar) x0 is
+  # N(0, 1 - abar(cut_point)); x0 itself (residual 0) or a lower level (smaller residual) would
+  # fail.
   abar = float(m.diffusion.np_alpha_bar_levels()[config.collab.cut_point])
   residual = x_cut - np.sqrt(abar) * x0
   assert abs(residual.std() - np.sqrt(1 - abar)) < 0.05 * np.sqrt(1 - abar)
@@ -193,28 +194,46 @@ def test_cut_extremes(cut):
     assert not changed(state.params["clients"], new.params["clients"])
     assert changed(state.params["server"], new.params["server"])
     assert m.steps_split() == (20, 0)
-  else:  # t_cut = T: the clients own every step; the server sees nothing it can learn from
+  else:  # cut_point = T: the clients own every step; the server sees nothing it can learn from
     assert float(metrics["server_loss"]) == 0.0
     assert not changed(state.params["server"], new.params["server"])
     assert changed(state.params["clients"], new.params["clients"])
     assert m.steps_split() == (0, 20)
 
 
-def test_ratio_noising_gives_the_global_marginal():
+@pytest.mark.parametrize("noising", ["ratio", "full"])
+def test_server_loss_noises_the_cut_images_by_its_formulation(noising):
+  # What the server's network sees at model timestep t (level t + 1) in server.loss, for cut
+  # images x_cut ~ q(x_cut | x_0 = 0.7): ``ratio`` gives exactly the global marginal
+  # q(x_{t+1} | x_0); ``full`` (the official code) noises x_cut as if it were data with the full
+  # schedule, abar(t + 1) * abar(cut_point) of the signal in total.
   m = collab_method.CollaFuse(tiny(), data.get_info(tiny().data))
-  d, t_cut = m.diffusion, 8
-  chain = server.diffusion_for(d, t_cut, "ratio")
-  x0 = jnp.full((20000, 1, 1, 1), 0.7)
-  k1, k2 = jax.random.split(jax.random.key(0))
-  x_cut = d.q_sample(x0, jnp.full((20000,), t_cut - 1), jax.random.normal(k1, x0.shape))
+  d, cut_point, n = m.diffusion, 8, 240000
+  x0 = jnp.full((n, 1, 1, 1), 0.7)
+  x_cut = d.q_sample(
+    x0, jnp.full((n,), cut_point - 1), jax.random.normal(jax.random.key(0), x0.shape)
+  )
+  seen = {}
+
+  def apply_fn(x, t, y):
+    seen["x"], seen["t"] = np.asarray(x).reshape(-1), np.asarray(t)
+    return jnp.zeros_like(x)
+
+  server.loss(d, apply_fn, x_cut, None, jax.random.key(1), cut_point=cut_point, noising=noising)
+  x, t = seen["x"], seen["t"]
+  big_t = d.num_timesteps
+  assert t.min() == cut_point and t.max() == big_t - 1  # the server's levels cut_point + 1..T only
   abar = d.np_alpha_bar_levels()
-  for j in (1, 5, 12):
-    x = chain.q_sample(x_cut, jnp.full((20000,), j - 1), jax.random.normal(k2, x0.shape))
-    level = t_cut + j
-    assert abs(float(x.mean()) - np.sqrt(abar[level]) * 0.7) < 0.02
-    assert abs(float(x.var()) - (1 - abar[level])) < 0.02
-  full = server.diffusion_for(d, t_cut, "full")
-  assert full is d  # the official formulation noises x_cut with the full schedule
+  for level in (cut_point + 1, cut_point + 5, big_t):
+    at = x[t == level - 1]
+    assert at.size > 15000
+    if noising == "ratio":
+      mean, var = np.sqrt(abar[level]) * 0.7, 1 - abar[level]
+    else:
+      mean = np.sqrt(abar[level] * abar[cut_point]) * 0.7
+      var = abar[level] * (1 - abar[cut_point]) + 1 - abar[level]
+    assert abs(float(at.mean()) - mean) < 0.02, (level, at.mean(), mean)
+    assert abs(float(at.var()) - var) < 0.02, (level, at.var(), var)
 
 
 def test_handoff_with_one_shared_model_equals_plain_sampling():
@@ -278,23 +297,23 @@ def test_ratio_handoff_with_the_optimal_server_samples_the_cut_marginal(chain):
   # E[eps_s | x_k] = sqrt(1 - abar'_k) (x_k - sqrt(abar_k) c) / (1 - abar_k). Its hand-off must
   # then be a sample of q(x_cut | x0 = c) = N(sqrt(abar_cut) c, 1 - abar_cut).
   m = collab_method.CollaFuse(tiny(), data.get_info(tiny().data))
-  d, t_cut, c = m.diffusion, 8, 0.6
+  d, cut_point, c = m.diffusion, 8, 0.6
   abar = jnp.asarray(d.np_alpha_bar_levels(), jnp.float32)
 
   def optimal_server(x, t, y):
     del y
     ab = abar[t + 1].reshape(-1, 1, 1, 1)
-    ab_rebased = ab / abar[t_cut]
+    ab_rebased = ab / abar[cut_point]
     return jnp.sqrt(1 - ab_rebased) * (x - jnp.sqrt(ab) * c) / (1 - ab)
 
   x_cut = server.sample(
-    d, optimal_server, (20000, 1, 1, 1), jax.random.key(0), t_cut=t_cut, noising="ratio",
+    d, optimal_server, (20000, 1, 1, 1), jax.random.key(0), cut_point=cut_point, noising="ratio",
     num_steps=20, chain=chain, sampler="ddpm",
   )  # fmt: skip
-  assert abs(float(x_cut.mean()) - float(jnp.sqrt(abar[t_cut])) * c) < 0.02
+  assert abs(float(x_cut.mean()) - float(jnp.sqrt(abar[cut_point])) * c) < 0.02
   if chain == "global":
-    assert abs(float(x_cut.var()) - float(1 - abar[t_cut])) < 0.02
+    assert abs(float(x_cut.var()) - float(1 - abar[cut_point])) < 0.02
   else:
     # The spec's rebased posterior ends on its x_cut *estimate* (no noise on the step into its
     # level 0), so the hand-off is too smooth: one reason the default is the global chain.
-    assert float(x_cut.var()) < float(1 - abar[t_cut]) - 0.1
+    assert float(x_cut.var()) < float(1 - abar[cut_point]) - 0.1

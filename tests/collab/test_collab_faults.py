@@ -90,7 +90,7 @@ def test_a_run_saved_before_the_rename_evaluates_and_resumes(tmp_path):
   # Read by common.eval: the method reads either layout (collab.fields.upgrade).
   config, method, _, step = load_params(workdir)
   assert "collab" not in config and step == 2
-  assert (method.t_cut, method.num_clients) == (8, 2)
+  assert (method.cut_point, method.num_clients) == (8, 2)
   assert method.config.collab.client_mesh_axis == "data"
   # Resumed by today's command line: collab.train's run trains on in the layout the run was
   # saved with (here on one device, as it trained).

@@ -33,12 +33,12 @@ def test_cut_image_mse_matches_the_analytic_formula():
   m = collab_method.CollaFuse(config, data.get_info(config.data))
   x0, _ = data.load_split(config.data, "train")
   x0 = np.tile(x0, (8, 1, 1, 1))  # 8 noise draws of every training image
-  for t_cut in (1, 5, 12, 20):
-    noise = np.asarray(jax.random.normal(jax.random.key(t_cut), x0.shape))
-    x_cut = np.asarray(client.cut_image(m.diffusion, x0, noise, t_cut))
+  for cut_point in (1, 5, 12, 20):
+    noise = np.asarray(jax.random.normal(jax.random.key(cut_point), x0.shape))
+    x_cut = np.asarray(client.cut_image(m.diffusion, x0, noise, cut_point))
     measured = disclosure.cut_mse_measured(x0, x_cut)
-    analytic = disclosure.cut_mse_analytic(m.diffusion, t_cut, x0)
-    assert abs(measured - analytic) < 0.01 * analytic, (t_cut, measured, analytic)
+    analytic = disclosure.cut_mse_analytic(m.diffusion, cut_point, x0)
+    assert abs(measured - analytic) < 0.01 * analytic, (cut_point, measured, analytic)
   assert disclosure.cut_mse_analytic(m.diffusion, 0, x0) == 0.0
 
 
@@ -90,7 +90,7 @@ def test_diagnostics_and_client_compute():
   assert set(diag) == {"generated", "handoff", "server_alone", "client_from_noise"}
   np.testing.assert_allclose(diag["generated"], m.sample_client(state.params, 0, rng, 8, y))
   assert all(v.shape == (8, 8, 8, 1) for v in diag.values())
-  # The client's network runs exactly t_cut times per image, and its FLOPs follow.
+  # The client's network runs exactly cut_point times per image, and its FLOPs follow.
   costs = m.cost_description(state.params)
   assert costs["client_network_calls_per_image"] == config.collab.cut_point
   one = jax.tree.map(lambda a: a[0], state.params["clients"])

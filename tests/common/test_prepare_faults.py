@@ -11,11 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common import data
 from common.data import array_record as ar
 from common.data import prepare
 from common.train.validate import ConfigError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _read_split(data_dir, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """A prepared split read back through the pipeline (``data.load_split``), as its stored uint8."""
+  res = ar.read_metadata(str(data_dir))["resolution"]
+  cfg = dict(name="array_record", resolution=res, data_dir=str(data_dir), num_examples=0)
+  x, y = data.load_split(cfg, split)
+  return np.rint((x + 1.0) * 127.5).astype(np.uint8), y
 
 
 def _png_bytes(w: int, h: int, seed: int = 0) -> bytes:
@@ -82,7 +91,7 @@ def test_bad_image_leaves_an_existing_output_dir_as_it_was(tmp_path, name):
     with pytest.raises(ConfigError, match=message):
       prepare.prepare(src, str(out), 8, split, overwrite=overwrite, num_workers=2)
     assert _snapshot(out) == before  # no temporary file, the old split and metadata intact
-  assert ar.read_all(str(out), "train")[0].shape == (6, 8, 8, 3)
+  assert _read_split(str(out), "train")[0].shape == (6, 8, 8, 3)
 
 
 def test_declared_size_over_the_cap_is_refused_before_decoding(tmp_path):
@@ -138,6 +147,6 @@ def test_symlink_inside_the_input_folder_is_read_as_before(tmp_path):
   os.symlink(os.path.join(src, "cat", "img0.png"), os.path.join(src, "dog", "img9.png"))
   meta = prepare.prepare(src, str(tmp_path / "out"), 8)
   assert meta["splits"]["train"]["count"] == 7
-  x, y = ar.read_all(str(tmp_path / "out"), "train")
+  x, y = _read_split(str(tmp_path / "out"), "train")
   np.testing.assert_array_equal(x[0], x[-1])  # cat/img0 and its link dog/img9
   assert y.tolist() == [0, 0, 0, 1, 1, 1, 1]

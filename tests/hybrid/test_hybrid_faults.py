@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from common import renamed_fields
 from common.train.validate import ConfigError
 from configs import hybrid as hybrid_configs
 from hybrid import agent, env, optimize, system
 from hybrid import train as hybrid_train
-from tests.faults import NPZ_DAMAGE, damage_npz, run_binary
+from tests.faults import NPZ_DAMAGE, assert_refused_in_one_line, damage_npz, run_binary
 
 P = system.Profile.paper()
 S = system.SystemParams()
@@ -44,7 +45,7 @@ OPTIMIZE_MALFORMED = [
   ({"scheduler.agent.embed_dim": 0}, "scheduler.agent.embed_dim"),
   ({"scheduler.system.capacity": 0}, "scheduler.system.capacity"),
   ({"scheduler.system.transmission": "shannon"}, "scheduler.system.transmission"),
-  ({"scheduler.system.min_split": 300.0}, "scheduler.system.min_split"),
+  ({"scheduler.system.min_cut_point": 300.0}, "scheduler.system.min_cut_point"),
   ({"scheduler.setting": "fixed"}, "scheduler.setting"),
   ({"scheduler.profile": "/nonexistent/profile.json"}, "scheduler.profile"),
   ({"scheduler.train_num_users": (4, 30)}, "scheduler.train_num_users"),
@@ -52,7 +53,7 @@ OPTIMIZE_MALFORMED = [
   ({"scheduler.eval.scenarios": 0}, "scheduler.eval.scenarios"),
   ({"scheduler.eval.ga_population": 3}, "scheduler.eval.ga_population"),
   ({"scheduler.eval.ortools_solver": "gurobi"}, "scheduler.eval.ortools_solver"),
-  ({"scheduler.eval.fixed_splits": (80.0, 300.0)}, "scheduler.eval.fixed_splits"),
+  ({"scheduler.eval.fixed_cut_points": (80.0, 300.0)}, "scheduler.eval.fixed_cut_points"),
 ]
 
 
@@ -122,6 +123,36 @@ def test_train_binary_exits_2_withrun_binary(tmp_path):
   assert rc == 2 and len(lines) == 1, lines
   assert lines[0].startswith("config error: hybrid.personal_steps=0:")
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+  "binary,old,new",
+  [
+    ("hybrid.train", "hybrid.eval_split=5", "hybrid.eval_cut_point"),
+    ("hybrid.train", "hybrid.profile.splits=(0,12)", "hybrid.profile.cut_points"),
+    ("hybrid.optimize", "scheduler.eval.fixed_splits=(80.0,)", "scheduler.eval.fixed_cut_points"),
+    ("hybrid.optimize", "scheduler.system.min_split=80.0", "scheduler.system.min_cut_point"),
+  ],
+)
+def test_old_command_line_names_the_new_field(tmp_path, binary, old, new):
+  # Issue 21 gave the cut point one name: the old spelling gets the new one in one line.
+  workdir = tmp_path / "run"
+  name = old.split("=")[0]
+  assert_refused_in_one_line(
+    binary,
+    "--config=configs/hybrid.py:tiny",
+    f"--config.{old}",
+    f"--workdir={workdir}",
+    starts=f"error: --config.{name} is now --config.{new}",
+    workdir=workdir,
+  )
+  assert hybrid_configs.RENAMED[name] == new
+
+
+def test_renamed_fields_exist_under_their_new_names_only():
+  config = hybrid_configs.get_config("tiny")
+  for old, new in hybrid_configs.RENAMED.items():
+    assert renamed_fields.has(config, new) and not renamed_fields.has(config, old), old
 
 
 # -------------------------------------------------------------------------------------------------

@@ -3,12 +3,13 @@ hybrid.train end to end (stages, frozen cluster network, resume, load_run, error
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from common import data
+from common import data, renamed_fields
 from common.diffusion import sampling
 from common.train import method as method_lib
 from common.train.validate import ConfigError
@@ -43,6 +44,11 @@ def random_models():
   return method, models.from_params(config, random_params(method, 3), programs=method.programs)
 
 
+def _personal(m, user: int):
+  """User ``user``'s personalized network: its slice of the stacked tree."""
+  return jax.tree.map(lambda a: a[user], m.personal_params)
+
+
 _ALONE = {}
 
 
@@ -64,7 +70,7 @@ def _alone(m, params, key):
   return _ALONE["fn"](params, key)
 
 
-def test_split_zero_is_the_cluster_model_and_split_t_the_personal_model(random_models):
+def test_cut_point_zero_is_the_cluster_model_and_cut_point_t_the_personal_model(random_models):
   _, m = random_models
   big_t = m.num_timesteps
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -72,20 +78,20 @@ def test_split_zero_is_the_cluster_model_and_split_t_the_personal_model(random_m
   out = np.asarray(models.hybrid_sample(m, users, np.array([0, 0, big_t, big_t]), keys))
   np.testing.assert_allclose(out[0], _alone(m, m.cluster_params, keys[0]), atol=2e-5)
   np.testing.assert_allclose(out[1], _alone(m, m.cluster_params, keys[1]), atol=2e-5)
-  np.testing.assert_allclose(out[2], _alone(m, m.personal(1), keys[2]), atol=2e-5)
-  np.testing.assert_allclose(out[3], _alone(m, m.personal(0), keys[3]), atol=2e-5)
+  np.testing.assert_allclose(out[2], _alone(m, _personal(m, 1), keys[2]), atol=2e-5)
+  np.testing.assert_allclose(out[3], _alone(m, _personal(m, 0), keys[3]), atol=2e-5)
   # The two ends really differ (else the checks above could not tell the networks apart).
   assert np.abs(out[2] - np.asarray(_alone(m, m.cluster_params, keys[2]))).max() > 1e-2
 
 
-def test_intermediate_split_is_the_core_two_segment_chain(random_models):
+def test_intermediate_cut_point_is_the_core_two_segment_chain(random_models):
   _, m = random_models
   big_t, n = m.num_timesteps, 9
   key = jax.random.PRNGKey(5)
   out = models.hybrid_sample(m, np.array([1]), np.array([n]), key[None])[0]
   segments = [
     sampling.Segment(m.denoise_fn(m.cluster_params), big_t, n),
-    sampling.Segment(m.denoise_fn(m.personal(1)), n, 0),
+    sampling.Segment(m.denoise_fn(_personal(m, 1)), n, 0),
   ]
   want = jax.jit(
     lambda key: sampling.sample_segmented(
@@ -105,19 +111,19 @@ def test_batched_edge_segment_equals_users_one_by_one(random_models):
   big_t = m.num_timesteps
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
   x_t = models.initial_noise(m, keys)
-  splits = np.array([0, 7, big_t, 3], np.int32)
-  batched = np.asarray(models.edge_denoise(m, x_t, splits, keys))
+  cut_points = np.array([0, 7, big_t, 3], np.int32)
+  batched = np.asarray(models.edge_denoise(m, x_t, cut_points, keys))
   for i in range(4):
-    one = np.asarray(models.edge_denoise(m, x_t[i : i + 1], splits[i : i + 1], keys[i : i + 1]))
+    one = np.asarray(models.edge_denoise(m, x_t[i : i + 1], cut_points[i : i + 1], keys[i : i + 1]))
     np.testing.assert_allclose(batched[i], one[0], atol=1e-5)
   # A row with n = T never leaves x_T; the device half of another row matches one by one too.
   np.testing.assert_array_equal(batched[2], np.asarray(x_t[2]))
   pick = np.array([1, 3])
-  dev = np.asarray(models.device_denoise(m, 1, batched[pick], splits[pick], keys[pick]))
+  dev = np.asarray(models.device_denoise(m, 1, batched[pick], cut_points[pick], keys[pick]))
   np.testing.assert_allclose(
     dev[1], np.asarray(models.device_denoise(m, 1, batched[3], 3, keys[3])), atol=1e-5
   )
-  # The edge really stops at each row's split: x_7 is not x_3.
+  # The edge really stops at each row's cut_point: x_7 is not x_3.
   assert np.abs(batched[1] - batched[3]).max() > 1e-3
 
 
@@ -125,7 +131,7 @@ def test_sampler_input_errors(random_models):
   _, m = random_models
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
   x = models.initial_noise(m, keys)
-  with pytest.raises(ValueError, match="split points must lie in"):
+  with pytest.raises(ValueError, match="cut points must lie in"):
     models.edge_denoise(m, x, np.array([0, m.num_timesteps + 1]), keys)
   with pytest.raises(ValueError, match="row keys"):
     models.edge_denoise(m, x, np.array([0, 1]), keys[:1])
@@ -157,7 +163,7 @@ def test_users_hold_few_shots_of_their_class_and_the_cluster_sees_their_union():
     ({"hybrid.user_classes": (0, 0)}, "hybrid.user_classes"),
     ({"hybrid.generic": "some"}, "hybrid.generic"),
     ({"hybrid.user_loop": "scan"}, "hybrid.user_loop"),
-    ({"hybrid.eval_split": 99}, "hybrid.eval_split"),
+    ({"hybrid.eval_cut_point": 99}, "hybrid.eval_cut_point"),
     ({"model.class_conditional": True}, "model.class_conditional"),
     ({"hybrid.personal_steps": 0}, "hybrid.personal_steps"),
     ({"hybrid.personal_batch_size": 0}, "hybrid.personal_batch_size.*must be an integer"),
@@ -217,6 +223,47 @@ def test_train_runs_both_stages_and_freezes_the_cluster_network(trained):
     d: sorted(os.listdir(os.path.join(workdir, d, "checkpoints"))) for d in ("", "cluster")
   }
   assert os.path.exists(os.path.join(workdir, "samples", f"step_{m.step:07d}.png"))
+
+
+def _with_old_names(path) -> None:
+  """Rewrites a saved config.json with the field names it had before issue 21 (``split``)."""
+  with open(path) as f:
+    saved = json.load(f)
+  old = renamed_fields.move(saved, {new: old for old, new in hybrid_configs.RENAMED.items()})
+  with open(path, "w") as f:
+    json.dump(old, f, indent=2)
+
+
+def test_a_run_saved_before_the_rename_loads_evaluates_and_resumes(trained, tmp_path):
+  from common import eval as eval_lib
+
+  workdir = str(tmp_path / "old")
+  shutil.copytree(trained[0], workdir)
+  for d in ("", "cluster"):
+    _with_old_names(os.path.join(workdir, d, "config.json"))
+  # The copy's stage 2 names its own stage 1 (as a run trained here would).
+  path = os.path.join(workdir, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["hybrid"]["cluster_source"] = os.path.join(workdir, "cluster")
+  with open(path, "w") as f:
+    json.dump(saved, f, indent=2)
+  saved_source = os.path.join(workdir, "cluster")
+  assert saved["hybrid"]["eval_split"] == 12 and "eval_cut_point" not in saved["hybrid"]
+  # Read by load_run (hybrid.profile, hybrid.serve) and common.eval under today's names.
+  m = models.load_run(workdir)
+  assert m.config.hybrid.eval_cut_point == 12 and m.config.hybrid.profile.cut_points[-1] == 24
+  assert m.config.scheduler.system.min_cut_point == 80.0
+  _, method, _, _ = eval_lib.load_params(workdir)
+  assert method.config.hybrid.eval_cut_point == 12
+  # Resumed by today's command line: both stages under the names they were saved with (the
+  # drift check would refuse the renamed fields otherwise); nothing retrains, and the saved
+  # configs keep their names.
+  summary = train.run(_tiny(), workdir)
+  assert summary == {**trained[1], "cluster": {**trained[1]["cluster"], "source": saved_source}}
+  for d in ("", "cluster"):
+    with open(os.path.join(workdir, d, "config.json")) as f:
+      assert "eval_split" in json.load(f)["hybrid"]
 
 
 def test_cluster_workdir_reuses_a_run_and_refuses_another_model(trained, tmp_path):
@@ -333,14 +380,14 @@ def test_core_chain_gives_the_pre_refactor_samples_bit_exactly(random_models):
   _, m = random_models
   big_t = m.num_timesteps
   keys = jax.random.split(jax.random.PRNGKey(5), 5)
-  splits = np.array([0, 3, 12, big_t, 7], np.int32)
+  cut_points = np.array([0, 3, 12, big_t, 7], np.int32)
   x_t = models.initial_noise(m, keys)
   start = np.full((5,), big_t, np.int32)
-  edge = models.edge_denoise(m, x_t, splits, keys)
+  edge = models.edge_denoise(m, x_t, cut_points, keys)
   reference = jax.jit(lambda *args: _pre_chain_reference(m, *args))
-  want = reference(m.cluster_params, x_t, start, splits, keys)
+  want = reference(m.cluster_params, x_t, start, cut_points, keys)
   np.testing.assert_array_equal(np.asarray(edge), np.asarray(want))
-  device = models.device_denoise(m, 1, edge, splits, keys)
-  want = reference(m.personal(1), edge, splits, np.zeros(5, np.int32), keys)
+  device = models.device_denoise(m, 1, edge, cut_points, keys)
+  want = reference(_personal(m, 1), edge, cut_points, np.zeros(5, np.int32), keys)
   np.testing.assert_array_equal(np.asarray(device), np.asarray(want))
   assert np.abs(np.asarray(device) - np.asarray(edge)).max() > 1e-2  # the device really ran

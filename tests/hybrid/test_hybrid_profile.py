@@ -65,10 +65,10 @@ def test_profile_of_untrained_models_is_what_the_optimizer_reads(tmp_path):
   )
   m = models.from_params(config, params, programs=method.programs)
   out = profile.profile_models(m, str(tmp_path), net=_ClassNet())
-  for name in ("accuracy.json", "accuracy.png", "latency.json", "latency.png", "splits.png"):
+  for name in ("accuracy.json", "accuracy.png", "latency.json", "latency.png", "cut_points.png"):
     assert os.path.getsize(tmp_path / "profile" / name) > 0, name
   acc = out["measured"]["accuracy"]
-  assert acc["splits"] == [0, 6, 12, 18, 24]
+  assert acc["cut_points"] == [0, 6, 12, 18, 24]
   # n = 0: every user's image of a seed is the cluster model's, so the users cannot differ;
   # at n = T each user's own network made it.
   assert acc["diff"][0] == pytest.approx(0.0, abs=1e-6)

@@ -29,8 +29,8 @@ def test_accuracy_sigmoid_matches_spec_values():
   # Spec §3: A(0)=0.05, A(40)=0.21, A(80)=0.59, A(120)=0.88, A(160)=0.975, A(200)=0.995.
   a = P.accuracy(np.array([0, 40, 80, 120, 160, 200]))
   np.testing.assert_allclose(a, [0.05, 0.21, 0.59, 0.88, 0.975, 0.995], atol=0.005)
-  # b < n_min is what makes the split problem concave on [80, 200].
-  assert P.accuracy.b < S.min_split
+  # b < n_min is what makes the cut-point problem concave on [80, 200].
+  assert P.accuracy.b < S.min_cut_point
   n = np.linspace(0, 200, 11)
   np.testing.assert_allclose(
     P.accuracy.slope(n), (P.accuracy(n + 1e-6) - P.accuracy(n - 1e-6)) / 2e-6, rtol=1e-5
@@ -58,7 +58,7 @@ def test_utility_by_hand(transmission):
   sysp = system.SystemParams(transmission=transmission)
   scn = _scenario([30.0, 5.0, 60.0], [0.2, 0.12, 0.3], [0.5, 0.3, 0.1], num_gpus=8)
   admit = np.array([True, False, True])
-  split = np.array([100.0, 17.0, 150.0])  # user 1's split is ignored: denied
+  cut_point = np.array([100.0, 17.0, 150.0])  # user 1's cut_point is ignored: denied
   k, h = P.latency.edge(8)
   tau_e = 2 * k + h
   tx = 2 * (216 + 4.4e6) / 100e6 * (10 if transmission == "code" else 0.1)
@@ -67,11 +67,13 @@ def test_utility_by_hand(transmission):
     200 * 0.12 + 0.3,
     50 * tau_e + tx + 150 * 0.3 + 0.1,
   ]
-  np.testing.assert_allclose(system.user_latency(scn, sysp, admit, split), expect_l, rtol=1e-12)
+  np.testing.assert_allclose(system.user_latency(scn, sysp, admit, cut_point), expect_l, rtol=1e-12)
   acc = P.accuracy(np.array([100.0, 200.0, 150.0]))
   expect_u = np.array([30.0, 5.0, 60.0]) * acc - np.array(expect_l)
-  np.testing.assert_allclose(system.user_utility(scn, sysp, P, admit, split), expect_u, rtol=1e-12)
-  np.testing.assert_allclose(system.objective(scn, sysp, P, admit, split), expect_u.sum())
+  np.testing.assert_allclose(
+    system.user_utility(scn, sysp, P, admit, cut_point), expect_u, rtol=1e-12
+  )
+  np.testing.assert_allclose(system.objective(scn, sysp, P, admit, cut_point), expect_u.sum())
   # Batched over a leading axis: each row has its own B.
   rows = np.array([[True, False, True], [False, False, False], [True, True, True]])
   u = system.objective(scn, sysp, P, rows, np.full((3, 3), 120.0))
@@ -91,7 +93,7 @@ def test_bad_decisions_are_refused():
     system.objective(scn, S, P, [2, 0], 100.0)
   with pytest.raises(ValueError, match="capacity"):
     system.objective(scn, system.SystemParams(capacity=1), P, [True, True], 100.0)
-  # A denied user's split is ignored, even out of range.
+  # A denied user's cut_point is ignored, even out of range.
   assert np.isfinite(system.objective(scn, S, P, [False, True], [999.0, 100.0]))
 
 
@@ -110,8 +112,8 @@ def test_bad_scenarios_and_params_are_refused():
     _scenario([-1.0], [0.2], [0.1])
   with pytest.raises(ValueError, match="transmission"):
     system.SystemParams(transmission="shannon")
-  with pytest.raises(ValueError, match="min_split"):
-    system.SystemParams(min_split=250)
+  with pytest.raises(ValueError, match="min_cut_point"):
+    system.SystemParams(min_cut_point=250)
   with pytest.raises(ValueError, match="capacity"):
     system.SystemParams(capacity=0)
   with pytest.raises(ValueError, match="slope a"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hybrid import baselines as bl
-from hybrid import env, split, system
+from hybrid import convex, env, system
 
 P = system.Profile.paper()
 S = system.SystemParams()
@@ -62,13 +62,13 @@ def test_episode_rewards_sum_to_a_tenth_of_the_utility(policy, capacity):
     batch = env.rollout(e, scn, POLICIES[policy](rng))
     admit = batch["admit"]
     steps = len(batch["action"])
-    # U of the final admissions (users never visited are denied) with closed-form splits.
-    splits = split.splits_for_admission(scn, sysp, P, admit)
-    u = float(system.objective(scn, sysp, P, admit, splits))
+    # U of the final admissions (users never visited are denied) with closed-form cut points.
+    cut_points = convex.cut_points_for_admission(scn, sysp, P, admit)
+    u = float(system.objective(scn, sysp, P, admit, cut_points))
     assert batch["utility"] == pytest.approx(u, rel=1e-12)
     assert batch["reward"].sum() == pytest.approx(0.1 * u, rel=1e-10, abs=1e-10)
     # Every step but the last carries exactly its own user's accuracy term.
-    acc = 0.1 * scn.alpha * P.accuracy(np.where(admit, splits, 200))
+    acc = 0.1 * scn.alpha * P.accuracy(np.where(admit, cut_points, 200))
     np.testing.assert_allclose(batch["reward"][:-1], acc[: steps - 1], rtol=1e-12)
     assert batch["done"][-1] and not batch["done"][:-1].any()
     if admit.sum() == capacity and steps < n:
@@ -181,9 +181,9 @@ def test_heuristics_never_exceed_the_optimum():
     for name, d in decisions.items():
       assert d.utility <= opt + tol, name
       assert d.admit.sum() <= sysp.capacity, name
-      assert d.utility == pytest.approx(float(system.objective(scn, sysp, P, d.admit, d.split)))
+      assert d.utility == pytest.approx(float(system.objective(scn, sysp, P, d.admit, d.cut_point)))
     hits += decisions["greedy"].utility >= opt - tol
-    # Optimal splits beat any fixed split for the same admissions.
+    # Optimal cut points beat any fixed cut point for the same admissions.
     for fixed in (80.0, 140.0, 200.0):
       assert bl.admit_all(scn, sysp, P, fixed).utility <= decisions["admit_all"].utility + tol
   assert hits >= 6  # greedy is a real baseline, not a strawman
@@ -196,8 +196,8 @@ def test_baseline_errors_and_budgets():
     bl.optimum_enumeration(scn, S, P, max_users=5)
   with pytest.raises(ValueError, match="solver"):
     bl.optimum_ortools(scn, S, P, solver="gurobi")
-  with pytest.raises(ValueError, match="fixed split"):
-    bl.admit_all(scn, S, P, fixed_split=250.0)
+  with pytest.raises(ValueError, match="fixed cut point"):
+    bl.admit_all(scn, S, P, fixed_cut_point=250.0)
   with pytest.raises(ValueError, match="even"):
     bl.genetic_algorithm(scn, S, P, rng, population=7)
   # A zero time budget evaluates the initial population only.
@@ -207,6 +207,6 @@ def test_baseline_errors_and_budgets():
   # One user: crossover has no cut point and must not fail.
   one = system.sample_scenario(rng, P, S, 1, 4.0)
   assert bl.genetic_algorithm(one, S, P, rng, population=4, generations=2).admit.shape == (1,)
-  local, gain, splits = bl.gains_table(scn, S, P)
-  assert gain.shape == (7, 6) and np.all(gain[0] == 0) and np.all(splits[0] == 200)
+  local, gain, cut_points = bl.gains_table(scn, S, P)
+  assert gain.shape == (7, 6) and np.all(gain[0] == 0) and np.all(cut_points[0] == 200)
   assert local == pytest.approx(system.user_utility(scn, S, P, np.zeros(6, bool), 200.0))

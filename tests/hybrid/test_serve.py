@@ -1,7 +1,7 @@
 """hybrid.serve: the real edge loop on loopback with tiny random-init models (T = 24).
 
 Served x_0 is compared with ``hybrid.models.hybrid_sample`` run one request at a time with the
-same key and split: the network path, the batching and the per-device parameter slices change
+same key and cut point: the network path, the batching and the per-device parameter slices change
 nothing. Devices run unpaced here (their emulated speed only adds sleeps).
 """
 
@@ -103,7 +103,7 @@ def _check_against_hybrid_sample(models, specs, results):
   for spec, res in zip(specs, results, strict=True):
     assert res.kind in ("latent", "local"), (res.id, res.kind, res.error)
     ref = models_lib.hybrid_sample(
-      models, np.array([spec["user"]]), np.array([res.split], np.int32), spec["key"][None]
+      models, np.array([spec["user"]]), np.array([res.cut_point], np.int32), spec["key"][None]
     )
     np.testing.assert_allclose(res.x0, np.asarray(ref)[0], atol=1e-4, err_msg=res.id)
 
@@ -121,16 +121,16 @@ def test_many_concurrent_clients_all_answered(tiny):
   assert 1 <= w["batch"] <= CAPACITY and kinds.count("latent") == w["batch"]
   assert kinds.count("local") == 16 - w["batch"]
   # Staged edge: the latent of a user with more local steps leaves no later than one with fewer.
-  ready = sorted((-u["split"], u["edge_ready"]) for u in w["users"] if u["admitted"])
+  ready = sorted((-u["cut_point"], u["edge_ready"]) for u in w["users"] if u["admitted"])
   assert all(a[1] <= b[1] for a, b in zip(ready[:-1], ready[1:], strict=True) if a[0] < b[0])
   _check_against_hybrid_sample(models, specs, results)
   # The prediction is the latency model's for this window's decisions and measured waits.
   edge_k, edge_h = profile.latency.edge(1.0)
   b = w["batch"]
   for u in w["users"]:
-    n = u["split"]
+    n = u["cut_point"]
     if u["admitted"]:
-      assert sysp.min_split - 0.5 <= n <= big_t
+      assert sysp.min_cut_point - 0.5 <= n <= big_t
       want = (big_t - n) * (edge_k * b + edge_h) + sysp.transmission_latency(b) + n * u["tau"]
     else:
       assert n == big_t
@@ -296,7 +296,7 @@ def test_decisions_come_from_the_trained_policy(tiny, tmp_path):
     want = agent_lib.drl_decide(ag, params, hybrid_env, seen)
     np.testing.assert_array_equal(got.admit[got.order], want.admit)
     np.testing.assert_array_equal(
-      got.split[got.order], np.where(want.admit, np.rint(want.split), sysp.num_steps)
+      got.cut_point[got.order], np.where(want.admit, np.rint(want.cut_point), sysp.num_steps)
     )
     admitted.append(got.batch)
   assert sum(admitted) > 0
@@ -328,11 +328,26 @@ def test_binary_reports_measured_against_predicted(tiny, tmp_path):
   assert result["max_abs_diff_vs_hybrid_sample"] < 1e-4
   for r in result["rows"]:
     # Paced devices: a device never finishes its n local steps before n tau_i.
-    assert r["measured_local"] >= r["predicted_local"] == pytest.approx(r["split"] * r["tau"])
+    assert r["measured_local"] >= r["predicted_local"] == pytest.approx(r["cut_point"] * r["tau"])
     assert r["predicted_answer"] >= r["wait"] > 0
     assert r["predicted_answer"] + r["predicted_local"] == pytest.approx(r["predicted"])
     assert r["measured_answer"] + r["measured_local"] == pytest.approx(r["measured"])
   assert "| meas / pred |" in open(os.path.join(out, "serve.md")).read()
+
+
+def test_protocol_refuses_a_peer_of_the_old_format():
+  # HYB1 answers said ``split`` where HYB2 says ``cut_point``: an old peer is refused at its
+  # first frame instead of misreading the answer.
+  assert protocol.MAGIC == b"HYB2"
+  a, b = socket.socketpair()
+  try:
+    head = json.dumps({"type": "latent", "split": 3}).encode()
+    a.sendall(struct.pack("!4sII", b"HYB1", len(head), 0) + head)
+    with pytest.raises(protocol.FramingError, match="bad frame magic b'HYB1'"):
+      protocol.recv_frame(b, max_payload=4, timeout_s=2)
+  finally:
+    a.close()
+    b.close()
 
 
 def test_protocol_refuses_oversized_prefix_before_reading_the_body():
