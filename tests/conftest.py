@@ -2,11 +2,16 @@
 
 import os
 
-# Tests are dominated by XLA:CPU compiling many small programs, not by running them: LLVM at -O0
-# compiles a collab train step in 21 s instead of 32 s.
+# Tests are dominated by XLA:CPU compiling many small programs, not by running them. A tiny collab
+# train step (benchmarks/train_step.py, 2 cores) compiled in 32 s by default, 21-23 s with LLVM at
+# -O0, and 11-14 s with the loop-fusion emitters off and each program's code generated in one
+# piece as well. Subprocesses launched by the tests inherit these (tests/multiprocess.xla_flags).
+COMPILE_FAST = (
+  "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+  " --xla_cpu_parallel_codegen_split_count=1"
+)
 os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "")
-  + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+  os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {COMPILE_FAST}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from tests.common.test_train import REPO
+from tests.common.test_train import REPO, xla_flags
 
 # The processes must train on the same global batches and sum the same gradients as one process,
 # up to the order of float32 sums (2 x 4 devices against 1 x 8). Two settings make that a test of
@@ -38,11 +38,7 @@ def free_port() -> int:
 
 def device_env(devices: int) -> dict:
   env = os.environ.copy()
-  # The conftest's -O0 (compiling, not running, dominates these tiny runs) with this launch's
-  # device count.
-  env["XLA_FLAGS"] = (
-    f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
-  )
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONFAULTHANDLER"] = "1"
   return env

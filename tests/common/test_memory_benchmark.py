@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from configs import ddpm
-from tests.common.test_train import REPO
+from tests.common.test_train import REPO, xla_flags
 
 
 def _memory_module():
@@ -25,7 +25,8 @@ def test_fsdp_divides_parameter_and_optimizer_bytes_by_about_the_axis_size():
   config.batch_size, config.mesh.data = 16, 8
   replicated = _memory_module().measure(config)
   env = os.environ.copy()
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # the binary adds its device count
+  # The binary adds its own device count (the last one given wins).
+  env["XLA_FLAGS"] = xla_flags(1)
   cli = [sys.executable, "benchmarks/memory.py", "--config=configs/ddpm.py:digits", "--devices=8",
          "--config.mesh.data=1", "--config.mesh.fsdp=8", "--config.batch_size=16"]  # fmt: skip
   out = subprocess.run(cli, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

@@ -3,6 +3,7 @@ checkpoint/model mismatch, start-up validation of every bad value."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,9 +117,16 @@ TINY_FLAGS = [
 ]
 
 
+def xla_flags(devices: int) -> str:
+  """The conftest's XLA flags (fast compiling: it dominates these tiny runs) with ``devices``
+  forced CPU devices instead of its 8."""
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+  return f"--xla_force_host_platform_device_count={devices} {flags.strip()}"
+
+
 def _single_device_env():
   env = os.environ.copy()
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"  # one device; the conftest's -O0
+  env["XLA_FLAGS"] = xla_flags(1)
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
