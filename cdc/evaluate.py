@@ -503,6 +503,7 @@ def main(argv):
   del argv
   from common.train import cli
 
+  cli.start_binary()
   result = cli.run_or_exit(evaluate, flags.FLAGS.workdir)
   print(summary_table(result))
 

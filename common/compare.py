@@ -343,14 +343,33 @@ def _arm_section(record: dict, meta: dict) -> list[str]:
 
 
 def _entries_section(entries: list[dict]) -> list[str]:
-  """Every launch of the plan, in order, with its status, wall time and command."""
-  lines = ["", "## Runs", "", "| # | run | status | wall s | command |", "|---|---|---|---|---|"]
+  """Every launch of the plan, in order, with its status, wall time, the part of it spent making
+  programs (``common.train.timing``: JAX's tracing and lowering, XLA's compile) and command."""
+  lines = [
+    "", "## Runs", "",
+    "| # | run | status | wall s | compiling s (trace + lower + XLA) | programs (cached) | command |",
+    "|---|---|---|---|---|---|---|",
+  ]  # fmt: skip
+  wall = making = 0.0
   for i, e in enumerate(entries, 1):
+    t = e.get("timing") or {}
+    parts = [t.get(k) for k in ("trace_s", "lower_s", "compile_s")]
+    spent = sum(p or 0.0 for p in parts) if t else None
+    if spent is not None and e.get("wall_time_s"):
+      wall, making = wall + e["wall_time_s"], making + spent
+    split = f" ({' + '.join(_num(p, '.0f') for p in parts)})" if t else ""
+    programs = f"{t.get('programs', 0)} ({t.get('cache_hits', 0)})" if t else "-"
     lines.append(
       f"| {i} | {e['name']} | {e['status']} | {_num(e.get('wall_time_s'), '.0f')} | "
-      f"`{e['command']}` |"
+      f"{_num(spent, '.0f')}{split} | {programs} | `{e['command']}` |"
     )
   lines += ["", "`skipped`: finished by an earlier invocation (its wall time is that run's)."]
+  if wall:
+    lines += [
+      f"Making programs took {making:.0f} s of these runs' {wall:.0f} s "
+      f"({100 * making / wall:.0f}%); the rest is Python start-up, data, running the programs "
+      "and writing results."
+    ]
   return lines
 
 

@@ -363,10 +363,10 @@ def _save_grid(path, samples, groups, names, per_row: int = 10) -> None:
 
 def main(argv, flag_values):
   del argv
-  from common.train import logger
+  from common.train import cli
   from common.train.validate import ConfigError
 
-  logger.quiet_library_logs()
+  cli.start_binary()
   try:
     evaluate(**{name: flag.value for name, flag in flag_values.items()})
   except (ConfigError, ValueError, FileNotFoundError) as e:

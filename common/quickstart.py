@@ -34,6 +34,7 @@ from typing import Any
 from absl import app, flags
 
 from common import fileio
+from common.train import timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_DIR = ".quickstart"  # one record per finished run: its command, status, wall time
@@ -72,6 +73,7 @@ class Outcome:
   wall_time_s: float | None = None
   rc: int | None = None
   error: str = ""
+  timing: dict | None = None  # common.train.timing's totals: tracing, lowering, XLA compiling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,10 +217,11 @@ def _launch(
   argv: list[str],
   log_path: str,
   on_line: Callable[[str], None],
+  env_extra: dict[str, str] | None = None,
 ) -> tuple[int, list[str]]:
   """Runs ``argv`` from the repo root, output to ``log_path``; returns (rc, last lines)."""
   os.makedirs(os.path.dirname(log_path), exist_ok=True)
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
   tail: deque[str] = deque(maxlen=200)
   with open(log_path, "a") as log:
     log.write(f"\n$ {display(argv)}\n")
@@ -355,7 +358,9 @@ class _Session:
       return None
     self.eta.finish(name, None, ran=False)
     self.echo(f"{head}: finished earlier ({fmt_seconds(rec.get('wall_time_s'))}), skipped")
-    return Outcome(name, "skipped", argv, log, wall_time_s=rec.get("wall_time_s"))
+    return Outcome(
+      name, "skipped", argv, log, wall_time_s=rec.get("wall_time_s"), timing=rec.get("timing")
+    )
 
   def launch(self, name: str, argv: list[str], head: str) -> Outcome:
     """Runs one entry to its end, passing its progress lines through; records the outcome."""
@@ -364,22 +369,28 @@ class _Session:
       f"{head}: {display(argv)}\n    log {log} | estimate {fmt_seconds(entry.estimate_s)} | "
       f"elapsed {self.elapsed()} | total ETA {fmt_seconds(self.eta.remaining())}"
     )
+    timing_path = os.path.join(workdir, "logs", f"{name}.timing.json")
+    if os.path.exists(timing_path):
+      os.remove(timing_path)
     t0 = time.perf_counter()
-    rc, tail = _launch(argv, log, self._progress_lines(name, t0))
+    rc, tail = _launch(
+      argv, log, self._progress_lines(name, t0), {timing.ENV: os.path.abspath(timing_path)}
+    )
     seconds = time.perf_counter() - t0
     self.remade.add(name)
     self.eta.finish(name, seconds, ran=True)
     missing_output = entry.done and not os.path.exists(
       os.path.join(workdir, entry.workdir, entry.done)
     )
-    record = {"status": "ok", "command": argv[1:], "wall_time_s": seconds}
+    spent = timing.read(timing_path)
+    record = {"status": "ok", "command": argv[1:], "wall_time_s": seconds, "timing": spent}
     if rc == 0 and not missing_output:
       _write_record(workdir, name, record)
       self.echo(
-        f"{head}: done in {fmt_seconds(seconds)} | elapsed {self.elapsed()} | "
-        f"total ETA {fmt_seconds(self.eta.remaining())}"
+        f"{head}: done in {fmt_seconds(seconds)}{_compile_note(spent)} | elapsed "
+        f"{self.elapsed()} | total ETA {fmt_seconds(self.eta.remaining())}"
       )
-      return Outcome(name, "ok", argv, log, wall_time_s=seconds, rc=0)
+      return Outcome(name, "ok", argv, log, wall_time_s=seconds, rc=0, timing=spent)
     err = error_tail(tail)
     if rc == 0:
       err = f"exited 0 but wrote no {entry.workdir}/{entry.done}\n{err}"
@@ -388,7 +399,7 @@ class _Session:
       f"{head}: FAILED (exit {rc}) after {fmt_seconds(seconds)}: {headline_error(err)}\n"
       f"    see {log}"
     )
-    return Outcome(name, "failed", argv, log, wall_time_s=seconds, rc=rc, error=err)
+    return Outcome(name, "failed", argv, log, wall_time_s=seconds, rc=rc, error=err, timing=spent)
 
   def _progress_lines(self, name: str, t0: float) -> Callable[[str], None]:
     """What the output lines of run ``name`` (launched at ``t0``) go through: the console shows
@@ -406,6 +417,18 @@ class _Session:
       self.echo(f"    {name} | {msg} | total ETA {fmt_seconds(left)}")
 
     return on_line
+
+
+def _compile_note(spent: dict | None) -> str:
+  """`` (compiling 41 s)``: JAX's tracing, lowering and XLA compiling in a run, or nothing."""
+  if not spent:
+    return ""
+  return f" (compiling {fmt_seconds(compile_seconds(spent))})"
+
+
+def compile_seconds(spent: dict) -> float:
+  """What a run spent making programs: tracing, lowering to StableHLO and XLA's compile."""
+  return sum(float(spent.get(k) or 0.0) for k in ("trace_s", "lower_s", "compile_s"))
 
 
 def _cost(name: str, runs, outcomes: dict[str, Outcome]) -> float | None:
@@ -464,6 +487,7 @@ def plan_report(
       "name": o.name,
       "status": o.status,
       "wall_time_s": o.wall_time_s,
+      "timing": o.timing,
       "command": display(o.command),
     }
     for o in outcomes.values()

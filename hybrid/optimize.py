@@ -335,6 +335,7 @@ def main(argv):
   signal.signal(signal.SIGTERM, on_term)
   from common.train import cli
 
+  cli.start_binary()
   cli.run_or_exit(run, flags.FLAGS.config, flags.FLAGS.workdir, stop)
 
 

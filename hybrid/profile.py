@@ -547,9 +547,9 @@ def _define_flags() -> dict[str, Any]:
 
 def main(argv, flag_values):
   del argv
-  from common.train import logger
+  from common.train import cli
 
-  logger.quiet_library_logs()
+  cli.start_binary()
   overrides = {
     name: flag_values[name].value
     for name in ("seeds_per_user", "latency_repeats")

@@ -14,9 +14,13 @@ from common.train.validate import ConfigError
 
 
 def start_binary(*, persistent_compile_cache: bool = False) -> None:
-  """Silences library chatter; with ``persistent_compile_cache`` compiled programs are kept under
+  """Silences library chatter; records where the time goes when ``$SEGDIFF_TIMING_FILE`` asks
+  (``common.train.timing``); with ``persistent_compile_cache`` compiled programs are kept under
   ``cache_root()/jax``, so a campaign's next seed or a restarted run compiles nothing twice."""
+  from common.train import timing
+
   logger.quiet_library_logs()
+  timing.record_if_asked()
   if persistent_compile_cache:
     import jax
 

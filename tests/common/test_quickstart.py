@@ -75,6 +75,11 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   assert f"[1/{n}] train_ddpm: python -m common.train --config=configs/ddpm.py:digits" in text
   assert f"[{n}/{n}] adaptive_single: done in" in text and "total ETA" in text
   assert f"[3/{n}] broken: FAILED (exit 2)" in text
+  # Where the time went: each launch's tracing, lowering and XLA compiling (common.train.timing).
+  assert "train_ddpm: done in" in text and "(compiling " in text
+  spent = out["train_ddpm"].timing
+  assert spent["programs"] >= 2 and 0 < spent["compile_s"] < spent["wall_s"]
+  assert out["train_ddpm"].wall_time_s > spent["trace_s"] + spent["lower_s"] + spent["compile_s"]
 
   # The non-generative methods wrote the agreed headline shape.
   hyb = headline.read(os.path.join(workdir, "hybrid_paper"))
@@ -100,6 +105,7 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   assert "| 3 | broken | failed |" in md and "| 4 | after_broken | blocked |" in md
   assert "| adaptive | adaptive_tdc | TDC groups (stage 2) | fid" in md
   assert "| broken | broken | - | - | - | - | - | - | - | " in md
+  assert "Making programs took" in md and "| compiling s (trace + lower + XLA) |" in md
   with open(os.path.join(workdir, "report.csv")) as f:
     rows = list(csv.DictReader(f))
   arms = {(r["run"], r["arm"], r["role"]) for r in rows}

@@ -1,0 +1,90 @@
+"""Where a binary's time goes: JAX's tracing, lowering and XLA compiling against the rest.
+
+A binary started with ``$SEGDIFF_TIMING_FILE`` set (the main job sets it for every run it launches)
+sums JAX's own compile-time events and writes them there as JSON when it exits:
+``{"wall_s", "trace_s", "lower_s", "compile_s", "programs", "cache_hits"}``; ``compile_s`` is XLA's
+backend compile (or reading it from the persistent cache), ``programs`` the compile requests,
+``cache_hits`` how many of them the persistent cache served. ``wall_s`` counts from
+``record_to`` (after the imports).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+
+ENV = "SEGDIFF_TIMING_FILE"
+
+# JAX's monitoring events (jax._src.dispatch) -> our field.
+_DURATIONS = {
+  "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+  "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+  "/jax/core/compile/backend_compile_duration": "compile_s",
+}
+_COUNTS = {
+  "/jax/compilation_cache/compile_requests_use_cache": "programs",
+  "/jax/compilation_cache/cache_hits": "cache_hits",
+}
+
+
+class _Totals:
+  def __init__(self):
+    self.lock = threading.Lock()  # compiles may run on several threads
+    self.start = time.perf_counter()
+    self.values = dict.fromkeys([*_DURATIONS.values(), *_COUNTS.values()], 0.0)
+
+  def on_duration(self, event: str, seconds: float, **_) -> None:
+    if event in _DURATIONS:
+      with self.lock:
+        self.values[_DURATIONS[event]] += seconds
+
+  def on_event(self, event: str, **_) -> None:
+    if event in _COUNTS:
+      with self.lock:
+        self.values[_COUNTS[event]] += 1
+
+  def summary(self) -> dict:
+    with self.lock:
+      out = {k: round(v, 3) for k, v in self.values.items()}
+    out["wall_s"] = round(time.perf_counter() - self.start, 3)
+    for k in _COUNTS.values():
+      out[k] = int(out[k])
+    return out
+
+
+def record_to(path: str) -> None:
+  """Sums JAX's compile events from now on and writes the totals to ``path`` at exit."""
+  import jax
+
+  from common import fileio
+
+  totals = _Totals()
+  jax.monitoring.register_event_duration_secs_listener(totals.on_duration)
+  jax.monitoring.register_event_listener(totals.on_event)
+
+  def write():
+    if jax.process_index() == 0:
+      fileio.write_json(path, totals.summary())
+
+  atexit.register(write)
+
+
+def record_if_asked() -> None:
+  """``record_to($SEGDIFF_TIMING_FILE)`` when that is set."""
+  path = os.environ.get(ENV)
+  if path:
+    record_to(path)
+
+
+def read(path: str) -> dict | None:
+  """A timing file's totals; None when it is missing or unreadable (a run killed before exit)."""
+  import json
+
+  try:
+    with open(path) as f:
+      data = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return data if isinstance(data, dict) else None
