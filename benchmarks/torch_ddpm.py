@@ -12,10 +12,15 @@ So that the benchmark's PyTorch side is the repo's method and not a look-alike:
 
 The schedule tables come from ``common.diffusion.schedules`` (float64 on the host), the same
 numbers the JAX side casts to float32.
+
+``config.model.dtype = "bfloat16"`` (the JAX side: bf16 compute, float32 parameters, norms and
+softmax in float32) runs the network under ``torch.autocast(bfloat16)``: float32 parameters,
+matmuls and convolutions in bf16, GroupNorm in float32 (``autocast``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -23,6 +28,17 @@ import torch
 from torch import nn
 
 from common.diffusion import schedules, steps
+
+# config.model.dtype -> the autocast dtype of the network's forward (None: plain float32).
+AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def autocast(dtype_name: str, device) -> contextlib.AbstractContextManager:
+  """``torch.autocast`` for ``config.model.dtype`` on ``device`` (a no-op for float32)."""
+  dtype = AUTOCAST[dtype_name]
+  if dtype is None:
+    return contextlib.nullcontext()
+  return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 class Schedule:
@@ -105,7 +121,9 @@ class TorchTrainer:
   Draws t uniformly in [0, T), the noise, and (class-conditional) the CFG label dropout; the
   loss's gradient, clipping by global norm (``optimizer.grad_clip_norm``), Adam / AdamW with the
   config's lr schedule, b1, b2, eps and weight decay, then the EMA with ``config.ema_decay``.
-  ``compile``: run the loss (noising + network + MSE) through ``torch.compile``.
+  ``compile``: run the loss (noising + network + MSE) through ``torch.compile``. With
+  ``config.model.dtype = "bfloat16"`` the loss's forward runs under ``autocast`` (bf16 compute,
+  float32 parameters, optimizer and EMA).
   """
 
   def __init__(self, model, config, *, num_classes: int, compile: bool = False, device="cpu"):
@@ -146,7 +164,8 @@ class TorchTrainer:
     for g in self.opt.param_groups:
       g["lr"] = lr_at(self.config.optimizer, self.config.total_steps, self.step_count)
     self.opt.zero_grad(set_to_none=True)
-    loss = self.loss(x0, t, noise, y)
+    with autocast(self.config.model.dtype, self.device):
+      loss = self.loss(x0, t, noise, y)
     loss.backward()
     clip = float(self.config.optimizer.grad_clip_norm)
     if clip > 0:

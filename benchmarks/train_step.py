@@ -4,11 +4,18 @@
   python benchmarks/train_step.py --config=configs/ddpm.py:imagenet64 --config.model.dtype=bfloat16 \
       --config.batch_size=64 --peak_tflops=989
 
-The batch is synthetic (uniform noise of the dataset's shape), so an array_record config needs no
+The batch is synthetic (uniform noise of the dataset's shape): ``method.images_per_step()``
+images (the global batch; collab: K per-client batches), so an array_record config needs no
 prepared data here; everything else is the real step the trainer compiles (same shardings,
-donation, optimizer, EMA). FLOPs come from XLA's cost analysis of the compiled step.
+donation, optimizer, EMA). FLOPs come from XLA's cost analysis of the compiled step (of the
+lowered program where the backend's analysis gives none).
+
+``--json_out=PATH`` also writes every figure as one JSON object (``benchmarks/gpu_check.sh`` reads
+it); ``--compile_only`` stops after the compile (with ``$JAX_COMPILATION_CACHE_DIR`` set, a later
+run of the same command then reads the program from the persistent cache).
 """
 
+import json
 import os
 import sys
 import time
@@ -25,10 +32,32 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed steps (after 2 warm-up steps).")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Device peak TFLOP/s for the utilisation figure.")
+_JSON_OUT = flags.DEFINE_string("json_out", "", "Also write the figures to this JSON file.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+  "compile_only", False, "Build and compile the step, write --json_out, and stop (no steps)."
+)
+
+
+def _flops(analysis) -> float:
+  """The ``flops`` of a cost analysis (a dict, or a list of one dict per program)."""
+  cost = analysis[0] if isinstance(analysis, (list, tuple)) and analysis else analysis
+  value = cost.get("flops") if cost else None
+  return float(value) if value is not None and float(value) > 0 else float("nan")
+
+
+def _write_json(path: str, record: dict) -> None:
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(record, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv):
   del argv
+  from common.train import xla_flags
+
+  xla_flags.apply_cpu_defaults()  # what the binaries run with; before the backend exists
   from common import data, parallel
   from common.train import loop, validate
   from common.train import method as method_lib
@@ -46,7 +75,8 @@ def main(argv):
   mesh = parallel.make_mesh(mesh_shape)
   fns = loop.build(config, method, mesh)
 
-  b, r, c = config.batch_size, info.resolution, info.channels
+  # The images one step reads: the global batch, or K per-client batches (collab).
+  b, r, c = method.images_per_step(), info.resolution, info.channels
   rng = np.random.default_rng(0)
   host_batch = {
     "image": rng.uniform(-1, 1, (b, r, r, c)).astype(np.float32),
@@ -56,11 +86,36 @@ def main(argv):
   state = fns["init"]()
 
   t0 = time.perf_counter()
-  compiled = fns["step"].lower(state, batch).compile()
+  lowered = fns["step"].lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  flops = _flops(compiled.cost_analysis())
+  flops_how = "compiled"
+  if flops != flops:
+    # Some backends leave library calls (cuDNN convolutions) out of the compiled program's
+    # analysis; the lowered program's count is the same network's, before fusion.
+    flops, flops_how = _flops(lowered.cost_analysis()), "lowered"
+  device = jax.devices()[0]
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  record = {
+    "device": f"{device.platform} {device.device_kind} x{jax.device_count()}",
+    "platform": device.platform,
+    "batch": int(b),
+    "image": [int(r), int(r), int(c)],
+    "dtype": str(config.model.dtype),
+    "params": n_params,
+    "compile_s": compile_s,
+    "flops_per_step": flops,
+    "flops_from": flops_how,
+  }
+  try:
+    record["xla_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # not every backend reports it
+    pass
+  if _COMPILE_ONLY.value:
+    print(f"compile_s         {compile_s:.2f}  (compile only)")
+    _write_json(_JSON_OUT.value, record)
+    return
 
   for _ in range(2):
     state, metrics = compiled(state, batch)
@@ -72,9 +127,7 @@ def main(argv):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   tflops = flops / step_s / 1e12
-  device = jax.devices()[0]
   print(f"device            {device.platform} {device.device_kind} x{jax.device_count()}")
   print(
     f"config            batch {b}, {r}x{r}x{c}, dtype {config.model.dtype}, params {n_params:,}"
@@ -88,6 +141,35 @@ def main(argv):
   print(f"achieved_tflops   {tflops:.3f}")
   if _PEAK.value > 0:
     print(f"fraction_of_peak  {tflops / _PEAK.value:.3f}  (peak {_PEAK.value} TFLOP/s)")
+  # Model FLOPs (the usual MFU numerator): 3 x one forward per image (forward, and a backward of
+  # twice its cost). XLA's count of the step (above) also holds the optimizer and EMA, and counts
+  # a loop body once (TFDiff's scanned blocks); a method whose params are not one network (collab)
+  # leaves it out.
+  try:
+    guided = method.class_conditional and config.diffusion.guidance_scale != 1.0
+    forward = method.denoiser_call_flops(state.params, 1) / (2 if guided else 1)
+    record.update(forward_flops_per_image=forward, model_flops_per_step=3.0 * b * forward)
+  except Exception as e:  # reported; the step's figures stand without it
+    record["model_flops_error"] = f"{type(e).__name__}: {e}"[:300]
+  record.update(
+    repeats=len(times),
+    step_ms_median=step_s * 1e3,
+    step_ms_min=min(times) * 1e3,
+    step_ms_max=max(times) * 1e3,
+    images_per_s=b / step_s,
+    achieved_tflops=tflops,
+    loss=float(np.asarray(metrics["loss"])) if "loss" in metrics else None,
+  )
+  if _PEAK.value > 0:
+    record.update(peak_tflops=_PEAK.value, fraction_of_peak=tflops / _PEAK.value)
+    if "model_flops_per_step" in record:
+      mfu = record["model_flops_per_step"] / step_s / 1e12 / _PEAK.value
+      record["mfu"] = mfu
+      print(f"mfu               {mfu:.3f}  (3 x forward FLOPs x {b} images)")
+  stats = getattr(device, "memory_stats", lambda: None)()
+  if stats and "peak_bytes_in_use" in stats:
+    record["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+  _write_json(_JSON_OUT.value, record)
 
 
 if __name__ == "__main__":

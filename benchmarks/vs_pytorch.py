@@ -26,6 +26,10 @@ after. FLOPs are XLA's cost analysis of the JAX programs, used for every variant
 The last line printed is one JSON object; ``ratio_jax_over_best_torch`` is the headline: the JAX
 train step's median over the best PyTorch variant's (> 1: JAX is slower).
 
+Devices and dtype: ``--torch_device=cuda`` runs the PyTorch variants on the GPU (JAX runs on its
+default backend); ``--config.model.dtype=bfloat16`` runs JAX's step in bf16 compute (params
+float32) and PyTorch's under ``torch.autocast(bfloat16)``, its mixed-precision counterpart.
+
 Threads: ``--threads`` (default 2) sets ``torch.set_num_threads`` (and OMP/MKL) in each PyTorch
 worker, with one inter-op thread and ``OMP_WAIT_POLICY=PASSIVE`` (``--omp_wait_policy``);
 ``eager@1`` names a variant with its own count (the defaults: jax, eager, eager@1, compile). JAX runs with
@@ -89,6 +93,9 @@ _PARTS = flags.DEFINE_list("parts", ["train", "sample", "block"], "What to time.
 _SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", 0, "Images per sampling run (0: batch_size).")
 _QUICK = flags.DEFINE_bool("quick", False, "1 round of 2 steps (a smoke test, not a measurement).")
 _TIMEOUT = flags.DEFINE_integer("worker_timeout", 3600, "Seconds a worker may take per command.")
+_TORCH_DEVICE = flags.DEFINE_string(
+  "torch_device", "cpu", "Device of the PyTorch variants: cpu | cuda | cuda:N."
+)
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run as the worker of this variant kind.")
 _WORKER_THREADS = flags.DEFINE_integer("worker_threads", 0, "Internal: the worker's threads.")
 
@@ -115,6 +122,10 @@ class Worker:
     if kind == "jax" and threads:
       flags_ += f" intra_op_parallelism_threads={threads}"
     env["XLA_FLAGS"] = " ".join(flags_.split())
+    if kind == "jax":
+      from common.train import xla_flags
+
+      xla_flags.apply_cpu_defaults(env)  # the binaries' XLA:CPU defaults (what users run)
     if kind != "jax":
       for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
@@ -312,7 +323,7 @@ def _driver_main(argv_flags) -> None:
   )
   print(f"device: {jax_setup.get('device', 'cpu')}; peak {peak:.1f} GFLOP/s float32 ({peak_how})")
   print(
-    f"versions: torch {torch_setup.get('torch', 'n/a')}; threads: PyTorch set_num_threads per "
+    f"versions: torch {torch_setup.get('torch', 'n/a')} on {_TORCH_DEVICE.value}; threads: PyTorch set_num_threads per "
     f"variant, set_num_interop_threads(1), OMP_WAIT_POLICY {_OMP_WAIT.value};"
     f" JAX XLA_FLAGS={jax_setup.get('xla_flags', '')!r}"
     f" (XLA:CPU default intra-op pool: one thread per core, {len(os.sched_getaffinity(0))})"
@@ -359,6 +370,8 @@ def _driver_main(argv_flags) -> None:
     "config": _config_name(argv_flags),
     "batch": config.batch_size,
     "dtype": config.model.dtype,
+    "jax_device": jax_setup.get("device"),
+    "torch_device": _TORCH_DEVICE.value,
     "rounds": rounds,
     "steps_per_round": k,
     "params": {s: setup.get(s, {}).get("params") for s, *_ in variants},
@@ -408,11 +421,20 @@ def main(argv):
   if _WORKER.value:
     config = _CONFIG.value
     sample_batch = _SAMPLE_BATCH.value or config.batch_size
-    vs_workers.serve(_WORKER.value, config, _MOBILE.value, sample_batch, _WORKER_THREADS.value)
+    vs_workers.serve(
+      _WORKER.value,
+      config,
+      _MOBILE.value,
+      sample_batch,
+      _WORKER_THREADS.value,
+      torch_device=_TORCH_DEVICE.value,
+    )
     return
   # The workers get this command line's config flags (and overrides) as they are.
   forwarded = [
-    a for a in sys.argv[1:] if a.startswith(("--config", "--mobile_config", "--sample_batch"))
+    a
+    for a in sys.argv[1:]
+    if a.startswith(("--config", "--mobile_config", "--sample_batch", "--torch_device"))
   ]
   _driver_main(forwarded)
 

@@ -141,7 +141,7 @@ def _xla_flops(compiled) -> float:
 class TorchWorker:
   """``torch_unet``'s trainer and sampler and ``torch_tfdiff``'s block, eager or compiled."""
 
-  def __init__(self, config, mobile_config, sample_batch, *, compile, threads):
+  def __init__(self, config, mobile_config, sample_batch, *, compile, threads, device="cpu"):
     import torch
 
     # Before any parallel work, or PyTorch refuses to change the inter-op pool.
@@ -149,6 +149,7 @@ class TorchWorker:
     torch.set_num_threads(threads)
     self.torch = torch
     self.compile = compile
+    self.device = torch.device(device)
     self.config, self.mobile_config, self.sample_batch = config, mobile_config, sample_batch
 
   def setup_train(self):
@@ -160,12 +161,16 @@ class TorchWorker:
     torch = self.torch
     torch.manual_seed(0)
     config = self.config
-    if config.model.dtype != "float32":
-      raise NotImplementedError("the PyTorch side runs float32 only (config.model.dtype)")
+    if config.model.dtype not in torch_ddpm.AUTOCAST:
+      raise NotImplementedError(
+        f"config.model.dtype={config.model.dtype!r}: the PyTorch side runs"
+        f" {', '.join(torch_ddpm.AUTOCAST)}"
+      )
     info = data_info(config)
     self.info = info
     out = {
       "torch": torch.__version__,
+      "torch_device": str(self.device),
       "threads": torch.get_num_threads(),
       "interop_threads": torch.get_num_interop_threads(),
     }
@@ -175,14 +180,14 @@ class TorchWorker:
     out["params"] = torch_unet.count_params(model)
     # The EMA copy is a second network whose parameters the trainer updates in place: sampling
     # uses EMA weights, as DDPM.sample is given them.
-    self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+    self.ema_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
     self.trainer = torch_ddpm.TorchTrainer(
-      model, config, num_classes=info.num_classes, compile=self.compile
+      model, config, num_classes=info.num_classes, compile=self.compile, device=self.device
     )
     self.trainer.ema = list(self.ema_model.parameters())
     b, r, c = config.batch_size, info.resolution, info.channels
-    self.x0 = torch.rand(b, c, r, r) * 2 - 1
-    self.labels = torch.randint(0, max(info.num_classes, 1), (b,))
+    self.x0 = (torch.rand(b, c, r, r) * 2 - 1).to(self.device)
+    self.labels = torch.randint(0, max(info.num_classes, 1), (b,)).to(self.device)
     self.schedule = self.trainer.schedule
     return out
 
@@ -200,14 +205,14 @@ class TorchWorker:
     mc = self.mobile_config
     info = data_info(mc)
     spec = spec_from_config(mc, in_channels=info.channels, num_classes=info.num_classes)
-    block = torch_tfdiff.CoreBlock(spec)
+    block = torch_tfdiff.CoreBlock(spec).to(self.device)
     self.block_net = torch.compile(block) if self.compile else block
     self.block_params = list(block.parameters())
     side = spec.image_size // spec.stride
     shape = (mc.batch_size, side, side, spec.width)
-    self.block_x = torch.randn(shape, requires_grad=True)
-    self.block_c = torch.randn(mc.batch_size, spec.d_cond)
-    self.block_cot = torch.randn(shape)
+    self.block_x = torch.randn(shape, device=self.device, requires_grad=True)
+    self.block_c = torch.randn(mc.batch_size, spec.d_cond, device=self.device)
+    self.block_cot = torch.randn(shape, device=self.device)
     return {"block_params": sum(p.numel() for p in self.block_params)}
 
   def train(self, k):
@@ -227,16 +232,20 @@ class TorchWorker:
     shape = (n, info.channels, info.resolution, info.resolution)
     labels = None
     if self.trainer.conditional:
-      labels = torch.randint(0, info.num_classes, (n,))
+      labels = torch.randint(0, info.num_classes, (n,), device=self.device)
+    noise = torch.randn(shape, device=self.device)
+    self._sync()
     t = time.perf_counter()
-    torch_ddpm.sample(
-      self.sampler_net,
-      self.config,
-      self.schedule,
-      torch.randn(shape),
-      labels,
-      num_classes=info.num_classes,
-    )
+    with torch_ddpm.autocast(self.config.model.dtype, self.device):
+      torch_ddpm.sample(
+        self.sampler_net,
+        self.config,
+        self.schedule,
+        noise,
+        labels,
+        num_classes=info.num_classes,
+      )
+    self._sync()
     return [time.perf_counter() - t]
 
   def block(self, k):
@@ -248,8 +257,14 @@ class TorchWorker:
       self.block_x.grad = None
       out = self.block_net(self.block_x, self.block_c)
       (out * self.block_cot).sum().backward()
+      self._sync()
       times.append(time.perf_counter() - t)
     return times
+
+  def _sync(self):
+    """Waits for the device's queued work (CUDA runs asynchronously; the CPU needs nothing)."""
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize(self.device)
 
 
 def run(worker, part: str, k: int) -> list[float]:
@@ -257,7 +272,9 @@ def run(worker, part: str, k: int) -> list[float]:
   return worker.sample() if part == "sample" else getattr(worker, part)(k)
 
 
-def serve(kind: str, config, mobile_config, sample_batch: int, threads: int) -> None:
+def serve(
+  kind: str, config, mobile_config, sample_batch: int, threads: int, *, torch_device: str = "cpu"
+) -> None:
   """Serves ``{"cmd": ...}`` lines from stdin; answers each with one ``MARK``ed JSON line."""
   reply = sys.stdout
   # Whatever the libraries print goes to stderr; stdout carries the answers only.
@@ -278,6 +295,7 @@ def serve(kind: str, config, mobile_config, sample_batch: int, threads: int) -> 
             sample_batch,
             compile=kind == "compile",
             threads=threads,
+            device=torch_device,
           )
       name, part = cmd["cmd"], cmd["part"]
       if name == "setup":

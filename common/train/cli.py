@@ -17,8 +17,9 @@ def start_binary(*, persistent_compile_cache: bool = False) -> None:
   """Silences library chatter; records where the time goes when ``$SEGDIFF_TIMING_FILE`` asks
   (``common.train.timing``); with ``persistent_compile_cache`` compiled programs are kept under
   ``cache_root()/jax``, so a campaign's next seed or a restarted run compiles nothing twice."""
-  from common.train import timing
+  from common.train import timing, xla_flags
 
+  xla_flags.apply_cpu_defaults()  # a no-op when parse_flags_or_exit did it already
   logger.quiet_library_logs()
   timing.record_if_asked()
   if persistent_compile_cache:
@@ -81,6 +82,10 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
   type, a missing required flag) as one line on stderr and exit 2 instead of a traceback."""
   from absl import flags
 
+  from common.train import xla_flags
+
+  # First thing, before a multi-process launch's initialization creates the CPU backend.
+  xla_flags.apply_cpu_defaults()
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:

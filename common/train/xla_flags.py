@@ -1,0 +1,45 @@
+"""XLA:CPU settings the binaries choose for the user, set before JAX creates its CPU backend (XLA
+reads ``XLA_FLAGS`` once, then).
+
+Why (issue 24, ``benchmarks/conv_cpu.py`` and ``benchmarks/vs_pytorch.py`` on the 2-core CPU):
+XLA:CPU's default convolution path computes a 3x3 convolution's weight gradient at ~32 GFLOP/s
+(the shapes preset's 32x32x128 layer: forward 178 ms, weight gradient 581 ms, batch 64), a third of
+its forward speed, and its large matrix products at ~65 GFLOP/s. With dots handed to YNNPACK
+(``--xla_cpu_experimental_ynn_fusion_type=dot``) the same layer takes 73 ms forward and 91 ms for
+the weight gradient, a 128 x 65536 x 128 product 162 GFLOP/s, and the shapes train step 13.3 s ->
+7.6 s (median of 3, load ~3). A flag the user already put in ``XLA_FLAGS`` is left as given;
+``SEGDIFF_XLA_DEFAULTS=0`` turns the defaults off. The flags concern the CPU backend only (GPUs
+and TPUs ignore them); a jaxlib older than the one they were measured with may not know them
+(XLA aborts on an unknown flag), so they are only added from that version on.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+
+CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
+MIN_JAXLIB = (0, 10, 2)
+OPT_OUT = "SEGDIFF_XLA_DEFAULTS"
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  try:
+    text = importlib.metadata.version("jaxlib")
+  except importlib.metadata.PackageNotFoundError:
+    return ()
+  return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def apply_cpu_defaults(env: dict | None = None) -> list[str]:
+  """Adds to ``env["XLA_FLAGS"]`` (default ``os.environ``) each of ``CPU_DEFAULTS`` it does not
+  set yet; returns the flags added. Call it before anything creates a JAX backend."""
+  env = os.environ if env is None else env
+  if env.get(OPT_OUT, "1") == "0" or _jaxlib_version() < MIN_JAXLIB:
+    return []
+  given = env.get("XLA_FLAGS", "")
+  added = [f"--{k}={v}" for k, v in CPU_DEFAULTS.items() if f"--{k}=" not in given]
+  if added:
+    env["XLA_FLAGS"] = " ".join([given.strip(), *added]).strip()
+  return added
