@@ -53,16 +53,16 @@ def _write_json(path: str, record: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def main(argv):
-  del argv
-  from common.train import xla_flags
+def _build_step(config):
+  """The method, the trainer's functions (``loop.build``) and a synthetic batch for one step.
 
-  xla_flags.apply_cpu_defaults()  # what the binaries run with; before the backend exists
+  Returns ``(method, fns, batch, (b, r, c))``: ``batch`` holds ``b`` images ``[b, r, r, c]``
+  (uniform noise) and their labels, placed with the step's batch sharding.
+  """
   from common import data, parallel
   from common.train import loop, validate
   from common.train import method as method_lib
 
-  config = _CONFIG.value
   if config.data.name == "array_record" and not os.path.isdir(
     config.data.data_dir or "/nonexistent"
   ):
@@ -83,8 +83,12 @@ def main(argv):
     "label": rng.integers(0, max(info.num_classes, 1), (b,)).astype(np.int32),
   }
   batch = parallel.global_batch(host_batch, fns["batch_sharding"])
-  state = fns["init"]()
+  return method, fns, batch, (b, r, c)
 
+
+def _compile_step(config, fns, state, batch, shape):
+  """The compiled step and the record of its compile: device, shapes, params, time, FLOPs."""
+  b, r, c = shape
   t0 = time.perf_counter()
   lowered = fns["step"].lower(state, batch)
   compiled = lowered.compile()
@@ -112,27 +116,35 @@ def main(argv):
     record["xla_temp_bytes"] = int(compiled.memory_analysis().temp_size_in_bytes)
   except Exception:  # not every backend reports it
     pass
-  if _COMPILE_ONLY.value:
-    print(f"compile_s         {compile_s:.2f}  (compile only)")
-    _write_json(_JSON_OUT.value, record)
-    return
+  return compiled, record
 
+
+def _time_steps(compiled, state, batch, repeats):
+  """``(state, metrics, times)``: 2 warm-up steps, then ``repeats`` timed ones (s each)."""
   for _ in range(2):
     state, metrics = compiled(state, batch)
   jax.block_until_ready(metrics)
   times = []
-  for _ in range(_REPEATS.value):
+  for _ in range(repeats):
     t = time.perf_counter()
     state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
+  return state, metrics, times
+
+
+def _print_figures(config, record, shape, times) -> None:
+  """The table: device, config, compile and step times, images/s, FLOPs, TFLOP/s, peak share."""
+  b, r, c = shape
   step_s = float(np.median(times))
+  flops = record["flops_per_step"]
   tflops = flops / step_s / 1e12
-  print(f"device            {device.platform} {device.device_kind} x{jax.device_count()}")
+  print(f"device            {record['device']}")
   print(
-    f"config            batch {b}, {r}x{r}x{c}, dtype {config.model.dtype}, params {n_params:,}"
+    f"config            batch {b}, {r}x{r}x{c}, dtype {config.model.dtype},"
+    f" params {record['params']:,}"
   )
-  print(f"compile_s         {compile_s:.2f}")
+  print(f"compile_s         {record['compile_s']:.2f}")
   print(
     f"step_ms_median    {step_s * 1e3:.2f}  (min {min(times) * 1e3:.2f}, max {max(times) * 1e3:.2f})"
   )
@@ -141,16 +153,31 @@ def main(argv):
   print(f"achieved_tflops   {tflops:.3f}")
   if _PEAK.value > 0:
     print(f"fraction_of_peak  {tflops / _PEAK.value:.3f}  (peak {_PEAK.value} TFLOP/s)")
-  # Model FLOPs (the usual MFU numerator): 3 x one forward per image (forward, and a backward of
-  # twice its cost). XLA's count of the step (above) also holds the optimizer and EMA, and counts
-  # a loop body once (TFDiff's scanned blocks); a method whose params are not one network (collab)
-  # leaves it out.
+
+
+def _add_model_flops(record, config, method, params, b) -> None:
+  """Adds the model FLOPs (forward per image, per step) to ``record``, or why they are missing.
+
+  Model FLOPs (the usual MFU numerator): 3 x one forward per image (forward, and a backward of
+  twice its cost). XLA's count of the step also holds the optimizer and EMA, and counts a loop
+  body once (TFDiff's scanned blocks); a method whose params are not one network (collab) leaves
+  it out.
+  """
   try:
     guided = method.class_conditional and config.diffusion.guidance_scale != 1.0
-    forward = method.denoiser_call_flops(state.params, 1) / (2 if guided else 1)
+    forward = method.denoiser_call_flops(params, 1) / (2 if guided else 1)
     record.update(forward_flops_per_image=forward, model_flops_per_step=3.0 * b * forward)
   except Exception as e:  # reported; the step's figures stand without it
     record["model_flops_error"] = f"{type(e).__name__}: {e}"[:300]
+
+
+def _add_timings(record, metrics, times, b) -> None:
+  """Adds the step times, images/s, TFLOP/s, loss, peak share, MFU and peak memory to ``record``.
+
+  Prints the MFU line when ``--peak_tflops`` and the model FLOPs are known.
+  """
+  step_s = float(np.median(times))
+  tflops = record["flops_per_step"] / step_s / 1e12
   record.update(
     repeats=len(times),
     step_ms_median=step_s * 1e3,
@@ -166,9 +193,29 @@ def main(argv):
       mfu = record["model_flops_per_step"] / step_s / 1e12 / _PEAK.value
       record["mfu"] = mfu
       print(f"mfu               {mfu:.3f}  (3 x forward FLOPs x {b} images)")
-  stats = getattr(device, "memory_stats", lambda: None)()
+  stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
   if stats and "peak_bytes_in_use" in stats:
     record["peak_bytes_in_use"] = int(stats["peak_bytes_in_use"])
+
+
+def main(argv):
+  del argv
+  from common.train import xla_flags
+
+  xla_flags.apply_cpu_defaults()  # what the binaries run with; before the backend exists
+  config = _CONFIG.value
+  method, fns, batch, shape = _build_step(config)
+  state = fns["init"]()
+  compiled, record = _compile_step(config, fns, state, batch, shape)
+  if _COMPILE_ONLY.value:
+    print(f"compile_s         {record['compile_s']:.2f}  (compile only)")
+    _write_json(_JSON_OUT.value, record)
+    return
+
+  state, metrics, times = _time_steps(compiled, state, batch, _REPEATS.value)
+  _print_figures(config, record, shape, times)
+  _add_model_flops(record, config, method, state.params, shape[0])
+  _add_timings(record, metrics, times, shape[0])
   _write_json(_JSON_OUT.value, record)
 
 

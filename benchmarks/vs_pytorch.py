@@ -40,6 +40,7 @@ benchmark); XLA:CPU's default intra-op pool has one thread per core. ``jax@N`` a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -264,57 +265,121 @@ def _table(title, part, variants, workers, results, jax_name):
   return lines
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the driver times, and what the timing brought back (filled in by ``_time_variants``)."""
+
+  variants: list  # (spec, kind, threads, label) per variant, from _parse_variants
+  parts: list  # the parts timed, in the order train, sample, block
+  rounds: int
+  k: int  # train / block steps per variant per round
+  workers: dict  # spec -> Worker (closed once timed; its errors stay)
+  setup: dict = dataclasses.field(default_factory=dict)  # spec -> the worker's setup answers
+  times: dict = dataclasses.field(default_factory=dict)  # spec -> part -> step times (s)
+  run_s: float = float("nan")  # wall time of the timed rounds
+  load_before: tuple = ()  # os.getloadavg() before and after the timed rounds
+  load_after: tuple = ()
+
+  @property
+  def jax_name(self) -> str | None:
+    return next((s for s, kind, *_ in self.variants if kind == "jax"), None)
+
+  @property
+  def jax_setup(self) -> dict:
+    return self.setup.get(self.jax_name, {}) if self.jax_name else {}
+
+
+def _time_variants(run: _Run) -> None:
+  """Sets every variant up, then times them in interleaved rounds; closes the workers."""
+  run.setup = {spec: {} for spec, *_ in run.variants}
+  try:
+    # One setup at a time: compiles do not fight over the cores, and their times are clean.
+    # Sampling reuses the train setup's model (its EMA weights), so it is set up too.
+    parts = run.parts
+    setup_parts = ["train"] + parts[1:] if "sample" in parts else parts
+    for spec, *_ in run.variants:
+      for part in setup_parts:
+        run.setup[spec].update(run.workers[spec].call(_TIMEOUT.value, "setup", part) or {})
+    run.load_before = os.getloadavg()
+    run.times = {spec: {p: [] for p in parts} for spec, *_ in run.variants}
+    order = [spec for spec, *_ in run.variants]
+    t_run = time.perf_counter()
+    for r in range(run.rounds):
+      turn = order[r % len(order) :] + order[: r % len(order)]
+      for part in parts:
+        for spec in turn:
+          got = run.workers[spec].call(_TIMEOUT.value, "run", part, k=run.k)
+          if got is not None:
+            run.times[spec][part] += got
+    run.run_s = time.perf_counter() - t_run
+    run.load_after = os.getloadavg()
+  finally:
+    for w in run.workers.values():
+      w.close()
+
+
 def _driver_main(argv_flags) -> None:
-  config, mc = _CONFIG.value, _MOBILE.value
+  """Times the variants (``_time_variants``), then prints the setup, one table per part and the
+  headline, and last the JSON summary."""
   rounds, k = (1, 2) if _QUICK.value else (_ROUNDS.value, _STEPS.value)
   parts = [p for p in ("train", "sample", "block") if p in _PARTS.value]
   unknown = set(_PARTS.value) - set(parts)
   if unknown:
     raise app.UsageError(f"--parts: unknown {sorted(unknown)}; allowed: train, sample, block")
   variants = _parse_variants(_VARIANTS.value, _THREADS.value)
-  sample_batch = _SAMPLE_BATCH.value or config.batch_size
   peak, peak_how = (_PEAK.value, "given") if _PEAK.value > 0 else _estimate_peak()
-  jax_name = next((s for s, kind, *_ in variants if kind == "jax"), None)
 
   workers = {spec: Worker(spec, kind, n, argv_flags) for spec, kind, n, _ in variants}
-  setup = {spec: {} for spec, *_ in variants}
-  try:
-    # One setup at a time: compiles do not fight over the cores, and their times are clean.
-    # Sampling reuses the train setup's model (its EMA weights), so it is set up too.
-    setup_parts = ["train"] + parts[1:] if "sample" in parts else parts
-    for spec, *_ in variants:
-      for part in setup_parts:
-        setup[spec].update(workers[spec].call(_TIMEOUT.value, "setup", part) or {})
-    load_before = os.getloadavg()
-    times = {spec: {p: [] for p in parts} for spec, *_ in variants}
-    order = [spec for spec, *_ in variants]
-    t_run = time.perf_counter()
-    for r in range(rounds):
-      turn = order[r % len(order) :] + order[: r % len(order)]
-      for part in parts:
-        for spec in turn:
-          got = workers[spec].call(_TIMEOUT.value, "run", part, k=k)
-          if got is not None:
-            times[spec][part] += got
-    run_s = time.perf_counter() - t_run
-    load_after = os.getloadavg()
-  finally:
-    for w in workers.values():
-      w.close()
+  run = _Run(variants=variants, parts=parts, rounds=rounds, k=k, workers=workers)
+  _time_variants(run)
 
-  jax_setup = setup.get(jax_name, {}) if jax_name else {}
-  flops = {p: jax_setup.get(f"{p}_flops", float("nan")) for p in parts}
+  flops = {p: run.jax_setup.get(f"{p}_flops", float("nan")) for p in parts}
   results = {}
   for spec, *_ in variants:
     results[spec] = {
-      p: _stats(times[spec][p], flops[p], peak)
+      p: _stats(run.times[spec][p], flops[p], peak)
       for p in parts
-      if times[spec][p] and not workers[spec].error(p)
+      if run.times[spec][p] and not workers[spec].error(p)
     }
 
-  # --- the report --------------------------------------------------------------------------
+  _print_header(run, argv_flags, peak, peak_how)
+  _print_tables(run, argv_flags, flops, results)
+  best, ratio = _headline(run, results)
+  summary = {
+    "config": _config_name(argv_flags),
+    "batch": _CONFIG.value.batch_size,
+    "dtype": _CONFIG.value.model.dtype,
+    "jax_device": run.jax_setup.get("device"),
+    "torch_device": _TORCH_DEVICE.value,
+    "rounds": rounds,
+    "steps_per_round": k,
+    "params": {s: run.setup.get(s, {}).get("params") for s, *_ in variants},
+    "block_params": {s: run.setup.get(s, {}).get("block_params") for s, *_ in variants},
+    "threads": {s: n for s, _, n, _ in variants},
+    "xla_flags": run.jax_setup.get("xla_flags"),
+    "omp_wait_policy": _OMP_WAIT.value,
+    "peak_gflops": peak,
+    "flops": flops,
+    "load_before": list(run.load_before),
+    "load_after": list(run.load_after),
+    "setup_s": {
+      s: {key: v for key, v in run.setup.get(s, {}).items() if key.endswith("_setup_s")}
+      for s, *_ in variants
+    },
+    "results": results,
+    "errors": {s: w.errors for s, w in workers.items() if w.errors},
+    "best_torch": best,
+    "ratio_jax_over_best_torch": ratio,
+  }
+  print(json.dumps(summary, default=_json_default))
+
+
+def _print_header(run: _Run, argv_flags, peak, peak_how) -> None:
+  """The lines above the tables: config, device and peak, versions and threads, setup times,
+  rounds and the load average."""
+  config, parts, setup, jax_setup = _CONFIG.value, run.parts, run.setup, run.jax_setup
   info = vs_workers.data_info(config)
-  torch_setup = next((setup[s] for s, kind, *_ in variants if kind != "jax" and setup[s]), {})
+  torch_setup = next((setup[s] for s, kind, *_ in run.variants if kind != "jax" and setup[s]), {})
   r = info.resolution
   print(
     f"vs_pytorch: {_config_name(argv_flags)}  batch {config.batch_size}  {r}x{r}x{info.channels}"
@@ -332,15 +397,23 @@ def _driver_main(argv_flags) -> None:
     "setup s (build + compile + warm-up, excluded): "
     + "; ".join(
       f"{label} " + " ".join(f"{p} {_fmt(setup[s].get(f'{p}_setup_s'))}" for p in parts)
-      for s, _, _, label in variants
+      for s, _, _, label in run.variants
     )
   )
   print(
-    f"rounds {rounds} x {k} steps{' (sampling: 1 run per round)' if 'sample' in parts else ''},"
-    f" interleaved, {run_s:.0f} s;"
-    f" load average (1/5/15 min) before {_load(load_before)}, after {_load(load_after)}"
+    f"rounds {run.rounds} x {run.k} steps"
+    f"{' (sampling: 1 run per round)' if 'sample' in parts else ''},"
+    f" interleaved, {run.run_s:.0f} s;"
+    f" load average (1/5/15 min) before {_load(run.load_before)},"
+    f" after {_load(run.load_after)}"
   )
   print()
+
+
+def _print_tables(run: _Run, argv_flags, flops, results) -> None:
+  """One table per part timed (``_table``), each under a title that says what one step does."""
+  config, mc, jax_setup = _CONFIG.value, _MOBILE.value, run.jax_setup
+  sample_batch = _SAMPLE_BATCH.value or config.batch_size
   titles = {
     "train": f"train step (batch {config.batch_size}, loss + backward + clip + Adam + EMA),"
     f" XLA FLOPs/step {_fmt(flops.get('train'), '.3g')}",
@@ -351,48 +424,26 @@ def _driver_main(argv_flags) -> None:
     f" params {_fmt(jax_setup.get('block_params'), ',')}), XLA FLOPs"
     f" {_fmt(flops.get('block'), '.3g')}",
   }
-  for part in parts:
-    for line in _table(titles[part], part, variants, workers, results, jax_name):
+  for part in run.parts:
+    for line in _table(titles[part], part, run.variants, run.workers, results, run.jax_name):
       print(line)
     print()
 
+
+def _headline(run: _Run, results) -> tuple[str | None, float | None]:
+  """The fastest PyTorch variant's train step and JAX's median over it (printed when known)."""
   torch_train = {
     s: results[s]["train"]["median_ms"]
-    for s, kind, *_ in variants
+    for s, kind, *_ in run.variants
     if kind != "jax" and "train" in results.get(s, {})
   }
   best = min(torch_train, key=torch_train.get) if torch_train else None
   ratio = None
+  jax_name = run.jax_name
   if best and jax_name in results and "train" in results[jax_name]:
     ratio = results[jax_name]["train"]["median_ms"] / torch_train[best]
     print(f"headline: JAX train step / best PyTorch ({best}) = {ratio:.2f}  (> 1: JAX is slower)")
-  summary = {
-    "config": _config_name(argv_flags),
-    "batch": config.batch_size,
-    "dtype": config.model.dtype,
-    "jax_device": jax_setup.get("device"),
-    "torch_device": _TORCH_DEVICE.value,
-    "rounds": rounds,
-    "steps_per_round": k,
-    "params": {s: setup.get(s, {}).get("params") for s, *_ in variants},
-    "block_params": {s: setup.get(s, {}).get("block_params") for s, *_ in variants},
-    "threads": {s: n for s, _, n, _ in variants},
-    "xla_flags": jax_setup.get("xla_flags"),
-    "omp_wait_policy": _OMP_WAIT.value,
-    "peak_gflops": peak,
-    "flops": flops,
-    "load_before": list(load_before),
-    "load_after": list(load_after),
-    "setup_s": {
-      s: {key: v for key, v in setup.get(s, {}).items() if key.endswith("_setup_s")}
-      for s, *_ in variants
-    },
-    "results": results,
-    "errors": {s: w.errors for s, w in workers.items() if w.errors},
-    "best_torch": best,
-    "ratio_jax_over_best_torch": ratio,
-  }
-  print(json.dumps(summary, default=_json_default))
+  return best, ratio
 
 
 def _json_default(v):
