@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.models import unet_args
+from common.models import registry, unet_args
 
 _GN_EPS = 1e-5  # IDDPM's GroupNorm32, as common/models/unet.py
 
@@ -291,23 +291,7 @@ def unet_from_config(config, *, in_channels: int, num_classes: int) -> UNet:
   m = config.model
   if m.name != "unet":
     raise ValueError(f"torch_unet: config.model.name must be 'unet', got {m.name!r}")
-  return UNet(
-    image_size=config.data.resolution,
-    in_channels=in_channels,
-    out_channels=in_channels * (2 if config.diffusion.loss == "hybrid" else 1),
-    channels=tuple(m.channels),
-    num_res_blocks=m.num_res_blocks,
-    attention_resolutions=tuple(m.attention_resolutions),
-    num_heads=m.num_heads,
-    num_head_channels=m.num_head_channels,
-    dropout=m.dropout,
-    num_classes=num_classes if m.class_conditional else 0,
-    use_scale_shift_norm=m.use_scale_shift_norm,
-    resblock_updown=m.resblock_updown,
-    norm_group_size=m.get("norm_group_size", 0),
-    time_embed_channels=m.get("time_embed_channels", 0),
-    base_channels=tuple(m.get("base_channels", ())) or None,
-  )
+  return UNet(**registry.unet_arguments(config, in_channels=in_channels, num_classes=num_classes))
 
 
 def count_params(module: nn.Module) -> int:

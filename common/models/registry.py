@@ -89,16 +89,16 @@ def count_params(model_or_state) -> int:
   return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
-@register("unet")
-def _build_unet(
-  config: ml_collections.ConfigDict, *, in_channels: int, num_classes: int, rngs: nnx.Rngs
-) -> UNet:
+def unet_arguments(
+  config: ml_collections.ConfigDict, *, in_channels: int, num_classes: int
+) -> dict:
+  """The U-Net's architecture arguments for ``config`` (no dtype, no rngs): what the "unet"
+  builder passes, and what another framework's copy of the network reads
+  (``benchmarks/torch_unet.py``)."""
   m = config.model
-  if m.dtype not in _DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
   # Learned-variance (hybrid) training needs the interpolation coefficients as extra channels.
   out_channels = in_channels * (2 if config.diffusion.loss == "hybrid" else 1)
-  return UNet(
+  return dict(
     image_size=config.data.resolution,
     in_channels=in_channels,
     out_channels=out_channels,
@@ -117,6 +117,15 @@ def _build_unet(
     norm_group_size=m.get("norm_group_size", 0),
     time_embed_channels=m.get("time_embed_channels", 0),
     base_channels=tuple(m.get("base_channels", ())) or None,
-    dtype=_DTYPES[m.dtype],
-    rngs=rngs,
   )
+
+
+@register("unet")
+def _build_unet(
+  config: ml_collections.ConfigDict, *, in_channels: int, num_classes: int, rngs: nnx.Rngs
+) -> UNet:
+  m = config.model
+  if m.dtype not in _DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
+  arguments = unet_arguments(config, in_channels=in_channels, num_classes=num_classes)
+  return UNet(**arguments, dtype=_DTYPES[m.dtype], rngs=rngs)
