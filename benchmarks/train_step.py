@@ -202,8 +202,9 @@ def main(argv):
   del argv
   from common.train import xla_flags
 
-  xla_flags.apply_cpu_defaults()  # what the binaries run with; before the backend exists
   config = _CONFIG.value
+  # What the binaries run this model with; before the backend exists.
+  xla_flags.apply_cpu_defaults(config.model.name)
   method, fns, batch, shape = _build_step(config)
   state = fns["init"]()
   compiled, record = _compile_step(config, fns, state, batch, shape)

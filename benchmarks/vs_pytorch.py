@@ -126,7 +126,8 @@ class Worker:
     if kind == "jax":
       from common.train import xla_flags
 
-      xla_flags.apply_cpu_defaults(env)  # the binaries' XLA:CPU defaults (what users run)
+      # The U-Net binaries' XLA:CPU defaults (what users run); TFDiff's binaries run without.
+      xla_flags.apply_cpu_defaults("unet", env)
     if kind != "jax":
       for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)

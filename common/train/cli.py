@@ -17,9 +17,8 @@ def start_binary(*, persistent_compile_cache: bool = False) -> None:
   """Silences library chatter; records where the time goes when ``$SEGDIFF_TIMING_FILE`` asks
   (``common.train.timing``); with ``persistent_compile_cache`` compiled programs are kept under
   ``cache_root()/jax``, so a campaign's next seed or a restarted run compiles nothing twice."""
-  from common.train import timing, xla_flags
+  from common.train import timing
 
-  xla_flags.apply_cpu_defaults()  # a no-op when parse_flags_or_exit did it already
   logger.quiet_library_logs()
   timing.record_if_asked()
   if persistent_compile_cache:
@@ -84,12 +83,13 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 
   from common.train import xla_flags
 
-  # First thing, before a multi-process launch's initialization creates the CPU backend.
-  xla_flags.apply_cpu_defaults()
   try:
     rest = flags.FLAGS(argv)
     if "config" in flags.FLAGS and flags.FLAGS["config"].present:
-      flags.FLAGS["config"].value.keys()  # a config file that failed to load raises only here
+      config = flags.FLAGS["config"].value
+      config.keys()  # a config file that failed to load raises only here
+      # Before a multi-process launch's initialization creates the CPU backend.
+      xla_flags.apply_cpu_defaults(config.get("model", {}).get("name", ""))
     return rest
   except Exception as e:  # absl's flags.Error, and what a config file raises while loading
     message = _unknown_override(argv[1:])

@@ -7,7 +7,10 @@ XLA:CPU's default convolution path computes a 3x3 convolution's weight gradient 
 its forward speed, and its large matrix products at ~65 GFLOP/s. With dots handed to YNNPACK
 (``--xla_cpu_experimental_ynn_fusion_type=dot``) the same layer takes 73 ms forward and 91 ms for
 the weight gradient, a 128 x 65536 x 128 product 162 GFLOP/s, and the shapes train step 13.3 s ->
-7.6 s (median of 3, load ~3). A flag the user already put in ``XLA_FLAGS`` is left as given;
+7.6 s (median of 3, load ~3), the digits U-Net step 90 -> 63 ms. But the same flag makes
+TFDiff's small dots slower (mobile's digits_config1 step 47-50 -> 117-274 ms, TFDiff's block
+938 -> 1,407 ms), so it is set for the models it was measured to help, ``U_NET_MODELS``, named by
+``config.model.name``. A flag the user already put in ``XLA_FLAGS`` is left as given;
 ``SEGDIFF_XLA_DEFAULTS=0`` turns the defaults off. The flags concern the CPU backend only (GPUs
 and TPUs ignore them); a jaxlib older than the one they were measured with may not know them
 (XLA aborts on an unknown flag), so they are only added from that version on.
@@ -20,6 +23,7 @@ import os
 import re
 
 CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
+U_NET_MODELS = ("unet",)
 MIN_JAXLIB = (0, 10, 2)
 OPT_OUT = "SEGDIFF_XLA_DEFAULTS"
 
@@ -32,10 +36,13 @@ def _jaxlib_version() -> tuple[int, ...]:
   return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
-def apply_cpu_defaults(env: dict | None = None) -> list[str]:
-  """Adds to ``env["XLA_FLAGS"]`` (default ``os.environ``) each of ``CPU_DEFAULTS`` it does not
-  set yet; returns the flags added. Call it before anything creates a JAX backend."""
+def apply_cpu_defaults(model_name: str, env: dict | None = None) -> list[str]:
+  """For a run of ``config.model.name == model_name``: adds to ``env["XLA_FLAGS"]`` (default
+  ``os.environ``) each of ``CPU_DEFAULTS`` it does not set yet, when the model is one of
+  ``U_NET_MODELS``; returns the flags added. Call it before anything creates a JAX backend."""
   env = os.environ if env is None else env
+  if model_name not in U_NET_MODELS:
+    return []
   if env.get(OPT_OUT, "1") == "0" or _jaxlib_version() < MIN_JAXLIB:
     return []
   given = env.get("XLA_FLAGS", "")
