@@ -12,8 +12,9 @@ TFDiff's small dots slower (mobile's digits_config1 step 47-50 -> 117-274 ms, TF
 938 -> 1,407 ms), so it is set for the models it was measured to help, ``U_NET_MODELS``, named by
 ``config.model.name``. A flag the user already put in ``XLA_FLAGS`` is left as given;
 ``SEGDIFF_XLA_DEFAULTS=0`` turns the defaults off. The flags concern the CPU backend only (GPUs
-and TPUs ignore them); a jaxlib older than the one they were measured with may not know them
-(XLA aborts on an unknown flag), so they are only added from that version on.
+and TPUs ignore them), but XLA aborts on a flag it does not know and experimental flags come and
+go: they are only added for the jaxlib line they were measured with (``JAXLIB_RANGE``, 0.10.x);
+re-measure with ``benchmarks/conv_cpu.py`` before widening it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 
 CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
 U_NET_MODELS = ("unet",)
-MIN_JAXLIB = (0, 10, 2)
+JAXLIB_RANGE = ((0, 10, 2), (0, 11, 0))  # [first, past the last)
 OPT_OUT = "SEGDIFF_XLA_DEFAULTS"
 
 
@@ -43,7 +44,8 @@ def apply_cpu_defaults(model_name: str, env: dict | None = None) -> list[str]:
   env = os.environ if env is None else env
   if model_name not in U_NET_MODELS:
     return []
-  if env.get(OPT_OUT, "1") == "0" or _jaxlib_version() < MIN_JAXLIB:
+  first, past = JAXLIB_RANGE
+  if env.get(OPT_OUT, "1") == "0" or not first <= _jaxlib_version() < past:
     return []
   given = env.get("XLA_FLAGS", "")
   added = [f"--{k}={v}" for k, v in CPU_DEFAULTS.items() if f"--{k}=" not in given]
