@@ -13,12 +13,9 @@ COMPILE_FAST = (
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {COMPILE_FAST}"
 ).strip()
-# The U-Net binaries' XLA:CPU defaults (common/train/xla_flags.py), in this process as in the
-# binaries the tests launch (all of them: the tests check results, the defaults' choice of model
-# is a matter of speed).
-from common.train import xla_flags  # noqa: E402
-
-xla_flags.apply_cpu_defaults("unet")
+# The binaries the tests launch add their own XLA:CPU defaults (common/train/xla_flags.py, for
+# U-Net configs); this process keeps XLA's: its tests compare against fixed figures measured
+# without them (a per-class FID of six samples moved past its tolerance with them).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 # Many tests compile the same small programs (a train step, a sampler); a persistent cache shared

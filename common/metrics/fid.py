@@ -80,19 +80,26 @@ def frechet_distance(mu1: Any, sigma1: Any, mu2: Any, sigma2: Any, eps: float = 
   diff = mu1 - mu2
   # The product of two PSD matrices is not symmetric, so a general (Schur) sqrtm is needed.
   covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-  if not np.all(np.isfinite(covmean)):
-    # Singular products (rank-deficient sigmas) have no well-defined root; a tiny ridge on
-    # both covariances makes it well-defined while changing the score negligibly.
+  if not np.all(np.isfinite(covmean)) or _large_imaginary(covmean):
+    # Singular products (rank-deficient sigmas: fewer samples than dimensions, as in a per-class
+    # group of a few images) have no well-defined root, which shows as non-finite values or a
+    # non-negligible imaginary part; a tiny ridge on both covariances makes it well-defined while
+    # changing the score negligibly.
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     # Rounding gives tiny imaginary parts even for valid inputs; large ones mean a real error.
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+    if _large_imaginary(covmean):
       max_imag = np.max(np.abs(covmean.imag))
       raise ValueError(f"frechet_distance: sqrtm has imaginary component {max_imag:.3g}")
     covmean = covmean.real
 
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _large_imaginary(covmean: np.ndarray) -> bool:
+  """An imaginary part on the diagonal beyond rounding (pytorch-fid's 1e-3)."""
+  return np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
 
 
 class StatsAccumulator:
