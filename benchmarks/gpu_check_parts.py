@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 
+import cpu_peak
 from gpu_check_budget import Background, Check, finite, last_json, run, skipped
 
 PY = sys.executable
@@ -208,19 +209,12 @@ def card_peak(check: Check, env_info: dict, given: float) -> tuple[float, str]:
 
 
 def _cpu_peak_tflops() -> tuple[float, str]:
-  """float32 FMA peak of this machine's cores from /proc/cpuinfo (as vs_pytorch.py estimates)."""
-  try:
-    text = open("/proc/cpuinfo").read()
-    mhz = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", text).group(1))
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
-  except (OSError, AttributeError):
+  """float32 FMA peak of this machine's cores (``cpu_peak``), in TFLOP/s; a nominal 0.1 when
+  /proc/cpuinfo cannot be read, so the CPU mode's figures stay finite."""
+  gflops, how = cpu_peak.estimate_peak_gflops()
+  if gflops != gflops:
     return 0.1, "CPU: no /proc/cpuinfo, nominal 0.1 TFLOP/s"
-  per_cycle = 64 if "avx512f" in flags else 32
-  cores = len(os.sched_getaffinity(0))
-  return (
-    cores * mhz * 1e-6 * per_cycle,
-    f"CPU estimate: {cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle (float32)",
-  )
+  return gflops / 1e3, f"CPU float32 peak, {how}"
 
 
 def part_hybrid(check: Check, variants, budget: float) -> dict:

@@ -56,6 +56,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import cpu_peak  # noqa: E402
 import numpy as np  # noqa: E402
 import vs_pytorch_workers as vs_workers  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -209,23 +210,6 @@ def _parse_variants(specs, default_threads):
   return out
 
 
-def _estimate_peak() -> tuple[float, str]:
-  """float32 peak GFLOP/s of this machine's cores from /proc/cpuinfo, and how it was estimated."""
-  try:
-    text = open("/proc/cpuinfo").read()
-    mhz = float(re.search(r"cpu MHz\s*:\s*([\d.]+)", text).group(1))
-    cpu_flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split())
-  except (OSError, AttributeError):
-    return float("nan"), "unknown (no /proc/cpuinfo)"
-  cores = len(os.sched_getaffinity(0))
-  # Two FMA units of 16 (AVX-512) or 8 (AVX2) float32 lanes, 2 FLOPs per FMA.
-  per_cycle, isa = (64, "avx512f") if "avx512f" in cpu_flags else (32, "avx2+fma")
-  if isa == "avx2+fma" and not {"avx2", "fma"} <= cpu_flags:
-    per_cycle, isa = 8, "sse"
-  peak = cores * mhz / 1e3 * per_cycle
-  return peak, f"estimated: {cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
-
-
 def _stats(times_s, flops, peak):
   ms = [t * 1e3 for t in times_s]
   med = statistics.median(ms)
@@ -328,7 +312,7 @@ def _driver_main(argv_flags) -> None:
   if unknown:
     raise app.UsageError(f"--parts: unknown {sorted(unknown)}; allowed: train, sample, block")
   variants = _parse_variants(_VARIANTS.value, _THREADS.value)
-  peak, peak_how = (_PEAK.value, "given") if _PEAK.value > 0 else _estimate_peak()
+  peak, peak_how = (_PEAK.value, "given") if _PEAK.value > 0 else cpu_peak.estimate_peak_gflops()
 
   workers = {spec: Worker(spec, kind, n, argv_flags) for spec, kind, n, _ in variants}
   run = _Run(variants=variants, parts=parts, rounds=rounds, k=k, workers=workers)
