@@ -265,7 +265,18 @@ def _title_section(plan: dict) -> list[str]:
     ]
   elif plan.get("wall_time_s") is not None:
     lines += [f"Total wall time {plan['wall_time_s']:.0f} s.", ""]
+  if plan.get("environment"):
+    lines += [_environment_line(plan["environment"]), ""]
   return lines
+
+
+def _environment_line(env: dict) -> str:
+  """One line: package versions, CPU, XLA flags and load, from ``quickstart.environment``."""
+  packages = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)
+  cpu = f"{env.get('cpu_count')} cores" + (f" of {env['cpu']}" if env.get("cpu") else "")
+  load = f"load {env.get('load_at_start')} at the start, {env.get('load_at_end')} at the end"
+  flags = f"XLA_FLAGS `{env['xla_flags']}`" if env.get("xla_flags") else "no XLA_FLAGS"
+  return f"Ran with Python {env.get('python')}, {packages}; {cpu}; {flags}; {load}."
 
 
 def _headline_section(summary: list[dict[str, Any]]) -> list[str]:

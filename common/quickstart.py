@@ -34,12 +34,28 @@ from typing import Any
 from absl import app, flags
 
 from common import fileio
-from common.train import timing
+from common.train import cli, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STATE_DIR = ".quickstart"  # one record per finished run: its command, status, wall time
 PLAN_FILE = "runs.json"  # what common.compare reads with --plan
 ERROR_TAIL_LINES = 25
+
+
+def compile_cache_dir() -> str:
+  """The persistent compile cache the plan's launches share: ``$SEGDIFF_CACHE/jax`` (the one
+  ``collab.sweep`` and ``adaptive.experiments`` use), else ``~/.cache/segdiff/jax``."""
+  from common.metrics import reference
+
+  return os.path.join(reference.cache_root(), "jax")
+
+
+def _load() -> float | None:
+  """The machine's load, one minute's average (None where the OS has none)."""
+  try:
+    return round(os.getloadavg()[0], 2)
+  except OSError:
+    return None
 
 
 class PlanError(ValueError):
@@ -310,7 +326,7 @@ def run_plan(
     if name not in outcomes:
       outcomes[name] = Outcome(name, "disabled", command(runs[name], workdir), "")
   total = time.perf_counter() - session.t_start
-  report = _compare(config, workdir, outcomes, total, echo, shown_workdir)
+  report = _compare(config, workdir, outcomes, total, echo, shown_workdir, session.load_at_start)
   ok = report is not None and all(
     o.status in ("ok", "skipped", "disabled") for o in outcomes.values()
   )
@@ -333,6 +349,7 @@ class _Session:
   outcomes: dict[str, Outcome] = dataclasses.field(default_factory=dict)
   remade: set[str] = dataclasses.field(default_factory=set)  # entries run (not skipped) here
   t_start: float = dataclasses.field(default_factory=time.perf_counter)
+  load_at_start: float | None = dataclasses.field(default_factory=_load)
 
   def elapsed(self) -> str:
     return fmt_seconds(time.perf_counter() - self.t_start)
@@ -372,10 +389,11 @@ class _Session:
     timing_path = os.path.join(workdir, "logs", f"{name}.timing.json")
     if os.path.exists(timing_path):
       os.remove(timing_path)
+    env = {timing.ENV: os.path.abspath(timing_path)}
+    if self.config.compile_cache:
+      env[cli.COMPILE_CACHE_ENV] = compile_cache_dir()
     t0 = time.perf_counter()
-    rc, tail = _launch(
-      argv, log, self._progress_lines(name, t0), {timing.ENV: os.path.abspath(timing_path)}
-    )
+    rc, tail = _launch(argv, log, self._progress_lines(name, t0), env)
     seconds = time.perf_counter() - t0
     self.remade.add(name)
     self.eta.finish(name, seconds, ran=True)
@@ -448,12 +466,50 @@ def _cost(name: str, runs, outcomes: dict[str, Outcome]) -> float | None:
   return total
 
 
+ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
+
+
+def environment(load_at_start: float | None = None) -> dict:
+  """What the figures of a report depend on besides the code: package versions, the CPU, XLA's
+  flags and the machine's load (one minute's average, at the start and at the end), so that two
+  reports can be told apart when a figure moves without a code change."""
+  from importlib import metadata
+
+  versions = {}
+  for name in ENVIRONMENT_PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      versions[name] = None
+  cpu = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+  except OSError:
+    pass
+  return {
+    "python": sys.version.split()[0],
+    "packages": versions,
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "load_at_start": load_at_start,
+    "load_at_end": _load(),
+  }
+
+
 def plan_report(
-  config, workdir: str, outcomes: dict[str, Outcome], total: float, shown_workdir: str = ""
+  config,
+  workdir: str,
+  outcomes: dict[str, Outcome],
+  total: float,
+  shown_workdir: str = "",
+  load_at_start: float | None = None,
 ) -> dict:
   """What ``common.compare --plan`` reads: rows, their sections, labels, baselines, failures.
 
-  ``shown_workdir``: the workdir as the user typed it, for the command line in the report.
+  ``shown_workdir``: the workdir as the user typed it, for the command line in the report;
+  ``load_at_start``: the machine's load when the invocation started (``environment``).
   """
   runs = config.runs
   rows = {}
@@ -501,14 +557,15 @@ def plan_report(
     "wall_time_s": total,
     # Every run's own wall time, those of earlier invocations included: what the whole plan cost.
     "runs_wall_time_s": sum(e["wall_time_s"] or 0.0 for e in entries),
+    "environment": environment(load_at_start),
     "runs": rows,
     "entries": entries,
     "failures": failures,
   }
 
 
-def _compare(config, workdir, outcomes, total, echo, shown_workdir) -> str | None:
-  plan = plan_report(config, workdir, outcomes, total, shown_workdir)
+def _compare(config, workdir, outcomes, total, echo, shown_workdir, load_at_start) -> str | None:
+  plan = plan_report(config, workdir, outcomes, total, shown_workdir, load_at_start)
   fileio.write_json(os.path.join(workdir, PLAN_FILE), plan)
   specs = [f"{n}={r['workdir']}" for n, r in plan["runs"].items() if r["status"] == "ok"]
   argv = [

@@ -39,6 +39,11 @@ Switches (``--config.<switch>=false``):
 * ``hybrid_measured_profile`` (True): ``hybrid.train`` + ``hybrid.profile`` give the scheduler a
   profile measured from this run's own models (``hybrid``); False: the scheduler on the paper's
   profile (``hybrid_paper``), a plan without the model half's cost.
+
+Not a switch of the plan but of how it runs: ``compile_cache`` (True) makes every launch keep its
+compiled programs in one persistent JAX cache, ``$SEGDIFF_CACHE/jax`` (``SEGDIFF_COMPILE_CACHE``
+for the binaries), so a program that two launches share, or that a relaunch after a failure
+repeats, is compiled once; False: every launch compiles all its programs.
 """
 
 from __future__ import annotations
@@ -466,6 +471,7 @@ def plan(preset: str, fragments=FRAGMENTS) -> ml_collections.ConfigDict:
   c.preset = preset
   c.title = "Quickstart: every method on the embedded data"
   c.hybrid_measured_profile = True
+  c.compile_cache = True
   c.runs = ml_collections.ConfigDict()
   order = []
   for fragment in fragments:

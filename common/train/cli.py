@@ -12,21 +12,28 @@ from typing import Any
 from common.train import logger
 from common.train.validate import ConfigError
 
+COMPILE_CACHE_ENV = "SEGDIFF_COMPILE_CACHE"
+
 
 def start_binary(*, persistent_compile_cache: bool = False) -> None:
   """Silences library chatter; records where the time goes when ``$SEGDIFF_TIMING_FILE`` asks
-  (``common.train.timing``); with ``persistent_compile_cache`` compiled programs are kept under
-  ``cache_root()/jax``, so a campaign's next seed or a restarted run compiles nothing twice."""
+  (``common.train.timing``); keeps compiled programs in JAX's persistent cache, so a campaign's
+  next seed or a restarted run compiles nothing twice: in ``$SEGDIFF_COMPILE_CACHE`` when that is
+  set (the main job sets it for every launch), else under ``cache_root()/jax`` with
+  ``persistent_compile_cache``."""
   from common.train import timing
 
   logger.quiet_library_logs()
   timing.record_if_asked()
-  if persistent_compile_cache:
-    import jax
-
+  cache_dir = os.environ.get(COMPILE_CACHE_ENV)
+  if not cache_dir and persistent_compile_cache:
     from common.metrics import reference
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(reference.cache_root(), "jax"))
+    cache_dir = os.path.join(reference.cache_root(), "jax")
+  if cache_dir:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
 
 
 def run_or_exit(run: Callable[..., Any], *args, **kwargs) -> Any:

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from common import compare, headline, quickstart
@@ -118,6 +119,10 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
     plan = json.load(f)
   # A row's wall time includes what it needs: the TDC eval row includes adaptive.train.
   assert plan["runs"]["adaptive_tdc"]["wall_time_s"] > out["train_adaptive"].wall_time_s
+  # What the figures depend on besides the code, in the plan and as one line of the report.
+  env = plan["environment"]
+  assert env["packages"]["jax"] == jax.__version__ and env["cpu_count"] == os.cpu_count()
+  assert f"Ran with Python {env['python']}, jax {jax.__version__}, jaxlib" in md
 
   # Re-run after losing one output: finished runs are skipped (their logs see no new launch),
   # the run without its output is launched again and the failing one is tried again.

@@ -1,0 +1,50 @@
+"""The binaries' persistent compile cache (``$SEGDIFF_COMPILE_CACHE``, set by the main job) and the
+timing record that counts its hits."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.common.test_train import xla_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# What a binary does first (common.train.cli.start_binary), then one jitted program.
+PROGRAM = """
+from common.train import cli
+cli.start_binary()
+import jax, jax.numpy as jnp
+print(float(jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)(jnp.ones((16, 16))).sum()))
+"""
+
+
+def _run(tmp_path, name, cache_dir):
+  timing_file = tmp_path / f"{name}.json"
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), SEGDIFF_TIMING_FILE=str(timing_file))
+  for var in ("SEGDIFF_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR"):  # the tests' own cache
+    env.pop(var, None)
+  if cache_dir is not None:
+    env["SEGDIFF_COMPILE_CACHE"] = str(cache_dir)
+    # The tests' programs compile in milliseconds; JAX keeps only those over 1 s by default.
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  out = subprocess.run(
+    [sys.executable, "-c", PROGRAM], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  return float(out.stdout.strip().splitlines()[-1]), json.loads(timing_file.read_text())
+
+
+def test_a_second_launch_reads_its_program_from_the_shared_cache(tmp_path):
+  cache = tmp_path / "jax_cache"
+  first_value, first = _run(tmp_path, "first", cache)
+  assert first["programs"] >= 1 and first["cache_hits"] == 0
+  assert any(cache.iterdir()), "nothing was written to $SEGDIFF_COMPILE_CACHE"
+  second_value, second = _run(tmp_path, "second", cache)
+  assert second["cache_hits"] >= 1, second
+  assert second_value == first_value
+
+
+def test_without_the_variable_nothing_is_cached(tmp_path):
+  _, spent = _run(tmp_path, "plain", None)
+  assert spent["programs"] >= 1 and spent["cache_hits"] == 0
