@@ -301,3 +301,42 @@ def test_conditional_hybrid_loss_run_on_shapes(tmp_path):
   # Learned sigma doubles the output channels of the last conv.
   assert state.params["out_conv"]["kernel"].shape[-1] == 2 * 3
   assert os.path.exists(os.path.join(workdir, "samples", "step_0000002.png"))
+
+
+def _tiny_of(method_name):
+  from tests.adaptive.test_tdc import tiny as adaptive_tiny
+  from tests.collab.test_collab import tiny as collab_tiny
+  from tests.hybrid.test_hybrid_models import _tiny as hybrid_tiny
+  from tests.mobile.test_method import tiny_config as mobile_tiny
+
+  return {
+    "ddpm": tiny_config,
+    "collab": collab_tiny,
+    "hybrid": hybrid_tiny,
+    "adaptive": adaptive_tiny,
+    "mobile": mobile_tiny,
+  }[method_name]()
+
+
+@pytest.mark.parametrize("method_name", ["ddpm", "collab", "hybrid", "adaptive", "mobile"])
+def test_init_compiled_for_one_run_gives_the_same_bits(method_name):
+  """The state's init is compiled with LLVM -O1 on the CPU (loop.RUN_ONCE_CPU_OPTIONS: 2-4x
+  faster to compile); its numbers are those of XLA's production default, -O2 with the fusion
+  emitters (this process's own flags are the tests' faster ones, so both are set explicitly)."""
+  config = _tiny_of(method_name)
+  mesh, method = loop.setup(config, devices=jax.devices()[:1])
+  fns = loop.build(config, method, mesh)
+  production = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
+  run_once = {**production, **loop.run_once_options(mesh)}
+  assert run_once["xla_backend_optimization_level"] == 1
+  tx, _ = method.make_optimizer()
+  init_fn = loop.make_init_fn(method, tx, config.seed)
+  shardings = fns["state_shardings"]
+  states = [
+    jax.jit(init_fn, out_shardings=shardings, compiler_options=options)()
+    for options in (production, run_once)
+  ]
+  leaves = [jax.tree.leaves(s) for s in states]
+  assert len(leaves[0]) == len(leaves[1]) > 3
+  for a, b in zip(*leaves, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
