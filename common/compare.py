@@ -271,7 +271,7 @@ def _title_section(plan: dict) -> list[str]:
 
 
 def _environment_line(env: dict) -> str:
-  """One line: package versions, CPU, XLA flags and load, from ``quickstart.environment``."""
+  """One line: package versions, CPU, XLA flags and load, from ``plan_report.environment``."""
   packages = ", ".join(f"{k} {v}" for k, v in env.get("packages", {}).items() if v)
   cpu = f"{env.get('cpu_count')} cores" + (f" of {env['cpu']}" if env.get("cpu") else "")
   load = f"load {env.get('load_at_start')} at the start, {env.get('load_at_end')} at the end"

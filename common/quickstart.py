@@ -15,17 +15,22 @@ generative workdir, then ``common.compare`` over every result into ``<workdir>/r
   A run whose inputs were re-made in this invocation runs again.
 * Failures: a failing run's error tail goes in the report, the runs that need it are marked
   blocked, the others go on, and the command exits 1 at the end.
+* Runs at a time: ``max_parallel`` (1: one after the other); with more, the next run to start is
+  the first in plan order whose needs have ended, and every run's wall time is measured while it
+  shares the machine. Every launch keeps its compiled programs in one persistent cache
+  (``compile_cache``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +39,7 @@ from typing import Any
 from absl import app, flags
 
 from common import fileio
+from common.plan_report import compile_seconds, display, load_average, plan_report
 from common.train import cli, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,14 +54,6 @@ def compile_cache_dir() -> str:
   from common.metrics import reference
 
   return os.path.join(reference.cache_root(), "jax")
-
-
-def _load() -> float | None:
-  """The machine's load, one minute's average (None where the OS has none)."""
-  try:
-    return round(os.getloadavg()[0], 2)
-  except OSError:
-    return None
 
 
 class PlanError(ValueError):
@@ -154,11 +152,6 @@ def command(entry, workdir: str) -> list[str]:
   return argv
 
 
-def display(argv: list[str]) -> str:
-  """The command as a shell line, with ``python`` for the interpreter."""
-  return shlex.join(["python", *argv[1:]])
-
-
 def _record_path(workdir: str, name: str) -> str:
   return os.path.join(workdir, STATE_DIR, f"{name}.json")
 
@@ -198,13 +191,16 @@ def fmt_seconds(seconds: float | None) -> str:
 
 
 class Eta:
-  """The total ETA: the estimates of what is left, rescaled by measured / estimated so far."""
+  """The total ETA: the estimates of what is left, rescaled by measured / estimated so far, over
+  ``parallel`` runs at a time (their measured times include their sharing the machine)."""
 
-  def __init__(self, estimates: dict[str, float]):
+  def __init__(self, estimates: dict[str, float], parallel: int = 1):
     self.estimates = dict(estimates)
     self.pending = list(estimates)
+    self.parallel = max(1, parallel)
     self.measured = 0.0
     self.estimated = 0.0
+    self.lock = threading.Lock()  # runs finish on their launch threads
 
   def scale(self) -> float:
     if self.estimated <= 0:
@@ -212,18 +208,20 @@ class Eta:
     return min(max(self.measured / self.estimated, 0.25), 4.0)
 
   def finish(self, name: str, seconds: float | None, ran: bool) -> None:
-    if name in self.pending:
-      self.pending.remove(name)
-    if ran and seconds is not None:
-      self.measured += seconds
-      self.estimated += self.estimates[name]
+    with self.lock:
+      if name in self.pending:
+        self.pending.remove(name)
+      if ran and seconds is not None:
+        self.measured += seconds
+        self.estimated += self.estimates[name]
 
   def remaining(self, current: str | None = None, current_elapsed: float = 0.0) -> float:
-    k = self.scale()
-    left = sum(self.estimates[n] for n in self.pending if n != current) * k
-    if current is not None:
-      left += max(self.estimates[current] * k - current_elapsed, 0.0)
-    return left
+    with self.lock:
+      k = self.scale()
+      left = sum(self.estimates[n] for n in self.pending if n != current) * k
+      if current is not None:
+        left += max(self.estimates[current] * k - current_elapsed, 0.0)
+    return left / self.parallel
 
 
 _ABSL_PREFIX = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ (?:\S+:\d+)\] ")
@@ -252,6 +250,8 @@ def _launch(
       bufsize=1,
       errors="replace",
     )
+    with _LIVE_LOCK:
+      _LIVE.add(proc)
     try:
       assert proc.stdout is not None
       for line in proc.stdout:
@@ -265,7 +265,25 @@ def _launch(
       proc.terminate()  # Ctrl-C or a kill of the quickstart: leave no orphan behind
       proc.wait()
       raise
+    finally:
+      with _LIVE_LOCK:
+        _LIVE.discard(proc)
   return rc, list(tail)
+
+
+# The launched processes still running: a Ctrl-C reaches the main thread only, which stops them
+# (the threads that read their output then return).
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _stop_live() -> None:
+  with _LIVE_LOCK:
+    procs = list(_LIVE)
+  for proc in procs:
+    proc.terminate()
+  for proc in procs:
+    proc.wait()
 
 
 def error_tail(lines: list[str], n: int = ERROR_TAIL_LINES) -> str:
@@ -312,15 +330,15 @@ def run_plan(
       echo(f"[{i}/{len(names)}] {n} (~{fmt_seconds(runs[n].estimate_s)}): {display(argvs[n])}")
     return {"outcomes": {}, "report": None, "ok": True, "wall_time_s": 0.0}
   os.makedirs(workdir, exist_ok=True)
-  session = _Session(config, workdir, echo, Eta({n: float(runs[n].estimate_s) for n in names}))
+  parallel = max(1, int(config.max_parallel))
+  echo = _one_line_at_a_time(echo)
+  estimates = {n: float(runs[n].estimate_s) for n in names}
+  session = _Session(config, workdir, echo, Eta(estimates, parallel))
   echo(
-    f"quickstart ({config.preset}): {len(names)} runs in {workdir}, "
+    f"quickstart ({config.preset}): {len(names)} runs in {workdir}, {parallel} at a time, "
     f"estimated {fmt_seconds(session.eta.remaining())}"
   )
-  for i, name in enumerate(names, 1):
-    head = f"[{i}/{len(names)}] {name}"
-    outcome = session.settled(name, argvs[name], head) or session.launch(name, argvs[name], head)
-    session.outcomes[name] = outcome
+  _run_entries(session, names, argvs, parallel)
   outcomes = session.outcomes
   for name in config.order:
     if name not in outcomes:
@@ -338,6 +356,56 @@ def run_plan(
   return {"outcomes": outcomes, "report": report, "ok": ok, "wall_time_s": total}
 
 
+def _one_line_at_a_time(echo: Callable[[str], None]) -> Callable[[str], None]:
+  lock = threading.Lock()
+
+  def locked(line: str) -> None:
+    with lock:
+      echo(line)
+
+  return locked
+
+
+def _run_entries(session: _Session, names: list[str], argvs: dict, parallel: int) -> None:
+  """Launches ``names`` (in plan order, needs first) with at most ``parallel`` running at once:
+  the next run to start is the first in order whose needs have all settled, so ``parallel=1`` is
+  the plan order, one run after the other. Ctrl-C stops the running ones (``_launch``)."""
+  heads = {n: f"[{i}/{len(names)}] {n}" for i, n in enumerate(names, 1)}
+  pending, running = list(names), {}
+  with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
+    try:
+      _schedule(session, pending, running, pool, argvs, heads, parallel)
+    except BaseException:
+      _stop_live()
+      raise
+
+
+def _schedule(session, pending, running, pool, argvs, heads, parallel) -> None:
+  """``_run_entries``' loop: start what may start, then wait for one running entry to end."""
+  while pending or running:
+    for name in list(pending):
+      if len(running) >= parallel:
+        break
+      needs = session.config.runs[name].needs
+      if any(n in pending or n in running for n in needs):
+        continue
+      pending.remove(name)
+      settled = session.settled(name, argvs[name], heads[name])
+      if settled is not None:
+        session.outcomes[name] = settled
+        continue
+      running[name] = pool.submit(session.launch, name, argvs[name], heads[name])
+    if not running:
+      if pending:  # enabled_entries orders needs first, so the first pending one may start
+        raise PlanError(f"quickstart: no run can start among {pending}")
+      continue
+    done, _ = concurrent.futures.wait(
+      running.values(), return_when=concurrent.futures.FIRST_COMPLETED
+    )
+    for name in [n for n, f in running.items() if f in done]:
+      session.outcomes[name] = running.pop(name).result()
+
+
 @dataclasses.dataclass
 class _Session:
   """One invocation of the plan: what has happened so far, the ETA and the console."""
@@ -349,7 +417,7 @@ class _Session:
   outcomes: dict[str, Outcome] = dataclasses.field(default_factory=dict)
   remade: set[str] = dataclasses.field(default_factory=set)  # entries run (not skipped) here
   t_start: float = dataclasses.field(default_factory=time.perf_counter)
-  load_at_start: float | None = dataclasses.field(default_factory=_load)
+  load_at_start: float | None = dataclasses.field(default_factory=load_average)
 
   def elapsed(self) -> str:
     return fmt_seconds(time.perf_counter() - self.t_start)
@@ -442,126 +510,6 @@ def _compile_note(spent: dict | None) -> str:
   if not spent:
     return ""
   return f" (compiling {fmt_seconds(compile_seconds(spent))})"
-
-
-def compile_seconds(spent: dict) -> float:
-  """What a run spent making programs: tracing, lowering to StableHLO and XLA's compile."""
-  return sum(float(spent.get(k) or 0.0) for k in ("trace_s", "lower_s", "compile_s"))
-
-
-def _cost(name: str, runs, outcomes: dict[str, Outcome]) -> float | None:
-  """Wall time of a run and of everything it needs (what it costs from scratch)."""
-  seen: set[str] = set()
-  stack, total = [name], 0.0
-  while stack:
-    n = stack.pop()
-    if n in seen:
-      continue
-    seen.add(n)
-    t = outcomes[n].wall_time_s if n in outcomes else None
-    if t is None and outcomes.get(n) and outcomes[n].status != "disabled":
-      return None
-    total += t or 0.0
-    stack += list(runs[n].needs)
-  return total
-
-
-ENVIRONMENT_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "scipy")
-
-
-def environment(load_at_start: float | None = None) -> dict:
-  """What the figures of a report depend on besides the code: package versions, the CPU, XLA's
-  flags and the machine's load (one minute's average, at the start and at the end), so that two
-  reports can be told apart when a figure moves without a code change."""
-  from importlib import metadata
-
-  versions = {}
-  for name in ENVIRONMENT_PACKAGES:
-    try:
-      versions[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      versions[name] = None
-  cpu = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-  except OSError:
-    pass
-  return {
-    "python": sys.version.split()[0],
-    "packages": versions,
-    "cpu": cpu,
-    "cpu_count": os.cpu_count(),
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "load_at_start": load_at_start,
-    "load_at_end": _load(),
-  }
-
-
-def plan_report(
-  config,
-  workdir: str,
-  outcomes: dict[str, Outcome],
-  total: float,
-  shown_workdir: str = "",
-  load_at_start: float | None = None,
-) -> dict:
-  """What ``common.compare --plan`` reads: rows, their sections, labels, baselines, failures.
-
-  ``shown_workdir``: the workdir as the user typed it, for the command line in the report;
-  ``load_at_start``: the machine's load when the invocation started (``environment``).
-  """
-  runs = config.runs
-  rows = {}
-  for name in config.order:
-    e = runs[name]
-    if not e.report.section or outcomes[name].status == "disabled":
-      continue
-    rows[name] = {
-      "section": e.report.section,
-      "label": e.report.label,
-      "baseline": e.report.baseline,
-      "baseline_arm": e.report.baseline_arm,
-      "primary": e.report.primary,
-      "status": outcomes[name].status if outcomes[name].status != "skipped" else "ok",
-      "wall_time_s": _cost(name, runs, outcomes),
-      "workdir": os.path.join(workdir, e.workdir),
-    }
-  failures = [
-    {
-      "name": o.name,
-      "command": display(o.command),
-      "rc": o.rc,
-      "log": os.path.relpath(o.log, workdir) if o.log else "",
-      "error": o.error,
-    }
-    for o in outcomes.values()
-    if o.status in ("failed", "blocked")
-  ]
-  entries = [
-    {
-      "name": o.name,
-      "status": o.status,
-      "wall_time_s": o.wall_time_s,
-      "timing": o.timing,
-      "command": display(o.command),
-    }
-    for o in outcomes.values()
-    if o.status != "disabled"
-  ]
-  return {
-    "title": config.title,
-    "command": f"python -m common.quickstart --workdir={shown_workdir or workdir}"
-    + ("" if config.preset == "default" else f" --config=configs/quickstart.py:{config.preset}"),
-    "note": "wall s: the run and every run it needs, on this machine",
-    "wall_time_s": total,
-    # Every run's own wall time, those of earlier invocations included: what the whole plan cost.
-    "runs_wall_time_s": sum(e["wall_time_s"] or 0.0 for e in entries),
-    "environment": environment(load_at_start),
-    "runs": rows,
-    "entries": entries,
-    "failures": failures,
-  }
 
 
 def _compare(config, workdir, outcomes, total, echo, shown_workdir, load_at_start) -> str | None:

@@ -205,3 +205,34 @@ def test_dry_run_lists_the_commands_without_running_them(tmp_path):
   assert "[1/" in proc.stdout and "-m hybrid.optimize --config=configs/hybrid.py:" in proc.stdout
   assert f"--config.scheduler.profile={qs}/hybrid_models/profile.json" in proc.stdout
   assert "cdc.evaluate" not in proc.stdout and not os.path.exists(tmp_path / "qs")
+
+
+def _sleep_plan(max_parallel):
+  c = plan_config.get_config("tiny")
+  c.runs = {
+    "a": plan_config.entry("tests.common.sleep_run", "a", args=("--seconds=2",), estimate_s=2),
+    "b": plan_config.entry("tests.common.sleep_run", "b", args=("--seconds=2",), estimate_s=2),
+    "c": plan_config.entry(
+      "tests.common.sleep_run", "c", args=("--seconds=0.5",), needs=("a",), estimate_s=1
+    ),
+  }
+  c.order = ("a", "b", "c")
+  c.max_parallel = max_parallel
+  c.compile_cache = False
+  return c
+
+
+@pytest.mark.parametrize("max_parallel", [1, 2])
+def test_runs_at_a_time_and_needs_first(tmp_path, max_parallel):
+  """``max_parallel=2``: two independent runs overlap; a run starts only after what it needs has
+  ended; ``1``: one after the other, in plan order."""
+  lines = []
+  out = quickstart.run_plan(_sleep_plan(max_parallel), str(tmp_path), echo=lines.append)
+  assert all(out["outcomes"][n].status == "ok" for n in "abc"), lines
+  ran = {n: json.load(open(tmp_path / n / "ran.json")) for n in "abc"}
+  assert ran["c"]["start"] >= ran["a"]["end"]
+  overlap = ran["a"]["start"] < ran["b"]["end"] and ran["b"]["start"] < ran["a"]["end"]
+  assert overlap == (max_parallel == 2)
+  if max_parallel == 1:
+    assert ran["a"]["end"] <= ran["b"]["start"] and ran["b"]["end"] <= ran["c"]["start"]
+  assert f"{max_parallel} at a time" in lines[0]
