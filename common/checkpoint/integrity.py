@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from common import fileio
 
@@ -90,6 +91,21 @@ def path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
+def _host_finite(x) -> bool:
+  a = np.asarray(x)
+  if a.dtype.itemsize < 4:  # bfloat16 and float16: ufuncs on float32 copies
+    a = a.astype(np.float32)
+  return bool(np.isfinite(a).all())
+
+
+def _on_this_host_cpu(x) -> bool:
+  """Whether ``x`` is host memory numpy can read: a numpy value, or a JAX array on CPU devices
+  whose every shard is this process's."""
+  if not isinstance(x, jax.Array):
+    return True
+  return x.is_fully_addressable and all(d.platform == "cpu" for d in x.sharding.device_set)
+
+
 @jax.jit
 def _finite_flags(tree: Any) -> list[jax.Array]:
   return [
@@ -102,5 +118,11 @@ def nonfinite_leaves(tree: Any) -> list[str]:
   """Paths of the floating-point leaves of ``tree`` holding a NaN or an infinity (sharded arrays
   are reduced on their devices; one boolean per leaf comes to the host)."""
   paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-  flags = jax.device_get(_finite_flags(tree))
+  leaves = jax.tree.leaves(tree)
+  if all(_on_this_host_cpu(x) for x in leaves):
+    # Host memory already: numpy reads it in place. The jitted check cost each run 1-3 s of XLA
+    # compile for the state's tree (it is compiled per tree), more than the check itself.
+    flags = [_host_finite(x) if jnp.issubdtype(x.dtype, jnp.inexact) else True for x in leaves]
+  else:
+    flags = jax.device_get(_finite_flags(tree))
   return [p for p, ok in zip(paths, flags, strict=True) if not ok]

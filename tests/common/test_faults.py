@@ -250,3 +250,26 @@ def test_sigterm_during_compilation_ends_within_seconds(tmp_path):
   assert proc.returncode == 143, "".join(lines) + out
   assert "SIGTERM while compiling" in out and "no checkpoint was written" in out
   assert not os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_nonfinite_leaves_names_the_same_leaves_on_the_host_and_on_devices():
+  """The check reads CPU arrays in place (no program to compile); it finds what the jitted
+  per-device reduction finds, for sharded, bfloat16 and integer leaves."""
+  import jax.numpy as jnp
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(
+    np.arange(16, dtype=np.float32).reshape(8, 2), jax.NamedSharding(mesh, jax.P("data"))
+  )
+  tree = {
+    "ok": sharded,
+    "nan": sharded.at[5, 1].set(np.nan),
+    "inf_bf16": jnp.ones((3,), jnp.bfloat16).at[2].set(jnp.inf),
+    "count": jnp.arange(4),
+    "host": np.array([1.0, np.nan]),
+  }
+  expected = ["host", "inf_bf16", "nan"]
+  assert sorted(integrity.nonfinite_leaves(tree)) == expected
+  paths = [integrity.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  on_devices = jax.device_get(integrity._finite_flags(tree))
+  assert sorted(p for p, ok in zip(paths, on_devices, strict=True) if not ok) == expected
