@@ -87,6 +87,7 @@ def plan_report(
   total: float,
   shown_workdir: str = "",
   load_at_start: float | None = None,
+  parallel_runs: int = 1,
 ) -> dict:
   """What ``common.compare --plan`` reads: rows, their sections, labels, baselines, failures.
 
@@ -94,7 +95,7 @@ def plan_report(
   ``load_at_start``: the machine's load when the invocation started (``environment``).
   """
   runs = config.runs
-  parallel = max(1, int(config.get("max_parallel", 1)))
+  parallel = parallel_runs
   rows = {}
   for name in config.order:
     e = runs[name]

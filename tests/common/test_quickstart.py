@@ -236,3 +236,18 @@ def test_runs_at_a_time_and_needs_first(tmp_path, max_parallel):
   if max_parallel == 1:
     assert ran["a"]["end"] <= ran["b"]["start"] and ran["b"]["end"] <= ran["c"]["start"]
   assert f"{max_parallel} at a time" in lines[0]
+
+
+def test_auto_runs_two_at_a_time_only_without_an_accelerator(monkeypatch):
+  config = plan_config.get_config("default")
+  assert config.max_parallel == 0  # auto
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  monkeypatch.setattr(quickstart, "_ACCELERATOR_DEVICE_FILES", ())
+  assert quickstart.runs_at_a_time(config) == 2
+  monkeypatch.setattr(quickstart, "_ACCELERATOR_DEVICE_FILES", (os.devnull,))  # a GPU's file
+  assert quickstart.runs_at_a_time(config) == 1
+  monkeypatch.setattr(quickstart, "_ACCELERATOR_DEVICE_FILES", ())
+  monkeypatch.setattr(os, "cpu_count", lambda: 1)
+  assert quickstart.runs_at_a_time(config) == 1
+  config.max_parallel = 3
+  assert quickstart.runs_at_a_time(config) == 3
