@@ -10,6 +10,8 @@ Needs PyTorch (``pip install -e ".[bench]"``). What runs, per variant:
 * ``jax``: the project's own jitted train step (``common.train.loop.build``, as
   ``benchmarks/train_step.py``: same shardings, donation, optimizer, EMA), ``DDPM.sample`` for
   sampling, and ``mobile.model.CoreBlock`` under ``jax.jit(value_and_grad)`` for the TFDiff block;
+* ``jax-xla``: the same JAX programs without the binaries' XLA:CPU defaults
+  (``common/train/xla_flags.py``), for their A/B in the same rounds;
 * ``eager``: ``benchmarks/torch_unet.py``'s U-Net with ``benchmarks/torch_ddpm.py``'s loss,
   Adam(W) + clipping + EMA and sampler, and ``benchmarks/torch_tfdiff.py``'s block, in eager mode;
 * ``compile``: the same with ``torch.compile`` (the loss graph, the sampling network, the block);
@@ -81,7 +83,8 @@ _PEAK = flags.DEFINE_float(
 _VARIANTS = flags.DEFINE_list(
   "variants",
   ["jax", "eager", "eager@1", "compile"],
-  "Variants: jax, eager, compile, each optionally @threads (eager@1: PyTorch eager on 1 thread).",
+  "Variants: jax, jax-xla (JAX without the binaries' XLA:CPU defaults), eager, compile, each "
+  "optionally @threads (eager@1: PyTorch eager on 1 thread).",
 )
 _OMP_WAIT = flags.DEFINE_enum(
   "omp_wait_policy",
@@ -102,6 +105,9 @@ _WORKER = flags.DEFINE_string("worker", "", "Internal: run as the worker of this
 _WORKER_THREADS = flags.DEFINE_integer("worker_threads", 0, "Internal: the worker's threads.")
 
 _KINDS = ("jax", "eager", "compile")
+# A variant spec: JAX without the binaries' XLA:CPU defaults (common/train/xla_flags.py), timed
+# in the same rounds as ``jax``, so the table's ratio column is their A/B on one machine state.
+PLAIN_JAX = "jax-xla"
 
 
 # ==============================================================================================
@@ -124,7 +130,9 @@ class Worker:
     if kind == "jax" and threads:
       flags_ += f" intra_op_parallelism_threads={threads}"
     env["XLA_FLAGS"] = " ".join(flags_.split())
-    if kind == "jax":
+    if kind == "jax" and name.startswith(PLAIN_JAX):
+      env["SEGDIFF_XLA_DEFAULTS"] = "0"  # XLA's own defaults: the A/B of the project's
+    elif kind == "jax":
       from common.train import xla_flags
 
       # The U-Net binaries' XLA:CPU defaults (what users run); TFDiff's binaries run without.
@@ -193,6 +201,9 @@ def _parse_variants(specs, default_threads):
   out = []
   for spec in specs:
     kind, _, threads = spec.partition("@")
+    plain = kind == PLAIN_JAX
+    if plain:
+      kind = "jax"
     if kind not in _KINDS:
       raise app.UsageError(f"--variants: unknown variant {spec!r}; allowed: {', '.join(_KINDS)}")
     if kind == "jax":
@@ -200,6 +211,8 @@ def _parse_variants(specs, default_threads):
     else:
       n = int(threads) if threads else default_threads
     label = {"jax": "jax", "eager": "torch eager", "compile": "torch.compile"}[kind]
+    if plain:
+      label = "jax, XLA defaults"
     if kind != "jax":
       label += f" ({n} thr)"
     elif n:
@@ -267,7 +280,9 @@ class _Run:
 
   @property
   def jax_name(self) -> str | None:
-    return next((s for s, kind, *_ in self.variants if kind == "jax"), None)
+    return next(
+      (s for s, kind, *_ in self.variants if kind == "jax" and not s.startswith(PLAIN_JAX)), None
+    )
 
   @property
   def jax_setup(self) -> dict:
