@@ -4,13 +4,24 @@ the environment the figures were measured in."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-  from common.quickstart import Outcome
+
+@dataclasses.dataclass
+class Outcome:
+  """What became of one entry of the plan."""
+
+  name: str
+  status: str  # ok | skipped (finished earlier) | failed | blocked | disabled
+  command: list[str]
+  log: str
+  wall_time_s: float | None = None
+  rc: int | None = None
+  error: str = ""
+  timing: dict | None = None  # common.train.timing's totals: tracing, lowering, XLA compiling
 
 
 def display(argv: list[str]) -> str:

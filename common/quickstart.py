@@ -39,7 +39,7 @@ from typing import Any
 from absl import app, flags
 
 from common import fileio
-from common.plan_report import compile_seconds, display, load_average, plan_report
+from common.plan_report import Outcome, compile_seconds, display, load_average, plan_report
 from common.train import cli, timing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,20 +74,6 @@ def _define_flags() -> dict[str, Any]:
     "workdir": flags.DEFINE_string("workdir", None, "Where every run and the report go."),
     "dry_run": flags.DEFINE_bool("dry_run", False, "Print the commands and estimates, run none."),
   }
-
-
-@dataclasses.dataclass
-class Outcome:
-  """What became of one entry of the plan."""
-
-  name: str
-  status: str  # ok | skipped (finished earlier) | failed | blocked | disabled
-  command: list[str]
-  log: str
-  wall_time_s: float | None = None
-  rc: int | None = None
-  error: str = ""
-  timing: dict | None = None  # common.train.timing's totals: tracing, lowering, XLA compiling
 
 
 # ------------------------------------------------------------------------------------------------
