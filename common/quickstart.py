@@ -325,10 +325,11 @@ def run_plan(
     f"estimated {fmt_seconds(session.eta.remaining())}"
   )
   _run_entries(session, names, argvs, parallel)
-  outcomes = session.outcomes
-  for name in config.order:
-    if name not in outcomes:
-      outcomes[name] = Outcome(name, "disabled", command(runs[name], workdir), "")
+  # In plan order (runs at a time end in any order), the disabled ones included.
+  outcomes = {
+    name: session.outcomes.get(name) or Outcome(name, "disabled", command(runs[name], workdir), "")
+    for name in config.order
+  }
   total = time.perf_counter() - session.t_start
   report = _compare(config, workdir, outcomes, total, echo, shown_workdir, session.load_at_start)
   ok = report is not None and all(

@@ -211,7 +211,7 @@ def _sleep_plan(max_parallel):
   c = plan_config.get_config("tiny")
   c.runs = {
     "a": plan_config.entry("tests.common.sleep_run", "a", args=("--seconds=2",), estimate_s=2),
-    "b": plan_config.entry("tests.common.sleep_run", "b", args=("--seconds=2",), estimate_s=2),
+    "b": plan_config.entry("tests.common.sleep_run", "b", args=("--seconds=1",), estimate_s=1),
     "c": plan_config.entry(
       "tests.common.sleep_run", "c", args=("--seconds=0.5",), needs=("a",), estimate_s=1
     ),
@@ -236,6 +236,8 @@ def test_runs_at_a_time_and_needs_first(tmp_path, max_parallel):
   if max_parallel == 1:
     assert ran["a"]["end"] <= ran["b"]["start"] and ran["b"]["end"] <= ran["c"]["start"]
   assert f"{max_parallel} at a time" in lines[0]
+  # The outcomes (and the report's runs table) are in plan order, whatever order the runs ended in.
+  assert list(out["outcomes"]) == ["a", "b", "c"]
 
 
 def test_auto_runs_two_at_a_time_only_without_an_accelerator(monkeypatch):
