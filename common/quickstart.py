@@ -15,8 +15,8 @@ generative workdir, then ``common.compare`` over every result into ``<workdir>/r
   A run whose inputs were re-made in this invocation runs again.
 * Failures: a failing run's error tail goes in the report, the runs that need it are marked
   blocked, the others go on, and the command exits 1 at the end.
-* Runs at a time: ``max_parallel`` (0: two on a machine without an accelerator, else one; 1: one
-  after the other); with more, the next run to start is the first in plan order whose needs have
+* Runs at a time: ``max_parallel`` (1: one after the other; 0: two on a machine without an
+  accelerator, else one); with more, the next run to start is the first in plan order whose needs have
   ended, and every run's wall time is measured while it shares the machine.
 * Compiled programs: every launch keeps them in one persistent cache (``compile_cache``).
 """

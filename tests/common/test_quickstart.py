@@ -30,6 +30,8 @@ def tiny_plan_with_a_failure():
   # their own tests (tests/hybrid) and cost ~30 s of CPU here; the dry run below checks the
   # measured-profile plan.
   c.hybrid_measured_profile = False
+  # Two at a time (nothing here measures latencies): the scheduler's path, and half the time.
+  c.max_parallel = 2
   # A run that fails (evaluating a workdir nothing trained) and one that needs it, early in the
   # order so that the runs after them show that the plan goes on.
   c.runs.broken = plan_config.entry(
@@ -242,7 +244,8 @@ def test_runs_at_a_time_and_needs_first(tmp_path, max_parallel):
 
 def test_auto_runs_two_at_a_time_only_without_an_accelerator(monkeypatch):
   config = plan_config.get_config("default")
-  assert config.max_parallel == 0  # auto
+  assert config.max_parallel == 1  # hybrid.profile's latencies are measured alone
+  config.max_parallel = 0  # auto
   monkeypatch.setattr(os, "cpu_count", lambda: 2)
   monkeypatch.setattr(quickstart, "_ACCELERATOR_DEVICE_FILES", ())
   assert quickstart.runs_at_a_time(config) == 2
