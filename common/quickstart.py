@@ -48,14 +48,6 @@ PLAN_FILE = "runs.json"  # what common.compare reads with --plan
 ERROR_TAIL_LINES = 25
 
 
-def compile_cache_dir() -> str:
-  """The persistent compile cache the plan's launches share: ``$SEGDIFF_CACHE/jax`` (the one
-  ``collab.sweep`` and ``adaptive.experiments`` use), else ``~/.cache/segdiff/jax``."""
-  from common.metrics import reference
-
-  return os.path.join(reference.cache_root(), "jax")
-
-
 class PlanError(ValueError):
   """A plan that cannot run (unknown entry, missing field, a need that comes later)."""
 
@@ -463,7 +455,7 @@ class _Session:
       os.remove(timing_path)
     env = {timing.ENV: os.path.abspath(timing_path)}
     if self.config.compile_cache:
-      env[cli.COMPILE_CACHE_ENV] = compile_cache_dir()
+      env[cli.COMPILE_CACHE_ENV] = cli.default_compile_cache_dir()
     t0 = time.perf_counter()
     rc, tail = _launch(argv, log, self._progress_lines(name, t0), env)
     seconds = time.perf_counter() - t0

@@ -15,6 +15,13 @@ from common.train.validate import ConfigError
 COMPILE_CACHE_ENV = "SEGDIFF_COMPILE_CACHE"
 
 
+def default_compile_cache_dir() -> str:
+  """The persistent compile cache campaigns and the main job share: ``$SEGDIFF_CACHE/jax``."""
+  from common.metrics import reference
+
+  return os.path.join(reference.cache_root(), "jax")
+
+
 def start_binary(*, persistent_compile_cache: bool = False) -> None:
   """Silences library chatter; records where the time goes when ``$SEGDIFF_TIMING_FILE`` asks
   (``common.train.timing``); keeps compiled programs in JAX's persistent cache, so a campaign's
@@ -27,9 +34,7 @@ def start_binary(*, persistent_compile_cache: bool = False) -> None:
   timing.record_if_asked()
   cache_dir = os.environ.get(COMPILE_CACHE_ENV)
   if not cache_dir and persistent_compile_cache:
-    from common.metrics import reference
-
-    cache_dir = os.path.join(reference.cache_root(), "jax")
+    cache_dir = default_compile_cache_dir()
   if cache_dir:
     import jax
 
