@@ -15,9 +15,10 @@ generative workdir, then ``common.compare`` over every result into ``<workdir>/r
   A run whose inputs were re-made in this invocation runs again.
 * Failures: a failing run's error tail goes in the report, the runs that need it are marked
   blocked, the others go on, and the command exits 1 at the end.
-* Runs at a time: ``max_parallel`` (1: one after the other; 0: two on a machine without an
-  accelerator, else one); with more, the next run to start is the first in plan order whose needs have
-  ended, and every run's wall time is measured while it shares the machine.
+* Runs at a time: ``max_parallel`` (1: one after the other; 0, the default: two on a machine
+  without an accelerator, else one); with more, the next run to start is the first in plan order
+  whose needs have ended, and every run's wall time is measured while it shares the machine, except
+  an entry marked ``alone`` (one that measures time), which runs with nothing beside it.
 * Compiled programs: every launch keeps them in one persistent cache (``compile_cache``).
 """
 
@@ -365,7 +366,8 @@ def _one_line_at_a_time(echo: Callable[[str], None]) -> Callable[[str], None]:
 def _run_entries(session: _Session, names: list[str], argvs: dict, parallel: int) -> None:
   """Launches ``names`` (in plan order, needs first) with at most ``parallel`` running at once:
   the next run to start is the first in order whose needs have all settled, so ``parallel=1`` is
-  the plan order, one run after the other. Ctrl-C stops the running ones (``_launch``)."""
+  the plan order, one run after the other; an ``alone`` run waits for the running ones to end and
+  nothing starts beside it. Ctrl-C stops the running ones (``_launch``)."""
   heads = {n: f"[{i}/{len(names)}] {n}" for i, n in enumerate(names, 1)}
   pending, running = list(names), {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -378,13 +380,15 @@ def _run_entries(session: _Session, names: list[str], argvs: dict, parallel: int
 
 def _schedule(session, pending, running, pool, argvs, heads, parallel) -> None:
   """``_run_entries``' loop: start what may start, then wait for one running entry to end."""
+  runs = session.config.runs
   while pending or running:
     for name in list(pending):
-      if len(running) >= parallel:
+      if len(running) >= parallel or any(runs[n].get("alone", False) for n in running):
         break
-      needs = session.config.runs[name].needs
-      if any(n in pending or n in running for n in needs):
+      if any(n in pending or n in running for n in runs[name].needs):
         continue
+      if runs[name].get("alone", False) and running:
+        break  # it may start once the running ones end; nothing else starts before it
       pending.remove(name)
       settled = session.settled(name, argvs[name], heads[name])
       if settled is not None:

@@ -27,7 +27,8 @@ Fields: ``module``; ``config`` (``configs/<file>.py:<preset>``, empty for binari
 successful exit, marks the entry finished; empty: the exit alone); ``needs`` (entries that must
 succeed first); ``estimate_s`` (the ETA's prior, seconds on 2 quiet cores); ``enabled``;
 ``when`` (a switch of this config, ``not <switch>`` for its negation: the entry runs only when it
-holds; empty: always); ``report`` (for entries whose output is a result row: ``section``,
+holds; empty: always); ``alone`` (the run measures time, so no other run may run beside it: it
+waits for the running ones to end, and nothing starts until it has ended); ``report`` (for entries whose output is a result row: ``section``,
 ``label``, ``baseline``, the name of the row it is compared with, or ``baseline_arm``, an arm of
 its own headline; ``primary``, another figure than the run's own primary, e.g.
 ``fid_groups_mean``). ``{workdir}`` in overrides and args is the quickstart's workdir. ``order``
@@ -43,11 +44,11 @@ Switches (``--config.<switch>=false``):
 Not a switch of the plan but of how it runs: ``compile_cache`` (True) makes every launch keep its
 compiled programs in one persistent JAX cache, ``$SEGDIFF_CACHE/jax`` (``SEGDIFF_COMPILE_CACHE``
 for the binaries), so a program that two launches share, or that a relaunch after a failure
-repeats, is compiled once; False: every launch compiles all its programs. ``max_parallel`` (1):
+repeats, is compiled once; False: every launch compiles all its programs. ``max_parallel`` (0):
 how many runs may run at once, 0 for two on a machine without an accelerator and one on a GPU or
 TPU host (`common.quickstart.runs_at_a_time`); a run starts when every run it needs has ended, in
-plan order. Two at a time took 14 min 34 s instead of 20 min 12 s, but hybrid's scheduler then
-works on latencies measured while another run shared the machine.
+plan order, and an ``alone`` run (``hybrid.profile``, whose latencies feed hybrid's scheduler) runs
+with nothing beside it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def entry(
   baseline="",
   baseline_arm="",
   primary="",
+  alone=False,
 ):
   """One run of the plan (the fields are described in the module docstring)."""
   e = ml_collections.ConfigDict()
@@ -91,6 +93,7 @@ def entry(
   e.estimate_s = float(estimate_s)
   e.enabled = enabled
   e.when = when
+  e.alone = alone
   e.report = ml_collections.ConfigDict()
   e.report.section = section
   e.report.label = label
@@ -252,6 +255,7 @@ def hybrid(p: Preset) -> dict:
       needs=("hybrid_models",),
       estimate_s=s["est"]["profile"],
       when=measured,
+      alone=True,  # its latencies are the scheduler's input
     ),
     "hybrid": _scheduler(
       s,
@@ -476,9 +480,10 @@ def plan(preset: str, fragments=FRAGMENTS) -> ml_collections.ConfigDict:
   c.title = "Quickstart: every method on the embedded data"
   c.hybrid_measured_profile = True
   c.compile_cache = True
-  # 1, not 0 (auto): hybrid.profile measures latencies, and a run beside it changes them and with
-  # them hybrid's headline (-2.27 alone, -2.60 with two at a time; benchmarks/RESULTS.md).
-  c.max_parallel = 1
+  # Auto: two at a time on a CPU host, where compiles leave a core idle. hybrid.profile is `alone`:
+  # a run beside it changed its latencies and with them hybrid's headline (-2.27 alone, -2.60
+  # beside another run; benchmarks/RESULTS.md).
+  c.max_parallel = 0
   c.runs = ml_collections.ConfigDict()
   order = []
   for fragment in fragments:

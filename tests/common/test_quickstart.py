@@ -242,9 +242,23 @@ def test_runs_at_a_time_and_needs_first(tmp_path, max_parallel):
   assert list(out["outcomes"]) == ["a", "b", "c"]
 
 
+def test_an_alone_run_has_nothing_beside_it(tmp_path):
+  """Two at a time, but ``b`` measures time: it waits for ``a`` to end, and ``c``, free to start
+  beside either, waits for ``b`` to end."""
+  c = _sleep_plan(2)
+  c.runs.b.alone = True
+  c.runs.c.needs = ()
+  out = quickstart.run_plan(c, str(tmp_path), echo=[].append)
+  assert all(out["outcomes"][n].status == "ok" for n in "abc")
+  ran = {n: json.load(open(tmp_path / n / "ran.json")) for n in "abc"}
+  assert ran["b"]["start"] >= ran["a"]["end"]
+  assert ran["c"]["start"] >= ran["b"]["end"]
+
+
 def test_auto_runs_two_at_a_time_only_without_an_accelerator(monkeypatch):
   config = plan_config.get_config("default")
-  assert config.max_parallel == 1  # hybrid.profile's latencies are measured alone
+  assert config.max_parallel == 0  # auto: hybrid.profile is marked alone
+  assert config.runs.hybrid_profile.alone
   config.max_parallel = 0  # auto
   monkeypatch.setattr(os, "cpu_count", lambda: 2)
   monkeypatch.setattr(quickstart, "_ACCELERATOR_DEVICE_FILES", ())
