@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 
-import jax
-import numpy as np
-
 from adaptive import inheritance, method, search_space
 
 
@@ -46,16 +43,9 @@ def write_start_checkpoint(config, workdir: str, params, *, devices: list | None
       return
     mesh, run_method = loop.setup(config, devices=devices)
     fns = loop.build(config, run_method, mesh)
-    state = fns["init"]()
-    shard = fns["state_shardings"].params
-    params = jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), params, shard)
-    # Same tree and shapes as the fresh init: the loop's restore checks this.
-    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params, state.params)
-    state = state.replace(
-      params=params,
-      ema_params=jax.tree.map(lambda a: a.copy(), params),
-      opt_state=run_method.init_opt_state(run_method.make_optimizer()[0], params),
-    )
+    # Not fns["init"](): its random init of every group's network (28 s of tracing and
+    # compiling in the main job's stage 2) would only be overwritten.
+    state = loop.start_state(config, run_method, fns, params)
     data_iter = run_method.train_iterator(process_index=0, process_count=1)
     ckpt.save(0, state, data_iter, config.to_json_best_effort(sort_keys=True, indent=2), force=True)
   finally:

@@ -155,25 +155,13 @@ def write_personal_start(config, workdir: str, cluster_params) -> None:
     # Every process builds and saves its shards (orbax's save is collective), on the run's mesh.
     mesh, method = loop.setup(config)
     fns = loop.build(config, method, mesh)
-    abstract = fns["abstract_state"]
     users = jax.tree.map(
       lambda a: np.broadcast_to(np.asarray(a), (method.num_users, *np.shape(a))).copy(),
       cluster_params,
     )
     params = {"cluster": jax.tree.map(np.asarray, cluster_params), "users": users}
-    # Same tree and shapes as the loop's own init: its restore checks this.
-    jax.tree.map(lambda a, b: np.testing.assert_equal(a.shape, b.shape), params, abstract.params)
     # The loop's own init would compile a random init of U + 1 networks only to overwrite it.
-    # Built on the host, identical in every process, then placed with the run's shardings.
-    rng = jax.random.PRNGKey(int(config.seed))
-    state = loop.TrainState(
-      step=np.zeros((), np.int32),
-      params=params,
-      ema_params=jax.tree.map(lambda a: a.copy(), params),
-      opt_state=jax.tree.map(np.asarray, method.init_opt_state(method.make_optimizer()[0], params)),
-      rng=np.asarray(jax.random.fold_in(rng, 1)),
-    )
-    state = jax.device_put(state, fns["state_shardings"])
+    state = loop.start_state(config, method, fns, params)
     data_iter = method.train_iterator(
       process_index=jax.process_index(), process_count=jax.process_count()
     )
