@@ -25,3 +25,15 @@ os.environ.setdefault(
   os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files with the most ``slow`` tests first, each file's own order kept: pytest-xdist hands out
+  whole files (``--dist loadfile``) in this order, so the long files start early and the short
+  ones fill the end, rather than one worker finishing a long file alone."""
+  del config
+  slow = {}
+  for item in items:
+    slow.setdefault(item.path, 0)
+    slow[item.path] += item.get_closest_marker("slow") is not None
+  items.sort(key=lambda item: -slow[item.path])  # stable

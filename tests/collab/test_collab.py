@@ -122,6 +122,7 @@ def _leaf_tolerance(grad):
   return 1e-4 * float(np.max(np.abs(grad))) + 1e-6
 
 
+@pytest.mark.slow
 def test_stacked_client_step_equals_separate_steps():
   # Adam's first step moves every weight by about lr whatever its gradient's size, so comparing
   # parameters after it compares the signs of float noise wherever a gradient is near zero (the
@@ -261,6 +262,7 @@ def test_handoff_with_one_shared_model_equals_plain_sampling():
   np.testing.assert_allclose(split, np.asarray(plain), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resume_continues_like_an_uninterrupted_run(tmp_path):
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   loop.train(tiny(), straight, devices=jax.devices()[:1])

@@ -78,6 +78,7 @@ def _old_layout(config: dict) -> dict:
   return old
 
 
+@pytest.mark.slow
 def test_a_run_saved_before_the_rename_evaluates_and_resumes(tmp_path):
   from collab import fields
   from common.eval import load_params

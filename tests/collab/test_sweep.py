@@ -109,6 +109,7 @@ def test_diagnostics_and_client_compute():
   assert "client_from_noise" not in m0.sample_diagnostics(state.params, 0, rng, 8, y)
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end(tmp_path, monkeypatch):
   config = tiny(total_steps=2, ckpt_every_steps=2)
   workdir = str(tmp_path / "sweep")
@@ -144,6 +145,7 @@ def test_sweep_refuses_a_cut_outside_the_chain(tmp_path):
     sweep.run_sweep(tiny(), str(tmp_path / "s"), seeds=[0], cuts=[0, 21])
 
 
+@pytest.mark.slow
 def test_client_axis_is_sharded_over_the_mesh_and_trains_like_unsplit_clients():
   """Clients split over the mesh's data axis (shard_map) against the same step with the client
   axis not split (the clients' data kept whole on every device, as on one device)."""

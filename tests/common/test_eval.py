@@ -45,6 +45,7 @@ def _evaluate(workdir, ref_dir, **kw):
   return eval_lib.evaluate(workdir, ref_stats_dir=ref_dir, **kw)
 
 
+@pytest.mark.slow
 def test_eval_writes_every_field_and_is_reproducible(runs):
   first = _evaluate(runs["trained"], runs["ref_dir"])
   with open(os.path.join(runs["trained"], "eval", "metrics.json")) as f:

@@ -193,6 +193,7 @@ def trained(tmp_path_factory):
   return workdir, summary
 
 
+@pytest.mark.slow
 def test_train_runs_both_stages_and_freezes_the_cluster_network(trained):
   workdir, summary = trained
   config = _tiny()
