@@ -26,6 +26,7 @@ from ml_collections import config_flags
 from adaptive import arms as arms_lib
 from adaptive import claims, pruner_ablation, report, scoring
 from common import fileio
+from common.train import drift
 from common.train.validate import ConfigError
 
 ARM_RECORD = "experiment.json"
@@ -72,9 +73,9 @@ def check_campaign_config(config, workdir: str) -> None:
   if not os.path.exists(path):
     fileio.write_json(path, now, indent=1)
     return
-  with open(path) as f:
-    before = _flat(json.load(f))
   now_flat = _flat(now)
+  with open(path) as f:
+    before = drift.with_added_fields(_flat(json.load(f)), now_flat)
   for key in sorted(set(before) | set(now_flat)):
     if before.get(key) != now_flat.get(key):
       raise ConfigError(

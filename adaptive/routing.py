@@ -1,7 +1,9 @@
 """Sampling with one network per timestep group (TDC inference, spec 3.5).
 
 Every sampler step t runs model_{group(t)}. TDC's chain is one segment per group over the
-sampler's one (respaced) grid (``group_segments``, run by the core's ``sampling.sample_chain``);
+sampler's one (respaced) grid (``group_segments``, run by the core's ``sampling.sample_chain``;
+uniform or DDIM, ``diffusion.timestep_spacing``: the segments split that grid where a step's group
+changes, so their boundaries are always on it);
 ``routed_denoise_fn`` is the same routing as one denoiser, for callers that evaluate a network at
 given timesteps (held-out losses). Respacing needs nothing special: the chain passes the
 *original* 0-based timestep t = k - 1 of each level k it leaves, and that is what is routed.
@@ -17,6 +19,7 @@ import numpy as np
 from adaptive.grouping import Groups
 from common.diffusion import sampling
 from common.diffusion.sampling import DenoiseFn, Segment
+from common.train.method import timestep_spacing
 
 
 def _one_per_group(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> tuple[DenoiseFn, ...]:
@@ -43,8 +46,13 @@ def routed_denoise_fn(groups: Groups, denoise_fns: Sequence[DenoiseFn]) -> Denoi
 
 
 def sampler_timesteps(config) -> np.ndarray:
-  """[S] 0-based model timesteps the configured sampler calls, in calling order."""
-  levels = sampling.make_levels(int(config.diffusion.num_timesteps), config.diffusion.sample_steps)
+  """[S] 0-based model timesteps the configured sampler calls, in calling order (on the grid of
+  ``diffusion.timestep_spacing``: the groups route whichever grid the chain runs)."""
+  levels = sampling.make_levels(
+    int(config.diffusion.num_timesteps),
+    config.diffusion.sample_steps,
+    spacing=timestep_spacing(config),
+  )
   return np.asarray(levels[:-1]) - 1
 
 

@@ -22,8 +22,8 @@ from common import data
 from common.diffusion import sampling
 from common.metrics import flops as flops_lib
 from common.train import state as state_lib
-from common.train.method import DDPM
-from common.train.validate import ConfigError
+from common.train.method import DDPM, timestep_spacing
+from common.train.validate import ConfigError, validate_sampler
 
 
 class CollaFuse(DDPM):
@@ -51,6 +51,7 @@ class CollaFuse(DDPM):
         raise ConfigError(
           "collab.num_clients", self.num_clients, f"client {k} has no training data"
         )
+    self._check_ddim_grid()
 
   # --- data: each client's private partition --------------------------------------------------
   def _partition_labels(self, split: str) -> np.ndarray:
@@ -299,9 +300,55 @@ class CollaFuse(DDPM):
     return train_step
 
   # --- sampling: server to cut_point, hand-off, client to 0 --------------------------------------
+  # Two grids (``diffusion.timestep_spacing``). "uniform": each side spaces its own share of
+  # ``sample_steps`` (``steps_split``) between its bounds. "ddim": the whole chain's DDIM grid
+  # (``ddim_grid``) split at the cut: the server takes its levels down to cut_point, the client
+  # its levels from its start level, so with the same network on both sides the split chain is
+  # the unsplit DDIM chain. A cut (or client start) off that grid is a config error, not a
+  # silently different grid (``_check_ddim_grid``).
+  @functools.cached_property
+  def ddim_grid(self) -> np.ndarray | None:
+    """The whole chain's DDIM grid ([sample_steps + 1] levels, ``make_levels(..., "ddim")``),
+    or None on the uniform spacing."""
+    if timestep_spacing(self.config) != "ddim":
+      return None
+    d = self.config.diffusion
+    return sampling.make_levels(d.num_timesteps, d.sample_steps, spacing="ddim")
+
+  def _check_ddim_grid(self) -> None:
+    """On the DDIM grid, the cut point and the client's start level must be levels of it (or T,
+    pure noise) so that the two sides split it; raises ``ConfigError`` naming the spacing."""
+    if timestep_spacing(self.config) != "ddim":
+      return
+    validate_sampler(self.config)  # a stride giving sample_steps (eval builds methods directly)
+    grid, big_t = self.ddim_grid, self.diffusion.num_timesteps
+    start = self.client_start_level()
+    # The cut must lie below the grid's top (the server needs a step above it); the client may
+    # start anywhere on it.
+    checks = [("collab.cut_point", self.cut_point, set(grid[1:].tolist()))]
+    if start != self.cut_point:
+      checks.append(("the client's start level", start, set(grid.tolist())))
+    for what, level, allowed in checks:
+      if level == big_t or level in allowed:
+        continue
+      below = max(k for k in allowed if k <= level)
+      above = min([k for k in allowed if k > level] + [big_t])
+      offset = " (collab.client_start_offset=code)" if what != "collab.cut_point" else ""
+      raise ConfigError(
+        "diffusion.timestep_spacing", "ddim",
+        f"{what}={level}{offset} is not a level of the {len(grid) - 1}-step DDIM grid over "
+        f"T={big_t} (top {grid[0]}; nearest: {below}, {above}), where the server's and the "
+        "client's parts of it meet; pick one or timestep_spacing=uniform",
+      )  # fmt: skip
+
   def steps_split(self) -> tuple[int, int]:
-    """(server steps, client steps) of the configured sampling budget, proportional to the split."""
+    """(server steps, client steps) of the configured sampling budget: proportional to the split
+    (uniform), or the DDIM grid's levels above cut_point and at or below the client's start."""
     big_t, total = self.diffusion.num_timesteps, self.config.diffusion.sample_steps
+    grid = self.ddim_grid
+    if grid is not None:
+      start = self.client_start_level()
+      return int(np.sum(grid > self.cut_point)), int(np.sum((grid > 0) & (grid <= start)))
     if self.cut_point == 0:
       return min(total, big_t), 0
     if self.cut_point == big_t:
@@ -328,8 +375,14 @@ class CollaFuse(DDPM):
     )
 
   def server_handoff(self, server_params, rng, shape, labels=None, num_steps=None):
-    """The server's half: pure noise -> x_cut at level cut_point, for a batch of requests."""
+    """The server's half: pure noise -> x_cut at level cut_point, for a batch of requests.
+
+    ``num_steps``: the server's steps (uniform), or the whole chain's whose DDIM grid it takes
+    its part of (ddim); default: the configured ones.
+    """
     s_steps, _ = self.steps_split()
+    if self.ddim_grid is not None:
+      s_steps = int(self.config.diffusion.sample_steps)
     return server.sample(
       self.diffusion,
       lambda x, t, y: self.apply(server_params, x, t, y),
@@ -339,6 +392,7 @@ class CollaFuse(DDPM):
       noising=self.noising,
       num_steps=num_steps or max(s_steps, 1),
       chain=self.config.collab.server_sampling_chain,
+      spacing=timestep_spacing(self.config),
       labels=labels if self.config.collab.share_labels else None,
       **self._sampler_kwargs(labels if self.config.collab.share_labels else None),
     )
@@ -350,17 +404,29 @@ class CollaFuse(DDPM):
 
     ``network``: ``(x, t, y) -> output`` replacing the client's network (the server finishing
     alone uses its own; tests count calls with it). ``start``: the first level (default
-    ``client_start_level()``; T for the client run from pure noise).
+    ``client_start_level()``; T for the client run from pure noise). ``num_steps``: the client's
+    steps (default its share, ``steps_split``). On the DDIM grid the client takes the whole
+    chain's grid from ``start`` down (``num_steps`` unused); from pure noise (start T) it runs a
+    whole DDIM chain of its steps, which needs a stride giving exactly that many.
     """
     start = self.client_start_level() if start is None else start
     _, c_steps = self.steps_split()
     if start == 0:
       return jnp.clip(x_handoff, -1.0, 1.0)
+    big_t = self.diffusion.num_timesteps
     steps = min(num_steps or max(c_steps, 1), start)
-    levels = sampling.make_levels(self.diffusion.num_timesteps, steps, start, 0)
+    if self.ddim_grid is not None and start < big_t:
+      levels = sampling.make_levels(
+        big_t, int(self.config.diffusion.sample_steps), start, 0, spacing="ddim"
+      )
+    elif self.ddim_grid is not None:
+      levels = self.ddim_levels_from_noise(steps)
+    else:
+      levels = sampling.make_levels(big_t, steps, start, 0)
     if network is None:
       network = functools.partial(self.apply, client_params)
-    segment = sampling.Segment(network, start, 0)
+    # The hand-off enters at the grid's first level: ``start``, or the DDIM grid's top for T.
+    segment = sampling.Segment(network, int(levels[0]), 0)
     return sampling.sample_segment(
       self.diffusion,
       segment,
@@ -374,6 +440,26 @@ class CollaFuse(DDPM):
       **{k: v for k, v in self._sampler_kwargs(labels).items() if k != "sampler"},
       sampler=self.config.diffusion.sampler,
     )
+
+  def ddim_levels_from_noise(self, steps: int) -> np.ndarray:
+    """The DDIM grid of a whole ``steps``-step chain (the client from pure noise at its share of
+    the steps: ``client_from_noise``); ``ConfigError`` where no stride gives that many."""
+    big_t = self.diffusion.num_timesteps
+    try:
+      return sampling.make_levels(big_t, steps, spacing="ddim")
+    except ValueError:
+      raise ConfigError(
+        "diffusion.timestep_spacing", "ddim",
+        f"the client from pure noise runs its {steps} steps (collab.cut_point="
+        f"{self.cut_point}), and no stride gives exactly {steps} DDIM steps over T={big_t}; "
+        "pick another cut point or timestep_spacing=uniform",
+      ) from None  # fmt: skip
+
+  def check_client_from_noise(self) -> None:
+    """Raises ``ConfigError`` where ``sample_diagnostics`` could not draw the client from pure
+    noise on the configured grid (the sweep checks every run before training any)."""
+    if self.ddim_grid is not None and 0 < self.cut_point < self.diffusion.num_timesteps:
+      self.ddim_levels_from_noise(max(self.steps_split()[1], 1))
 
   @functools.cached_property
   def _client_sample_jit(self):

@@ -82,6 +82,7 @@ def sample(
   num_steps: int,
   labels: jax.Array | None = None,
   chain: str = "global",
+  spacing: str = "uniform",
   sampler: str = "ddpm",
   eta: float = 0.0,
   guidance_scale: float = 1.0,
@@ -93,6 +94,9 @@ def sample(
   ``chain`` (ratio noising only): ``global`` samples the ordinary chain with the server's noise
   estimate rescaled to the global one (x0_hat clipped; default), ``rebased`` the spec's §2.3
   posterior of the rebased chain (unclipped; diverges under the cosine schedule).
+  ``spacing`` (``sampling.make_levels``): "uniform" spaces the server's ``num_steps`` steps from T
+  to cut_point; "ddim" takes the part above cut_point of the whole chain's DDIM grid of
+  ``num_steps`` steps (cut_point must be one of its levels), starting at that grid's top.
   """
   big_t = diffusion.num_timesteps
   x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape, jnp.float32)
@@ -123,11 +127,11 @@ def sample(
 
   elif noising == "ratio":
     rebased = diffusion.rebased(cut_point)
-    steps = min(num_steps, rebased.num_timesteps)
-    segment = sampling.Segment(
-      lambda x, t, y: apply_fn(x, t + cut_point, y), rebased.num_timesteps, 0
-    )
-    levels = sampling.make_levels(rebased.num_timesteps, steps)
+    if spacing == "ddim":  # the global grid's part above the cut, as rebased levels
+      levels = _server_levels(big_t, num_steps, cut_point, spacing) - cut_point
+    else:
+      levels = sampling.make_levels(rebased.num_timesteps, min(num_steps, rebased.num_timesteps))
+    segment = sampling.Segment(lambda x, t, y: apply_fn(x, t + cut_point, y), int(levels[0]), 0)
     # x_cut is a noisy latent unless cut_point == 0, so only then is the estimate clipped to
     # [-1, 1].
     # The rebased chain's levels 1.. would reuse the client's step keys (fold_in(rng, k)), so the
@@ -136,9 +140,15 @@ def sample(
       rebased, segment, x_T, jax.random.fold_in(rng, 1 << 21), levels=levels,
       clip_denoised=cut_point == 0, **common,
     )  # fmt: skip
-  steps = min(num_steps, big_t - cut_point)
-  levels = sampling.make_levels(big_t, steps, big_t, cut_point)
-  segment = sampling.Segment(apply_fn, big_t, cut_point)
+  levels = _server_levels(big_t, num_steps, cut_point, spacing)
+  segment = sampling.Segment(apply_fn, int(levels[0]), cut_point)
   return sampling.sample_segment(
     diffusion, segment, x_T, rng, levels=levels, clip_denoised=True, **common
   )
+
+
+def _server_levels(big_t: int, num_steps: int, cut_point: int, spacing: str) -> np.ndarray:
+  """The server's levels from the top of the chain down to ``cut_point`` (see ``sample``)."""
+  if spacing == "ddim":
+    return sampling.make_levels(big_t, num_steps, big_t, cut_point, spacing="ddim")
+  return sampling.make_levels(big_t, min(num_steps, big_t - cut_point), big_t, cut_point)

@@ -215,6 +215,19 @@ def evaluate_centralized_run(run: Run, net, clients: ClientData, n: int) -> dict
 
 
 # --- the binary --------------------------------------------------------------------------------
+def _check_grids(runs: list[Run]) -> None:
+  """Every cut's sampling, diagnostics included, on the configured grid before anything trains:
+  on the DDIM grid a cut must be one of its levels and the client from pure noise needs a stride
+  giving its share of the steps (``ConfigError`` naming ``diffusion.timestep_spacing``)."""
+  from collab.method import CollaFuse
+  from common import data
+  from common.train.method import timestep_spacing
+
+  for run in runs:
+    if run.cut is not None and timestep_spacing(run.config) == "ddim":
+      CollaFuse(run.config, data.get_info(run.config.data)).check_client_from_noise()
+
+
 def run_sweep(
   config,
   workdir: str,
@@ -242,6 +255,7 @@ def run_sweep(
       raise ConfigError("cut_points", c, f"must be in [0, {big_t}] (diffusion.num_timesteps)")
   fields.validate(config, data.get_info(config.data))
   runs = plan(config, workdir, seeds, cuts, centralized)
+  _check_grids(runs)
   os.makedirs(workdir, exist_ok=True)
   net = reference.load_feature_network(
     reference.resolve_name(feature_net, config.data.name), inception_weights=inception_weights

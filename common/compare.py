@@ -50,6 +50,7 @@ TABLE_COLUMNS = (
   ("wall_time_per_sample_s", "{:.4f}"),
   ("sampler", "{}"),
   ("sampling_steps", "{}"),
+  ("timestep_spacing", "{}"),
   ("num_samples", "{}"),
 )
 
@@ -94,6 +95,8 @@ def load_runs(workdirs: list[str]) -> list[dict]:
       with open(path) as f:
         record = json.load(f)
       record["kind"] = "generative"
+      # An evaluation written before the field existed sampled on the one grid there was.
+      record.setdefault("timestep_spacing", "uniform")
       _with_group_means(record)
     record["run"] = name
     runs.append(record)

@@ -6,8 +6,9 @@ sampling for collab, group-routed sampling for adaptive, ...), and writes
 
 * ``<workdir>/eval/metrics.json``: FID, KID (mean, std), precision, recall, label accuracy for
   class-conditional runs, the same per group (class / client / user), and everything needed to
-  reproduce them (seed, sampler, steps, feature network and its sha256, reference file, checkpoint
-  step, params, FLOPs per sample over the whole chain, wall time per sample);
+  reproduce them (seed, sampler, steps and their grid, ``timestep_spacing``, feature network and
+  its sha256, reference file, checkpoint step, params, FLOPs per sample over the whole chain, wall
+  time per sample);
 * ``<workdir>/eval/samples.png``: a labelled grid (one class or group per row).
 
 The feature network is the dataset's own classifier for the embedded datasets (weights committed
@@ -44,6 +45,10 @@ def _define_flags() -> dict[str, Any]:
       "sampler", "", ["", "ddpm", "ddim"], "Override the run's sampler."
     ),
     "sample_steps": flags.DEFINE_integer("sample_steps", 0, "Override the run's sampling steps."),
+    # uniform: IDDPM's "N" (t = T-1 included); ddim: the DDIM paper's grid, IDDPM's "ddimN".
+    "timestep_spacing": flags.DEFINE_enum(
+      "timestep_spacing", "", ["", "uniform", "ddim"], "Override the run's sampling grid."
+    ),
     "batch_size": flags.DEFINE_integer("batch_size", 250, "Samples per sampling call."),
     "feature_net": flags.DEFINE_string(
       "feature_net", "auto", "auto | digits | shapes | inception_v3 (auto: by dataset)."
@@ -160,6 +165,7 @@ def evaluate(
   seed: int = 0,
   sampler: str = "",
   sample_steps: int = 0,
+  timestep_spacing: str = "",
   batch_size: int = 250,
   feature_net: str = "auto",
   inception_weights: str = "",
@@ -172,15 +178,17 @@ def evaluate(
   """Runs the evaluation described in the module docstring; returns what it writes.
 
   ``out_name`` is the folder under ``workdir`` the metrics and grid go to, so a second
-  evaluation (the raw weights, another step) does not overwrite the first.
+  evaluation (the raw weights, another step, the other grid) does not overwrite the first.
+  ``sampler``, ``sample_steps`` and ``timestep_spacing`` override the run's (empty / 0: its own).
   """
   from common.metrics import reference
 
   if num_samples < 2:
     raise ValueError(f"num_samples={num_samples}: need at least 2 samples for FID")
   run = _load_for_eval(
-    workdir, use_ema=use_ema, step=step, sampler=sampler, sample_steps=sample_steps
-  )
+    workdir, use_ema=use_ema, step=step, sampler=sampler, sample_steps=sample_steps,
+    timestep_spacing=timestep_spacing,
+  )  # fmt: skip
   config, method = run.config, run.method
   ref_split = ref_split or method.default_ref_split
   net_name = reference.resolve_name(feature_net, config.data.name)
@@ -206,17 +214,22 @@ def evaluate(
 
 
 def _load_for_eval(
-  workdir: str, *, use_ema: bool, step: int, sampler: str, sample_steps: int
+  workdir: str, *, use_ema: bool, step: int, sampler: str, sample_steps: int, timestep_spacing: str
 ) -> _Loaded:
-  """``load_params``, with the method rebuilt when the sampler or its steps are overridden."""
+  """``load_params``, with the method rebuilt when the sampler, its steps or its grid are
+  overridden (checked like the run's own: a DDIM grid needs a stride giving the steps)."""
   config, method, params, ckpt_step = load_params(workdir, use_ema=use_ema, step=step)
-  if sampler or sample_steps:
+  if sampler or sample_steps or timestep_spacing:
     if sampler:
       config.diffusion.sampler = sampler
     if sample_steps:
       config.diffusion.sample_steps = sample_steps
+    if timestep_spacing:
+      config.diffusion.timestep_spacing = timestep_spacing
     from common.train.method import load_method
+    from common.train.validate import validate_sampler
 
+    validate_sampler(config)
     method = load_method(config, method.data_info)
   return _Loaded(config, method, params, ckpt_step, use_ema)
 

@@ -132,5 +132,9 @@ def from_eval_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
       if "wall_time_per_sample_s" in metrics and "num_samples" in metrics
       else None
     ),
-    note=f"{metrics.get('feature_net', '?')} features, reference {metrics.get('reference_split')}",
+    note=(
+      f"{metrics.get('feature_net', '?')} features, reference {metrics.get('reference_split')}; "
+      f"{metrics.get('sampler', '?')}, {metrics.get('sampling_steps', '?')} steps on the "
+      f"{metrics.get('timestep_spacing', 'uniform')} grid"
+    ),
   )

@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.cond_drop_prob = 0.0  # classifier-free guidance training dropout of the label
   c.diffusion.sampler = "ddim"  # ddpm | ddim
   c.diffusion.sample_steps = 50  # respaced steps; num_timesteps for the full chain
+  # uniform: N even t, T-1 included (IDDPM's "N") | ddim: the DDIM paper's grid (IDDPM's "ddimN")
+  c.diffusion.timestep_spacing = "uniform"
   c.diffusion.ddim_eta = 0.0
   c.diffusion.guidance_scale = 1.0  # 1.0 = plain conditional sampling
   c.diffusion.clip_denoised = True

@@ -24,7 +24,7 @@ import optax
 
 from common import data
 from common.train import state as state_lib
-from common.train.method import DDPM
+from common.train.method import DDPM, timestep_spacing
 from common.train.validate import ConfigError
 from hybrid import data as hdata
 from hybrid import fields, models
@@ -238,6 +238,8 @@ class Hybrid(DDPM):
     return {
       "sampler": d.sampler,
       "sampling_steps": int(self.diffusion.num_timesteps),
+      # Every level (the paper's full chain), the same grid on both spacings (ddimT = all of T).
+      "timestep_spacing": timestep_spacing(self.config),
       "ddim_eta": float(d.ddim_eta),
       "guidance_scale": 1.0,
       "cut_point": int(self.config.hybrid.eval_cut_point),

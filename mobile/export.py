@@ -68,10 +68,14 @@ def denoise_fn(method, params, dtype: str = "float32"):
 
 
 def ddim_levels(method, num_steps: int) -> np.ndarray:
-  """The descending level grid of the exported chain: [num_steps + 1] int32, T first, 0 last."""
+  """The descending level grid of the exported chain on the run's ``diffusion.timestep_spacing``:
+  [num_steps + 1] int32, T (uniform) or the DDIM grid's top first, 0 last."""
   from common.diffusion import make_levels
+  from common.train.method import timestep_spacing
 
-  return make_levels(method.diffusion.num_timesteps, num_steps)
+  return make_levels(
+    method.diffusion.num_timesteps, num_steps, spacing=timestep_spacing(method.config)
+  )
 
 
 def sampler_fn(method, params, dtype: str = "float32", num_steps: int | None = None):
@@ -80,6 +84,7 @@ def sampler_fn(method, params, dtype: str = "float32", num_steps: int | None = N
   x_T: [B, H, W, C] float32 noise, y: [B] int32 or None -> [B, H, W, C] float32 in [-1, 1].
   """
   from common.diffusion import sampling
+  from common.train.method import timestep_spacing
 
   d = method.config.diffusion
   steps = int(num_steps or d.sample_steps)
@@ -93,6 +98,7 @@ def sampler_fn(method, params, dtype: str = "float32", num_steps: int | None = N
       x_t.shape,
       jax.random.PRNGKey(0),  # unused: DDIM with eta 0 from a given x_T draws no noise
       num_steps=steps,
+      spacing=timestep_spacing(method.config),
       sampler="ddim",
       eta=0.0,
       y=y,
@@ -192,6 +198,8 @@ def _export_dtype(method, params, dtype: str, shape, steps: int, out_dir: str, p
 def _manifest(method, params, res: int, steps: int, batch_size: int, artifacts) -> dict[str, Any]:
   """What a loader needs besides the artifacts: shapes, the schedule of the exported chain, the
   architecture and its closed-form counts (TFDiff only)."""
+  from common.train.method import timestep_spacing
+
   info, d = method.data_info, method.config.diffusion
   conditional = method.class_conditional
   levels = ddim_levels(method, steps)
@@ -213,6 +221,7 @@ def _manifest(method, params, res: int, steps: int, batch_size: int, artifacts) 
       "sampler": "ddim",
       "eta": 0.0,
       "num_steps": steps,
+      "timestep_spacing": timestep_spacing(method.config),
       "levels": levels.tolist(),
       "model_timesteps": (levels[:-1] - 1).tolist(),  # t = k - 1 for the step leaving level k
       "alpha_bar_at_levels": [float(abar[k]) for k in levels],

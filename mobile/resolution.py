@@ -24,6 +24,7 @@ from common import fileio
 def sample_at(method, params, rng, num_samples: int, resolution: int, labels=None) -> np.ndarray:
   """``num_samples`` images [N, resolution, resolution, C] in [-1, 1] from the run's sampler."""
   from common.diffusion import sampling
+  from common.train.method import timestep_spacing
 
   d = method.config.diffusion
   conditional = method.class_conditional and labels is not None
@@ -35,6 +36,7 @@ def sample_at(method, params, rng, num_samples: int, resolution: int, labels=Non
       shape,
       r,
       num_steps=d.sample_steps,
+      spacing=timestep_spacing(method.config),
       sampler=d.sampler,
       eta=d.ddim_eta,
       y=y,

@@ -6,6 +6,7 @@ from common.diffusion.gaussian import (
   normal_kl,
 )
 from common.diffusion.sampling import (
+  TIMESTEP_SPACINGS,
   Segment,
   initial_noise,
   make_levels,
@@ -19,6 +20,7 @@ from common.diffusion.sampling import (
 from common.diffusion.schedules import alpha_bar_levels, alphas_cumprod, get_betas, log_snr, snr
 
 __all__ = [
+  "TIMESTEP_SPACINGS",
   "GaussianDiffusion",
   "Segment",
   "alpha_bar_levels",

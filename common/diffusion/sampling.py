@@ -33,6 +33,7 @@ import numpy as np
 from common.diffusion.gaussian import GaussianDiffusion
 from common.diffusion.steps import (
   SAMPLERS,
+  TIMESTEP_SPACINGS,
   DenoiseFn,
   make_levels,
   predict,
@@ -272,7 +273,8 @@ def segmented_levels(
   num_timesteps: int, segments: Sequence[Segment], steps_per_segment: Sequence[int]
 ) -> np.ndarray:
   """One grid for segments that each space their own steps: segment i's part is
-  ``make_levels(T, steps_per_segment[i], k_start_i, k_end_i)``. Returns [sum(steps) + 1] int32."""
+  ``make_levels(T, steps_per_segment[i], k_start_i, k_end_i)`` (the uniform spacing; a DDIM grid
+  is the whole chain's, which segments split instead). Returns [sum(steps) + 1] int32."""
   if len(steps_per_segment) != len(segments):
     raise ValueError(f"got {len(steps_per_segment)} steps_per_segment for {len(segments)} segments")
   parts = [
@@ -331,27 +333,31 @@ def sample(
   rng: jax.Array,
   *,
   num_steps: int,
+  spacing: str = "uniform",
   x_T: jax.Array | None = None,
   **kwargs,
 ) -> jax.Array:
-  """Full-chain sampling: one segment from level T to 0 over ``make_levels(T, num_steps)``.
+  """Full-chain sampling: one segment from the top of ``make_levels(T, num_steps, spacing=...)``
+  (level T, or the DDIM grid's first level) to 0.
 
   Args:
     diffusion, denoise_fn: the schedule and the denoiser (see ``Segment``).
     shape: (B, H, W, C).
     rng: PRNG key.
     num_steps: reverse steps (T for the full chain).
+    spacing: the grid, "uniform" (IDDPM's "N") or "ddim" (IDDPM's "ddimN"; ``make_levels``).
     x_T: [B, H, W, C] float32 starting noise; default ``initial_noise(rng, shape)``.
     **kwargs: sampler, eta, y, guidance_scale, null_label, clip_denoised (``sample_chain``).
 
   Returns:
     [B, H, W, C] float32 samples.
   """
-  t_count = diffusion.num_timesteps
-  segment = Segment(denoise_fn, t_count, 0)
-  return sample_segmented(
-    diffusion, [segment], shape, rng, steps_per_segment=[num_steps], x_start=x_T, **kwargs
-  )
+  levels = make_levels(diffusion.num_timesteps, num_steps, spacing=spacing)
+  x_start = initial_noise(rng, shape) if x_T is None else x_T
+  chex.assert_shape(x_start, tuple(shape))
+  # The noise enters at the grid's first level: T, or (num_steps - 1) * stride + 1 for DDIM's.
+  segment = Segment(denoise_fn, int(levels[0]), 0)
+  return sample_chain(diffusion, [segment], x_start, rng, levels=levels, **kwargs)
 
 
 def make_segment_sampler(
@@ -417,6 +423,7 @@ def routed_denoise_fn(table, denoise_fns: Sequence[DenoiseFn]) -> DenoiseFn:
 
 __all__ = [
   "SAMPLERS",
+  "TIMESTEP_SPACINGS",
   "DenoiseFn",
   "Segment",
   "initial_noise",

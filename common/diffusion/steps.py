@@ -17,6 +17,9 @@ import numpy as np
 from common.diffusion.gaussian import GaussianDiffusion
 
 SAMPLERS = ("ddpm", "ddim")
+# The sampling grids (``make_levels``): "uniform" is IDDPM's "N" respacing (N evenly spaced
+# timesteps, t = T - 1 included), "ddim" the DDIM paper's, IDDPM's "ddimN" (range(0, T, stride)).
+TIMESTEP_SPACINGS = ("uniform", "ddim")
 
 DenoiseFn = Callable[[jax.Array, jax.Array, jax.Array | None], jax.Array]
 
@@ -69,30 +72,58 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
 
 
 def make_levels(
-  num_timesteps: int, num_steps: int, k_start: int | None = None, k_end: int = 0
+  num_timesteps: int,
+  num_steps: int,
+  k_start: int | None = None,
+  k_end: int = 0,
+  *,
+  spacing: str = "uniform",
 ) -> np.ndarray:
-  """The descending level grid of a segment: k_start first, k_end last, num_steps steps.
+  """The descending level grid of a segment from k_start down to k_end, on one of two spacings.
 
-  For k_end == 0 the levels above 0 are 1 + ``space_timesteps(k_start, [num_steps])``, so a full
-  chain is exactly IDDPM's respacing (the last model call is at t = 0, then a step to level 0).
-  For k_end > 0 the num_steps + 1 levels are evenly spaced from k_start to k_end, both included.
-  Both rules give every level when num_steps == k_start - k_end, and evenly spaced grids split at
-  one of their levels compose: make_levels(100, 10) (100, 89, ..., 12, 1, 0) equals
+  ``spacing="uniform"`` (IDDPM's "N" respacing, the default): the segment spaces its own
+  num_steps steps, k_start first and k_end last. For k_end == 0 the levels above 0 are
+  1 + ``space_timesteps(k_start, [num_steps])``, so a full chain is exactly IDDPM's respacing
+  (t = T - 1 included; the last model call is at t = 0, then a step to level 0). For k_end > 0
+  the num_steps + 1 levels are evenly spaced from k_start to k_end, both included. Both rules
+  give every level when num_steps == k_start - k_end, and evenly spaced grids split at one of
+  their levels compose: make_levels(100, 10) (100, 89, ..., 12, 1, 0) equals
   make_levels(100, 4, 100, 56) followed by make_levels(100, 6, 56)[1:].
+
+  ``spacing="ddim"`` (the DDIM paper's grid, IDDPM's "ddimN"): the grid is the whole chain's,
+  whatever the segment: 1 + range(0, T, stride) for the stride giving exactly num_steps steps,
+  descending, then 0. The last model call is at t = 0 and the first at t = (num_steps - 1) *
+  stride on pure noise, as in IDDPM's and DDIM's samplers, so the grid starts at level T only
+  when the stride is 1 (make_levels(1000, 50, spacing="ddim") is 981, 961, ..., 21, 1, 0). A
+  segment takes its part of that grid, the levels in [k_end, k_start]: k_start = T means from
+  the grid's top, and every other bound must be a level of the grid, so segments split at grid
+  levels concatenate to the whole chain's grid. ``num_steps`` is then the whole chain's step
+  count, not the segment's.
 
   Args:
     num_timesteps: T.
-    num_steps: number of reverse steps, 1 <= num_steps <= k_start - k_end.
+    num_steps: reverse steps: the segment's, 1 <= num_steps <= k_start - k_end ("uniform"), or
+      the whole chain's, 1 <= num_steps <= T ("ddim").
     k_start: first level (default T).
     k_end: last level, 0 <= k_end < k_start.
+    spacing: "uniform" | "ddim" (``TIMESTEP_SPACINGS``).
 
   Returns:
-    [num_steps + 1] int32, strictly decreasing.
+    [S + 1] int32, strictly decreasing: S = num_steps ("uniform"), or the steps of the whole
+    chain's grid between the segment's bounds ("ddim").
+
+  Raises:
+    ValueError: bounds or step count out of range, an unknown spacing, no stride giving exactly
+      num_steps DDIM steps, or a DDIM segment bound that is not a level of the grid.
   """
+  if spacing not in TIMESTEP_SPACINGS:
+    raise ValueError(f"unknown spacing {spacing!r}; allowed: {', '.join(TIMESTEP_SPACINGS)}")
   k_start = num_timesteps if k_start is None else int(k_start)
   k_end = int(k_end)
   if not 0 <= k_end < k_start <= num_timesteps:
     raise ValueError(f"need 0 <= k_end < k_start <= {num_timesteps}, got {k_start}, {k_end}")
+  if spacing == "ddim":
+    return _ddim_part(num_timesteps, num_steps, k_start, k_end)
   if not 1 <= num_steps <= k_start - k_end:
     raise ValueError(f"num_steps must be in [1, {k_start - k_end}], got {num_steps}")
   if k_end == 0 and num_steps == 1:
@@ -105,6 +136,34 @@ def make_levels(
     stride = (k_start - k_end) / num_steps
     levels = [k_start - round(i * stride) for i in range(num_steps)] + [k_end]
   return np.asarray(levels, np.int32)
+
+
+def _ddim_part(num_timesteps: int, num_steps: int, k_start: int, k_end: int) -> np.ndarray:
+  """``make_levels``'s "ddim" rule: the part of the whole chain's DDIM grid in [k_end, k_start]."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+  kept = space_timesteps(num_timesteps, f"ddim{num_steps}")
+  grid = np.asarray([t + 1 for t in reversed(kept)] + [0], np.int32)
+  on_grid = set(grid.tolist())
+  for name, bound in (("k_start", k_start), ("k_end", k_end)):
+    if bound not in on_grid and not (name == "k_start" and bound == num_timesteps):
+      raise ValueError(
+        f"{name}={bound} is not a level of the {num_steps}-step DDIM grid over T={num_timesteps} "
+        f"({_grid_summary(grid)})"
+      )
+  part = grid[(grid <= k_start) & (grid >= k_end)]
+  if part.size < 2:
+    raise ValueError(
+      f"no step of the {num_steps}-step DDIM grid over T={num_timesteps} lies between levels "
+      f"{k_start} and {k_end} ({_grid_summary(grid)})"
+    )
+  return part
+
+
+def _grid_summary(grid: np.ndarray) -> str:
+  """``"levels 981, 961, ..., 1, 0"``: a grid named in one short phrase for error messages."""
+  shown = grid.tolist() if grid.size <= 6 else [*grid[:2].tolist(), "...", *grid[-2:].tolist()]
+  return "levels " + ", ".join(map(str, shown))
 
 
 def step_coefficients(

@@ -56,6 +56,18 @@ def allow(fields: list[str] | tuple[str, ...]) -> None:
   _allowed = tuple(f.strip() for f in fields if f.strip())
 
 
+# Fields added to the configs after runs were saved without them, each with the value that keeps
+# what those runs did: a saved config lacking one reads as that value, so a run (or campaign)
+# saved before the field existed resumes as it was instead of being refused.
+ADDED_FIELDS = {"diffusion.timestep_spacing": "uniform"}
+
+
+def with_added_fields(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+  """``saved`` (flat, dotted) with each ``ADDED_FIELDS`` field it lacks and ``current`` has."""
+  added = {k: v for k, v in ADDED_FIELDS.items() if k in current and k not in saved}
+  return {**saved, **added}
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
   """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values (JSON makes tuples lists)."""
   if not isinstance(tree, dict):
@@ -76,7 +88,8 @@ def _matches(field: str, patterns: tuple[str, ...]) -> bool:
 
 def differences(saved: dict, current: dict) -> dict[str, dict[str, Any]]:
   """``{field: {"old", "new"}}`` for every dotted field whose value differs (or exists once)."""
-  a, b = flatten(saved), flatten(current)
+  b = flatten(current)
+  a = with_added_fields(flatten(saved), b)
   missing = object()
   out = {}
   for field in sorted(set(a) | set(b)):

@@ -46,6 +46,13 @@ def make_diffusion(config: ml_collections.ConfigDict) -> GaussianDiffusion:
   )
 
 
+def timestep_spacing(config: ml_collections.ConfigDict) -> str:
+  """The sampling grid ``config.diffusion.timestep_spacing`` ("uniform" | "ddim", see
+  ``sampling.make_levels``); "uniform" for a config saved before the field existed, the only
+  grid there was then."""
+  return str(config.diffusion.get("timestep_spacing", "uniform"))
+
+
 def make_optimizer(
   opt: ml_collections.ConfigDict, total_steps: int | None = None
 ) -> tuple[optax.GradientTransformation, Any]:
@@ -250,11 +257,13 @@ class Method:
     return {}
 
   def sampling_description(self) -> dict[str, Any]:
-    """What ``metrics.json`` records about how samples were drawn."""
+    """What ``metrics.json`` records about how samples were drawn (sampler, steps and their grid,
+    ``timestep_spacing``: a figure names the grid it was measured on)."""
     d = self.config.diffusion
     return {
       "sampler": d.sampler,
       "sampling_steps": int(d.sample_steps),
+      "timestep_spacing": timestep_spacing(self.config),
       "ddim_eta": float(d.ddim_eta),
       "guidance_scale": float(d.guidance_scale) if self.class_conditional else 1.0,
     }
@@ -330,14 +339,17 @@ class DDPM(Method):
   def sampling_chain(self, params, levels: np.ndarray) -> list[sampling.Segment]:
     """The method's sampling as a chain over the grid ``levels`` (what ``sample`` runs through
     ``sampling.sample_chain``): which denoiser runs which levels. The baseline is one segment,
-    this network from T to 0; TDC has one per group."""
+    this network from the grid's top (T, or the DDIM grid's first level) to 0; TDC has one per
+    group."""
     return [sampling.Segment(self.denoise_fn(params), int(levels[0]), int(levels[-1]))]
 
   @functools.cached_property
   def _sample_jit(self):
     d = self.config.diffusion
     res, ch = self.data_info.resolution, self.data_info.channels
-    levels = sampling.make_levels(self.diffusion.num_timesteps, d.sample_steps)
+    levels = sampling.make_levels(
+      self.diffusion.num_timesteps, d.sample_steps, spacing=timestep_spacing(self.config)
+    )
 
     def run(params, rng, labels, num_samples):
       return sampling.sample_chain(

@@ -118,12 +118,11 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   if batch % process_count:
     raise ConfigError("batch_size", batch, f"must be divisible by the {process_count} processes")
 
-  t = require(config, "diffusion.num_timesteps", integer(1), "must be an integer >= 1")
+  require(config, "diffusion.num_timesteps", integer(1), "must be an integer >= 1")
   require_choice(config, "diffusion.schedule", SCHEDULES)
   require_choice(config, "diffusion.parameterization", PARAMETERIZATIONS)
   require_choice(config, "diffusion.loss", LOSSES)
-  require_choice(config, "diffusion.sampler", SAMPLERS)
-  require(config, "diffusion.sample_steps", integer(1, t), f"must be an integer in [1, {t}]")
+  validate_sampler(config)
   require(config, "diffusion.ddim_eta", lambda v: v >= 0.0, "must be >= 0")
   require(config, "diffusion.min_snr_gamma", lambda v: v >= 0.0, "must be >= 0 (0 disables it)")
   require(config, "diffusion.vlb_weight", lambda v: v >= 0.0, "must be >= 0")
@@ -150,6 +149,32 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
         f"must be < total_steps={config.total_steps} for the cosine schedule",
       )  # fmt: skip
   return mesh_shape
+
+
+def validate_sampler(config: ml_collections.ConfigDict) -> None:
+  """Checks ``diffusion.sampler``, ``diffusion.sample_steps`` and ``diffusion.timestep_spacing``
+  (also after ``common.eval`` overrides them): a "ddim" grid needs a stride giving exactly
+  sample_steps steps, as IDDPM's "ddimN" does.
+
+  Raises:
+    ConfigError: the first bad field.
+  """
+  from common.diffusion import steps
+
+  t = require(config, "diffusion.num_timesteps", integer(1), "must be an integer >= 1")
+  require_choice(config, "diffusion.sampler", SAMPLERS)
+  n = require(config, "diffusion.sample_steps", integer(1, t), f"must be an integer in [1, {t}]")
+  if "timestep_spacing" not in config.diffusion:  # absent in configs saved before the field
+    return
+  if require_choice(config, "diffusion.timestep_spacing", steps.TIMESTEP_SPACINGS) == "ddim":
+    counts = sorted({-(-t // stride) for stride in range(1, t)})  # len(range(0, T, stride))
+    if n not in counts:
+      near = [c for c in counts if c < n][-1:] + [c for c in counts if c > n][:1]
+      raise ConfigError(
+        "diffusion.sample_steps", n,
+        f"diffusion.timestep_spacing=ddim needs a stride s with exactly {n} steps in "
+        f"range(0, {t}, s); nearest that have one: {', '.join(map(str, near)) or 'none'}",
+      )  # fmt: skip
 
 
 def validate_data(config: ml_collections.ConfigDict):
