@@ -7,7 +7,13 @@ Builds and compiles the step exactly as ``benchmarks/train_step.py`` does (the b
 defaults for the model included), runs ``--steps`` steps under ``jax.profiler`` and sums the
 trace's per-op events: by kind (the HLO op of each thunk: ``convolution``, ``dot``, ``fusion``,
 ``custom-call``, ...) and the ``--top`` ops by total time, each with its share of the step. The
-shares are what to read on a shared machine; the milliseconds move with the load.
+shares are what to read on a shared machine; the milliseconds move with the load. Only ops with
+an event of their own are counted (on XLA:CPU 0.10 not every convolution thunk has one): the
+first line compares their total with the step's wall time. On the shapes preset under load the
+reductions (``reduce fusion``, ``reduce-window``: XLA:CPU splits large reductions into
+reduce-window trees) came out at ~40% of the step, yet a GroupNorm with half the forward +
+backward time left the whole step unchanged (``benchmarks/RESULTS.md``): read a share as where to
+look, and confirm a change with ``train_step.py`` A/B runs.
 """
 
 import collections
