@@ -363,13 +363,27 @@ def _one_line_at_a_time(echo: Callable[[str], None]) -> Callable[[str], None]:
   return locked
 
 
+def start_order(runs, names: list[str], parallel: int) -> list[str]:
+  """The order runs are offered a free slot in: the plan order one at a time; with more at a
+  time, the longest chain of estimates first (a run's ``estimate_s`` plus the longest chain of
+  the runs that need it), ties in plan order, so that a long chain (adaptive's training and its
+  two evaluations) does not start last and run on alone while the other core idles."""
+  if parallel <= 1:
+    return list(names)
+  chain: dict[str, float] = {}
+  for name in reversed(names):  # needs come first in ``names``, so dependents are done first
+    after = [chain[n] for n in names if n in chain and name in runs[n].needs]
+    chain[name] = float(runs[name].estimate_s) + max(after, default=0.0)
+  return sorted(names, key=lambda n: -chain[n])  # stable: plan order among equals
+
+
 def _run_entries(session: _Session, names: list[str], argvs: dict, parallel: int) -> None:
   """Launches ``names`` (in plan order, needs first) with at most ``parallel`` running at once:
-  the next run to start is the first in order whose needs have all settled, so ``parallel=1`` is
-  the plan order, one run after the other; an ``alone`` run waits for the running ones to end and
-  nothing starts beside it. Ctrl-C stops the running ones (``_launch``)."""
+  the next run to start is the first in ``start_order`` whose needs have all settled, so
+  ``parallel=1`` is the plan order, one run after the other; an ``alone`` run waits for the
+  running ones to end and nothing starts beside it. Ctrl-C stops the running ones (``_launch``)."""
   heads = {n: f"[{i}/{len(names)}] {n}" for i, n in enumerate(names, 1)}
-  pending, running = list(names), {}
+  pending, running = start_order(session.config.runs, names, parallel), {}
   with concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool:
     try:
       _schedule(session, pending, running, pool, argvs, heads, parallel)

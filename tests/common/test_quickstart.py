@@ -255,6 +255,22 @@ def test_an_alone_run_has_nothing_beside_it(tmp_path):
   assert ran["c"]["start"] >= ran["b"]["end"]
 
 
+def test_longest_chain_starts_first_when_runs_share_the_machine():
+  """Two at a time, the run heading the longest chain of estimates is offered a slot first (the
+  default plan: adaptive's training, whose two evaluations follow it); one at a time, plan order."""
+  c = _sleep_plan(2)
+  c.runs.a.estimate_s, c.runs.b.estimate_s, c.runs.c.estimate_s = 1.0, 2.5, 2.0
+  names = ["a", "b", "c"]
+  # a's chain is a + c = 3.0, b's 2.5, c's 2.0.
+  assert quickstart.start_order(c.runs, names, 2) == ["a", "b", "c"]
+  c.runs.b.estimate_s = 4.0
+  assert quickstart.start_order(c.runs, names, 2) == ["b", "a", "c"]
+  assert quickstart.start_order(c.runs, names, 1) == names
+  default = plan_config.get_config("default")
+  order = quickstart.start_order(default.runs, quickstart.enabled_entries(default), 2)
+  assert order[0] == "train_adaptive"
+
+
 def test_auto_runs_two_at_a_time_only_without_an_accelerator(monkeypatch):
   config = plan_config.get_config("default")
   assert config.max_parallel == 0  # auto: hybrid.profile is marked alone
