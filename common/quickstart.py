@@ -16,9 +16,10 @@ generative workdir, then ``common.compare`` over every result into ``<workdir>/r
 * Failures: a failing run's error tail goes in the report, the runs that need it are marked
   blocked, the others go on, and the command exits 1 at the end.
 * Runs at a time: ``max_parallel`` (1: one after the other; 0, the default: two on a machine
-  without an accelerator, else one); with more, the next run to start is the first in plan order
-  whose needs have ended, and every run's wall time is measured while it shares the machine, except
-  an entry marked ``alone`` (one that measures time), which runs with nothing beside it.
+  without an accelerator, else one); with more, the next run to start is the first whose needs
+  have ended in ``start_order`` (the longest chain of estimates first), and every run's wall time
+  is measured while it shares the machine, except an entry marked ``alone`` (one that measures
+  time), which runs with nothing beside it.
 * Compiled programs: every launch keeps them in one persistent cache (``compile_cache``).
 """
 

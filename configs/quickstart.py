@@ -46,9 +46,9 @@ compiled programs in one persistent JAX cache, ``$SEGDIFF_CACHE/jax`` (``SEGDIFF
 for the binaries), so a program that two launches share, or that a relaunch after a failure
 repeats, is compiled once; False: every launch compiles all its programs. ``max_parallel`` (0):
 how many runs may run at once, 0 for two on a machine without an accelerator and one on a GPU or
-TPU host (`common.quickstart.runs_at_a_time`); a run starts when every run it needs has ended, in
-plan order, and an ``alone`` run (``hybrid.profile``, whose latencies feed hybrid's scheduler) runs
-with nothing beside it.
+TPU host (`common.quickstart.runs_at_a_time`); a run starts when every run it needs has ended,
+the longest chain of estimates first (``common.quickstart.start_order``), and an ``alone`` run
+(``hybrid.profile``, whose latencies feed hybrid's scheduler) runs with nothing beside it.
 """
 
 from __future__ import annotations
@@ -480,9 +480,11 @@ def plan(preset: str, fragments=FRAGMENTS) -> ml_collections.ConfigDict:
   c.title = "Quickstart: every method on the embedded data"
   c.hybrid_measured_profile = True
   c.compile_cache = True
-  # Auto: two at a time on a CPU host, where compiles leave a core idle. hybrid.profile is `alone`:
-  # a run beside it changed its latencies and with them hybrid's headline (-2.27 alone, -2.60
-  # beside another run; benchmarks/RESULTS.md).
+  # Auto: two at a time on a CPU host, where compiles leave a core idle (14 min 47 s against
+  # 20 min 12 s one at a time, every figure but hybrid's the same). hybrid.profile is `alone` so
+  # that no run beside it inflates the latencies it measures; hybrid's headline still moves
+  # between runs (-2.27 to -2.60 in four, two of them with the profile alone: its DRL scheduler
+  # answers small latency differences with different plans; benchmarks/RESULTS.md).
   c.max_parallel = 0
   c.runs = ml_collections.ConfigDict()
   order = []
