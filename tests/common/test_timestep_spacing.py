@@ -18,6 +18,7 @@ from common.train import loop, validate
 from common.train.method import DDPM
 from common.train.validate import ConfigError
 from configs import ddpm
+from tests.common import test_train
 
 # IDDPM's respace.space_timesteps output, written out (improved_diffusion/respace.py run by hand).
 # space_timesteps(1000, [50]): one section of 1000, frac_stride = 999 / 49, round(i * stride).
@@ -109,22 +110,21 @@ def test_ddim_segments_split_the_whole_chains_grid():
 
 def tiny_config(**overrides):
   """digits 8x8, a one-level U-Net, T = 100 and 10 sampler steps (both grids exist)."""
-  c = ddpm.get_config("digits")
-  c.data.resolution = 8
-  c.model.channels = (16,)
-  c.model.num_res_blocks = 1
-  c.model.attention_resolutions = ()
-  c.diffusion.num_timesteps = 100
-  c.diffusion.sample_steps = 10
-  c.batch_size = 8
-  c.total_steps = 1
-  c.log_every_steps = 1
-  c.ckpt_every_steps = 1
-  c.sample_every_steps = 0
-  c.num_sample_images = 2
-  c.mesh.data = 1
-  c.update_from_flattened_dict(overrides)
-  return c
+  return test_train.tiny_config(
+    **{
+      "model.channels": (16,),
+      "model.attention_resolutions": (),
+      "diffusion.num_timesteps": 100,
+      "diffusion.sample_steps": 10,
+      "batch_size": 8,
+      "total_steps": 1,
+      "ckpt_every_steps": 1,
+      "num_sample_images": 2,
+      "optimizer.warmup_steps": 0,
+      "mesh.data": 1,
+      **overrides,
+    }
+  )
 
 
 def _perturbed(params):
