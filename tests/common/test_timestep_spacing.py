@@ -194,21 +194,17 @@ def test_eval_scores_a_run_on_either_grid_and_records_it(tmp_path):
 
 
 def collab_config(**overrides):
-  from configs import collab as collab_config
+  from tests.collab.test_collab import tiny
 
-  c = collab_config.get_config("digits")
-  c.collab.num_clients = 2
-  c.collab.classes_per_client = 5
-  c.collab.cut_point = 7
-  c.model.channels = (16, 32)
-  c.model.num_heads = 2
-  c.diffusion.num_timesteps = 20
-  c.diffusion.sample_steps = 10  # stride 2: levels 19, 17, ..., 3, 1, 0
-  c.diffusion.timestep_spacing = "ddim"
-  c.batch_size = 8
-  c.mesh.data = 1
-  c.update_from_flattened_dict(overrides)
-  return c
+  # stride 2: levels 19, 17, ..., 3, 1, 0
+  return tiny(
+    **{
+      "collab.cut_point": 7,
+      "diffusion.sample_steps": 10,
+      "diffusion.timestep_spacing": "ddim",
+      **overrides,
+    }
+  )
 
 
 def test_collab_ddim_segments_concatenate_to_the_whole_chains_grid(monkeypatch):
