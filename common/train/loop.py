@@ -51,17 +51,23 @@ def setup(config: ml_collections.ConfigDict, *, devices: list | None = None):
   return mesh, method
 
 
+def _seed_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """A run's two keys from its seed: the parameters' init key and the state's step key."""
+  rng = jax.random.PRNGKey(int(seed))
+  return jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
+
+
 def make_init_fn(method: Method, tx: optax.GradientTransformation, seed: int):
   def init(rng_unused=None):
     del rng_unused
-    rng = jax.random.PRNGKey(seed)
-    params = method.init_params(jax.random.fold_in(rng, 0))
+    params_key, state_key = _seed_keys(seed)
+    params = method.init_params(params_key)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
       ema_params=jax.tree.map(jnp.copy, params),
       opt_state=method.init_opt_state(tx, params),
-      rng=jax.random.fold_in(rng, 1),
+      rng=state_key,
     )
 
   return init
@@ -85,13 +91,12 @@ def start_state(config, method: Method, fns: dict, params) -> TrainState:
   # Same shapes as the loop's own init: its restore of the checkpoint checks this.
   jax.tree.map(lambda a, b: np.testing.assert_equal(np.shape(a), b.shape), params, want)
   params = jax.tree.map(np.asarray, params)
-  rng = jax.random.PRNGKey(int(config.seed))  # as make_init_fn
   state = TrainState(
     step=np.zeros((), np.int32),
     params=params,
     ema_params=jax.tree.map(lambda a: a.copy(), params),
     opt_state=jax.tree.map(np.asarray, method.init_opt_state(method.make_optimizer()[0], params)),
-    rng=np.asarray(jax.random.fold_in(rng, 1)),
+    rng=np.asarray(_seed_keys(config.seed)[1]),  # make_init_fn's
   )
   return jax.device_put(state, fns["state_shardings"])
 
