@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collab import client, fields, protocol, server
+from collab import client, ddim_split, fields, protocol, server
 from common import data
 from common.diffusion import sampling
 from common.metrics import flops as flops_lib
@@ -300,55 +300,28 @@ class CollaFuse(DDPM):
     return train_step
 
   # --- sampling: server to cut_point, hand-off, client to 0 --------------------------------------
-  # Two grids (``diffusion.timestep_spacing``). "uniform": each side spaces its own share of
-  # ``sample_steps`` (``steps_split``) between its bounds. "ddim": the whole chain's DDIM grid
-  # (``ddim_grid``) split at the cut: the server takes its levels down to cut_point, the client
-  # its levels from its start level, so with the same network on both sides the split chain is
-  # the unsplit DDIM chain. A cut (or client start) off that grid is a config error, not a
-  # silently different grid (``_check_ddim_grid``).
+  # On the uniform grid each side spaces its own share of ``sample_steps``; on the DDIM grid the
+  # cut splits the whole chain's grid (``collab.ddim_split``).
   @functools.cached_property
   def ddim_grid(self) -> np.ndarray | None:
-    """The whole chain's DDIM grid ([sample_steps + 1] levels, ``make_levels(..., "ddim")``),
-    or None on the uniform spacing."""
-    if timestep_spacing(self.config) != "ddim":
-      return None
-    d = self.config.diffusion
-    return sampling.make_levels(d.num_timesteps, d.sample_steps, spacing="ddim")
+    """The whole chain's DDIM grid, or None on the uniform spacing (``ddim_split.whole_grid``)."""
+    return ddim_split.whole_grid(self.config)
 
   def _check_ddim_grid(self) -> None:
-    """On the DDIM grid, the cut point and the client's start level must be levels of it (or T,
-    pure noise) so that the two sides split it; raises ``ConfigError`` naming the spacing."""
+    """On the DDIM grid, ``ddim_split.check_split`` of the cut and the client's start level."""
     if timestep_spacing(self.config) != "ddim":
       return
     validate_sampler(self.config)  # a stride giving sample_steps (eval builds methods directly)
-    grid, big_t = self.ddim_grid, self.diffusion.num_timesteps
-    start = self.client_start_level()
-    # The cut must lie below the grid's top (the server needs a step above it); the client may
-    # start anywhere on it.
-    checks = [("collab.cut_point", self.cut_point, set(grid[1:].tolist()))]
-    if start != self.cut_point:
-      checks.append(("the client's start level", start, set(grid.tolist())))
-    for what, level, allowed in checks:
-      if level == big_t or level in allowed:
-        continue
-      below = max(k for k in allowed if k <= level)
-      above = min([k for k in allowed if k > level] + [big_t])
-      offset = " (collab.client_start_offset=code)" if what != "collab.cut_point" else ""
-      raise ConfigError(
-        "diffusion.timestep_spacing", "ddim",
-        f"{what}={level}{offset} is not a level of the {len(grid) - 1}-step DDIM grid over "
-        f"T={big_t} (top {grid[0]}; nearest: {below}, {above}), where the server's and the "
-        "client's parts of it meet; pick one or timestep_spacing=uniform",
-      )  # fmt: skip
+    ddim_split.check_split(
+      self.ddim_grid, self.diffusion.num_timesteps, self.cut_point, self.client_start_level()
+    )
 
   def steps_split(self) -> tuple[int, int]:
     """(server steps, client steps) of the configured sampling budget: proportional to the split
     (uniform), or the DDIM grid's levels above cut_point and at or below the client's start."""
     big_t, total = self.diffusion.num_timesteps, self.config.diffusion.sample_steps
-    grid = self.ddim_grid
-    if grid is not None:
-      start = self.client_start_level()
-      return int(np.sum(grid > self.cut_point)), int(np.sum((grid > 0) & (grid <= start)))
+    if self.ddim_grid is not None:
+      return ddim_split.steps_split(self.ddim_grid, self.cut_point, self.client_start_level())
     if self.cut_point == 0:
       return min(total, big_t), 0
     if self.cut_point == big_t:
@@ -420,7 +393,7 @@ class CollaFuse(DDPM):
         big_t, int(self.config.diffusion.sample_steps), start, 0, spacing="ddim"
       )
     elif self.ddim_grid is not None:
-      levels = self.ddim_levels_from_noise(steps)
+      levels = ddim_split.levels_from_noise(big_t, steps, self.cut_point)
     else:
       levels = sampling.make_levels(big_t, steps, start, 0)
     if network is None:
@@ -441,25 +414,12 @@ class CollaFuse(DDPM):
       sampler=self.config.diffusion.sampler,
     )
 
-  def ddim_levels_from_noise(self, steps: int) -> np.ndarray:
-    """The DDIM grid of a whole ``steps``-step chain (the client from pure noise at its share of
-    the steps: ``client_from_noise``); ``ConfigError`` where no stride gives that many."""
-    big_t = self.diffusion.num_timesteps
-    try:
-      return sampling.make_levels(big_t, steps, spacing="ddim")
-    except ValueError:
-      raise ConfigError(
-        "diffusion.timestep_spacing", "ddim",
-        f"the client from pure noise runs its {steps} steps (collab.cut_point="
-        f"{self.cut_point}), and no stride gives exactly {steps} DDIM steps over T={big_t}; "
-        "pick another cut point or timestep_spacing=uniform",
-      ) from None  # fmt: skip
-
   def check_client_from_noise(self) -> None:
     """Raises ``ConfigError`` where ``sample_diagnostics`` could not draw the client from pure
     noise on the configured grid (the sweep checks every run before training any)."""
     if self.ddim_grid is not None and 0 < self.cut_point < self.diffusion.num_timesteps:
-      self.ddim_levels_from_noise(max(self.steps_split()[1], 1))
+      big_t, steps = self.diffusion.num_timesteps, max(self.steps_split()[1], 1)
+      ddim_split.levels_from_noise(big_t, steps, self.cut_point)
 
   @functools.cached_property
   def _client_sample_jit(self):
