@@ -22,7 +22,7 @@ from common import data
 from common.diffusion import sampling
 from common.metrics import flops as flops_lib
 from common.train import state as state_lib
-from common.train.method import DDPM, timestep_spacing
+from common.train.method import DDPM, timestep_spacing, x0_clipping_description, x0_clipping_kwargs
 from common.train.validate import ConfigError, validate_sampler
 
 
@@ -345,6 +345,7 @@ class CollaFuse(DDPM):
       eta=d.ddim_eta,
       guidance_scale=d.guidance_scale if guided else 1.0,
       null_label=self.data_info.num_classes if self.class_conditional else None,
+      **x0_clipping_kwargs(self.config),
     )
 
   def server_handoff(self, server_params, rng, shape, labels=None, num_steps=None):
@@ -586,6 +587,7 @@ class CollaFuse(DDPM):
     s_steps, c_steps = self.steps_split()
     return {
       **super().sampling_description(),
+      **x0_clipping_description(self.config, True),  # both sides always bound x0_hat
       "server_steps": s_steps,
       "client_steps": c_steps,
       "cut_point": self.cut_point,

@@ -87,6 +87,8 @@ def sample(
   eta: float = 0.0,
   guidance_scale: float = 1.0,
   null_label: int | None = None,
+  x0_clipping: str = "static",
+  dynamic_threshold_percentile: float = 0.95,
 ) -> jax.Array:
   """Pure noise -> the hand-off latent at level ``cut_point`` ([B, H, W, C] float32).
 
@@ -97,14 +99,17 @@ def sample(
   ``spacing`` (``sampling.make_levels``): "uniform" spaces the server's ``num_steps`` steps from T
   to cut_point; "ddim" takes the part above cut_point of the whole chain's DDIM grid of
   ``num_steps`` steps (cut_point must be one of its levels), starting at that grid's top.
+  ``x0_clipping``, ``dynamic_threshold_percentile``: how a clipped x0_hat is bounded
+  (``sampling.sample_chain``; "dynamic" is the official code's Imagen thresholding).
   """
   big_t = diffusion.num_timesteps
   x_T = jax.random.normal(jax.random.fold_in(rng, 1 << 20), shape, jnp.float32)
   if cut_point >= big_t:
     return x_T
   common = dict(
-    sampler=sampler, eta=eta, y=labels, guidance_scale=guidance_scale, null_label=null_label
-  )
+    sampler=sampler, eta=eta, y=labels, guidance_scale=guidance_scale, null_label=null_label,
+    x0_clipping=x0_clipping, dynamic_threshold_percentile=dynamic_threshold_percentile,
+  )  # fmt: skip
   if noising == "ratio" and chain == "global" and cut_point > 0:
     # The server's eps_s is, at its optimum, a fixed fraction of the global chain's noise:
     # x_k = sqrt(abar'_k) x_cut + sqrt(1 - abar'_k) eps_s = sqrt(abar_k) x0 + sqrt(1 - abar_k) eps,

@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.diffusion.ddim_eta = 0.0
   c.diffusion.guidance_scale = 1.0  # 1.0 = plain conditional sampling
   c.diffusion.clip_denoised = True
+  # How clip_denoised bounds x0_hat: static (clip to [-1, 1]) | dynamic (Imagen's dynamic
+  # thresholding at this percentile of |x0_hat|, the official CollaFuse sampler's)
+  c.diffusion.x0_clipping = "static"
+  c.diffusion.dynamic_threshold_percentile = 0.95
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "unet"

@@ -1,7 +1,9 @@
 """Shared diffusion core. Imports no method package, ever."""
 
 from common.diffusion.gaussian import (
+  X0_CLIPPINGS,
   GaussianDiffusion,
+  clip_x0,
   discretized_gaussian_log_likelihood,
   normal_kl,
 )
@@ -21,10 +23,12 @@ from common.diffusion.schedules import alpha_bar_levels, alphas_cumprod, get_bet
 
 __all__ = [
   "TIMESTEP_SPACINGS",
+  "X0_CLIPPINGS",
   "GaussianDiffusion",
   "Segment",
   "alpha_bar_levels",
   "alphas_cumprod",
+  "clip_x0",
   "discretized_gaussian_log_likelihood",
   "get_betas",
   "initial_noise",

@@ -34,6 +34,9 @@ from common.diffusion import schedules
 PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSSES = ("simple", "hybrid")
 FIXED_VARIANCES = ("small", "large")
+# How a sampler bounds its x0 estimate: "static" clips to [-1, 1] (IDDPM), "dynamic" is Imagen's
+# dynamic thresholding (Saharia et al. 2022, the official CollaFuse sampler's).
+X0_CLIPPINGS = ("static", "dynamic")
 
 # IDDPM discretizes data in [-1, 1] into 256 bins of width 2 / 255.
 _HALF_BIN = 1.0 / 255.0
@@ -92,6 +95,37 @@ def discretized_gaussian_log_likelihood(
   delta = jax.scipy.special.ndtr(upper) - jax.scipy.special.ndtr(lower)
   log_delta = jnp.log(jnp.maximum(delta, _LOG_FLOOR))
   return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, log_delta))
+
+
+def clip_x0(x0: jax.Array, clipping: str = "static", percentile: float = 0.95) -> jax.Array:
+  """Bounds a predicted x0 to the data range [-1, 1].
+
+  "static": clip to [-1, 1]. "dynamic" (Imagen): per sample, s = max(quantile(|x0|, percentile)
+  over all its values, 1), then clip to [-s, s] and divide by s: a sample that overshoots is
+  shrunk back into range instead of saturating, and with s = 1 this is exactly the static clip.
+
+  Args:
+    x0: [B, ...] float32 predicted clean data.
+    clipping: one of ``X0_CLIPPINGS``.
+    percentile: the quantile of |x0| (in (0, 1]) used by "dynamic" (Imagen's default 0.95).
+
+  Returns:
+    [B, ...] like x0.
+
+  Raises:
+    ValueError: an unknown ``clipping`` or a percentile outside (0, 1].
+  """
+  if clipping == "static":
+    return jnp.clip(x0, -1.0, 1.0)
+  if clipping != "dynamic":
+    raise ValueError(f"unknown x0 clipping {clipping!r}; allowed: {', '.join(X0_CLIPPINGS)}")
+  if not 0.0 < percentile <= 1.0:
+    raise ValueError(f"dynamic threshold percentile must be in (0, 1], got {percentile}")
+  b = x0.shape[0]
+  s = jnp.quantile(jnp.abs(x0).reshape(b, -1), percentile, axis=-1)
+  # Never expand a sample already inside [-1, 1]: the threshold is at least 1.
+  s = jnp.maximum(s, 1.0).astype(x0.dtype).reshape((b,) + (1,) * (x0.ndim - 1))
+  return jnp.clip(x0, -s, s) / s
 
 
 def _check_batch(x: jax.Array, t: jax.Array) -> None:
@@ -413,7 +447,13 @@ class GaussianDiffusion:
   # Reverse process (full chain; respaced steps live in sampling.py).
 
   def p_mean_variance(
-    self, model_out: jax.Array, x_t: jax.Array, t: jax.Array, clip_denoised: bool = True
+    self,
+    model_out: jax.Array,
+    x_t: jax.Array,
+    t: jax.Array,
+    clip_denoised: bool = True,
+    x0_clipping: str = "static",
+    dynamic_threshold_percentile: float = 0.95,
   ) -> dict[str, jax.Array]:
     """p(x_{level t} | x_{level t+1}) from a denoiser output.
 
@@ -425,7 +465,9 @@ class GaussianDiffusion:
       model_out: [B, H, W, C or 2C] float32.
       x_t: [B, H, W, C] float32 latent at level t + 1.
       t: [B] int32 0-based timesteps.
-      clip_denoised: clip the predicted x0 to [-1, 1] before forming the mean.
+      clip_denoised: bound the predicted x0 (``clip_x0``) before forming the mean.
+      x0_clipping: how, one of ``X0_CLIPPINGS`` ("static": clip to [-1, 1]).
+      dynamic_threshold_percentile: the quantile "dynamic" thresholds at.
 
     Returns:
       dict with "mean", "variance", "log_variance", "pred_x0" (clipped if asked), "pred_eps"
@@ -433,7 +475,7 @@ class GaussianDiffusion:
     """
     x0, eps, var_values = self.model_output_to_x0_eps(model_out, x_t, t)
     if clip_denoised:
-      x0 = jnp.clip(x0, -1.0, 1.0)
+      x0 = clip_x0(x0, x0_clipping, dynamic_threshold_percentile)
       eps = self.eps_from_x0(x_t, t, x0)
     mean, _, post_log_var = self.q_posterior_mean_variance(x0, x_t, t)
     if self.learn_sigma:

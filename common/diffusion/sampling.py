@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.diffusion.gaussian import GaussianDiffusion
+from common.diffusion.gaussian import X0_CLIPPINGS, GaussianDiffusion
 from common.diffusion.steps import (
   SAMPLERS,
   TIMESTEP_SPACINGS,
@@ -109,6 +109,8 @@ class _Stepper:
   diffusion: GaussianDiffusion
   sampler: str
   clip_denoised: bool
+  x0_clipping: str
+  dynamic_threshold_percentile: float
   needs_noise: bool
   guidance_scale: float
   null_label: int | None
@@ -121,7 +123,8 @@ class _Stepper:
     )
     x_next, std = reverse_step_mean_std(
       self.diffusion, c, x, t, x0, eps, var_values, sampler=self.sampler,
-      clip_denoised=self.clip_denoised,
+      clip_denoised=self.clip_denoised, x0_clipping=self.x0_clipping,
+      dynamic_threshold_percentile=self.dynamic_threshold_percentile,
     )  # fmt: skip
     if self.needs_noise:
       noise = _step_noise(rng, c["k"], x.shape, self.per_row_keys)
@@ -187,6 +190,8 @@ def sample_chain(
   guidance_scale: float = 1.0,
   null_label: int | None = None,
   clip_denoised: bool = True,
+  x0_clipping: str = "static",
+  dynamic_threshold_percentile: float = 0.95,
   handoff: HandoffFn | None = None,
   return_boundaries: bool = False,
 ) -> jax.Array | tuple[jax.Array, list[jax.Array]]:
@@ -195,7 +200,8 @@ def sample_chain(
   DDPM: ancestral step from the posterior q(x_k' | x_k, x0_hat) of the respaced pair, variance
   beta_eff / posterior / learned interpolation. DDIM: x_k' = sqrt(abar') x0_hat +
   sqrt(1 - abar' - sigma^2) eps_hat + sigma z. No noise is added on a step into level 0. With
-  ``clip_denoised``, x0_hat is clipped to [-1, 1] and eps_hat recomputed from it (IDDPM).
+  ``clip_denoised``, x0_hat is bounded (clipped to [-1, 1], or Imagen's dynamic thresholding)
+  and eps_hat recomputed from it (IDDPM).
 
   Args:
     diffusion: the schedule.
@@ -211,7 +217,11 @@ def sample_chain(
     guidance_scale: classifier-free guidance scale s; != 1 with y given evaluates the denoiser on
       [y; null_label] in one batch of 2B.
     null_label: the "no label" id the model was trained with (required for guidance).
-    clip_denoised: clip x0_hat to [-1, 1].
+    clip_denoised: bound x0_hat as ``x0_clipping`` says.
+    x0_clipping: "static" clips x0_hat to [-1, 1]; "dynamic" is Imagen's dynamic thresholding,
+      per sample s = max(quantile(|x0_hat|, dynamic_threshold_percentile), 1) and x0_hat =
+      clip(x0_hat, -s, s) / s (``gaussian.clip_x0``).
+    dynamic_threshold_percentile: in (0, 1]; Imagen's (and the official CollaFuse's) 0.95.
     handoff: ``fn(x, segment_before, segment_after) -> x`` applied at each boundary (the wire
       between two sides); default: the latent passes unchanged.
     return_boundaries: also return the latents each segment handed over (before ``handoff``).
@@ -224,6 +234,12 @@ def sample_chain(
     raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
   if not segments:
     raise ValueError("a chain needs at least one segment")
+  if x0_clipping not in X0_CLIPPINGS:
+    raise ValueError(f"unknown x0_clipping {x0_clipping!r}; allowed: {', '.join(X0_CLIPPINGS)}")
+  if not 0.0 < dynamic_threshold_percentile <= 1.0:
+    raise ValueError(
+      f"dynamic_threshold_percentile must be in (0, 1], got {dynamic_threshold_percentile}"
+    )
   grid = np.asarray(levels)
   if grid.ndim != 1 or grid.size < 2 or np.any(np.diff(grid) >= 0):
     raise ValueError(f"levels must be a strictly decreasing 1-D grid, got {grid}")
@@ -241,8 +257,9 @@ def sample_chain(
     chex.assert_shape(y, (x_start.shape[0],))
   eta = eta if sampler == "ddim" else 0.0
   step = _Stepper(
-    diffusion, sampler, clip_denoised, needs_noise=sampler == "ddpm" or eta > 0,
-    guidance_scale=guidance_scale, null_label=null_label, per_row_keys=is_row_keys(rng),
+    diffusion, sampler, clip_denoised, x0_clipping, float(dynamic_threshold_percentile),
+    needs_noise=sampler == "ddpm" or eta > 0, guidance_scale=guidance_scale,
+    null_label=null_label, per_row_keys=is_row_keys(rng),
   )  # fmt: skip
   x, boundaries = x_start, []
   for i, segment in enumerate(segments):
@@ -305,8 +322,8 @@ def sample_segmented(
     steps_per_segment: reverse steps per segment.
     x_start: [B, H, W, C] float32 latent at segments[0].k_start; None draws
       ``initial_noise(rng, shape)`` and needs segments[0].k_start == T.
-    **kwargs: as ``sample_chain`` (sampler, eta, y, guidance, clip_denoised, handoff,
-      return_boundaries).
+    **kwargs: as ``sample_chain`` (sampler, eta, y, guidance, clip_denoised, x0_clipping,
+      handoff, return_boundaries).
 
   Returns:
     As ``sample_chain``: [B, H, W, C] samples (and the boundary latents).
@@ -347,7 +364,8 @@ def sample(
     num_steps: reverse steps (T for the full chain).
     spacing: the grid, "uniform" (IDDPM's "N") or "ddim" (IDDPM's "ddimN"; ``make_levels``).
     x_T: [B, H, W, C] float32 starting noise; default ``initial_noise(rng, shape)``.
-    **kwargs: sampler, eta, y, guidance_scale, null_label, clip_denoised (``sample_chain``).
+    **kwargs: sampler, eta, y, guidance_scale, null_label, clip_denoised, x0_clipping
+      (``sample_chain``).
 
   Returns:
     [B, H, W, C] float32 samples.
@@ -374,7 +392,8 @@ def make_segment_sampler(
   Args:
     diffusion, denoise_fn: the schedule and the denoiser (see ``Segment``).
     levels: concrete [N + 1] int grid, strictly decreasing (see ``make_levels``).
-    **kwargs: sampler, eta, guidance_scale, null_label, clip_denoised (``sample_chain``).
+    **kwargs: sampler, eta, guidance_scale, null_label, clip_denoised, x0_clipping
+      (``sample_chain``).
 
   Returns:
     fn(x_start [B, H, W, C] float32, rng key, y [B] int32 | None) -> [B, H, W, C] float32.
@@ -424,6 +443,7 @@ def routed_denoise_fn(table, denoise_fns: Sequence[DenoiseFn]) -> DenoiseFn:
 __all__ = [
   "SAMPLERS",
   "TIMESTEP_SPACINGS",
+  "X0_CLIPPINGS",
   "DenoiseFn",
   "Segment",
   "initial_noise",

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.diffusion.gaussian import GaussianDiffusion
+from common.diffusion.gaussian import GaussianDiffusion, clip_x0
 
 SAMPLERS = ("ddpm", "ddim")
 # The sampling grids (``make_levels``): "uniform" is IDDPM's "N" respacing (N evenly spaced
@@ -256,6 +256,8 @@ def reverse_step_mean_std(
   *,
   sampler: str,
   clip_denoised: bool,
+  x0_clipping: str = "static",
+  dynamic_threshold_percentile: float = 0.95,
 ) -> tuple[jax.Array, jax.Array]:
   """Mean and std of one reverse step leaving level ``c["k"]``, before any noise is added.
 
@@ -268,13 +270,15 @@ def reverse_step_mean_std(
     x: [B, ...] latent at level c["k"]; t: [B] int32 model timestep (k - 1).
     x0, eps: [B, ...] the network's estimates at x; var_values: learned-sigma output or None.
     sampler: "ddpm" | "ddim".
-    clip_denoised: clip x0 to [-1, 1] and recompute eps from it (IDDPM).
+    clip_denoised: bound x0 (``gaussian.clip_x0``) and recompute eps from it (IDDPM).
+    x0_clipping: "static" (clip to [-1, 1]) | "dynamic" (Imagen's thresholding).
+    dynamic_threshold_percentile: the quantile "dynamic" thresholds at.
 
   Returns:
     (mean [B, ...], std: scalar or [B, ...]); x_next = mean + std * z on a step into level > 0.
   """
   if clip_denoised:
-    x0 = jnp.clip(x0, -1.0, 1.0)
+    x0 = clip_x0(x0, x0_clipping, dynamic_threshold_percentile)
     eps = diffusion.eps_from_x0(x, t, x0)
   if sampler == "ddpm":
     mean = c["coef1"] * x0 + c["coef2"] * x

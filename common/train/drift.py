@@ -59,7 +59,11 @@ def allow(fields: list[str] | tuple[str, ...]) -> None:
 # Fields added to the configs after runs were saved without them, each with the value that keeps
 # what those runs did: a saved config lacking one reads as that value, so a run (or campaign)
 # saved before the field existed resumes as it was instead of being refused.
-ADDED_FIELDS = {"diffusion.timestep_spacing": "uniform"}
+ADDED_FIELDS = {
+  "diffusion.timestep_spacing": "uniform",
+  "diffusion.x0_clipping": "static",
+  "diffusion.dynamic_threshold_percentile": 0.95,
+}
 
 
 def with_added_fields(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:

@@ -53,6 +53,27 @@ def timestep_spacing(config: ml_collections.ConfigDict) -> str:
   return str(config.diffusion.get("timestep_spacing", "uniform"))
 
 
+def x0_clipping_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The sampler's x0_hat bound from ``config.diffusion`` as ``sampling.sample_chain`` keywords
+  (``x0_clipping``, ``dynamic_threshold_percentile``); static clipping to [-1, 1] for a config
+  saved before the fields existed, the only bound there was then."""
+  d = config.diffusion
+  return {
+    "x0_clipping": str(d.get("x0_clipping", "static")),
+    "dynamic_threshold_percentile": float(d.get("dynamic_threshold_percentile", 0.95)),
+  }
+
+
+def x0_clipping_description(config: ml_collections.ConfigDict, clipped: bool) -> dict[str, Any]:
+  """What ``metrics.json`` records of the x0_hat bound: ``{"x0_clipping": "none" | "static"}``,
+  or "dynamic" with its ``dynamic_threshold_percentile``. ``clipped``: whether the sampler
+  bounds x0_hat at all (``diffusion.clip_denoised``, or always, as collab's sides do)."""
+  if not clipped:
+    return {"x0_clipping": "none"}
+  kw = x0_clipping_kwargs(config)
+  return kw if kw["x0_clipping"] == "dynamic" else {"x0_clipping": kw["x0_clipping"]}
+
+
 def make_optimizer(
   opt: ml_collections.ConfigDict, total_steps: int | None = None
 ) -> tuple[optax.GradientTransformation, Any]:
@@ -266,6 +287,7 @@ class Method:
       "timestep_spacing": timestep_spacing(self.config),
       "ddim_eta": float(d.ddim_eta),
       "guidance_scale": float(d.guidance_scale) if self.class_conditional else 1.0,
+      **x0_clipping_description(self.config, bool(d.clip_denoised)),
     }
 
   @property
@@ -364,6 +386,7 @@ class DDPM(Method):
         guidance_scale=d.guidance_scale if labels is not None else 1.0,
         null_label=self.data_info.num_classes if self.class_conditional else None,
         clip_denoised=d.clip_denoised,
+        **x0_clipping_kwargs(self.config),
       )
 
     return jax.jit(run, static_argnums=(3,))

@@ -152,18 +152,27 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
 
 
 def validate_sampler(config: ml_collections.ConfigDict) -> None:
-  """Checks ``diffusion.sampler``, ``diffusion.sample_steps`` and ``diffusion.timestep_spacing``
-  (also after ``common.eval`` overrides them): a "ddim" grid needs a stride giving exactly
+  """Checks ``diffusion.sampler``, ``diffusion.sample_steps``, ``diffusion.timestep_spacing``
+  (also after ``common.eval`` overrides them) and the x0_hat clipping (``diffusion.x0_clipping``,
+  ``diffusion.dynamic_threshold_percentile``): a "ddim" grid needs a stride giving exactly
   sample_steps steps, as IDDPM's "ddimN" does.
 
   Raises:
     ConfigError: the first bad field.
   """
-  from common.diffusion import steps
+  from common.diffusion import gaussian, steps
 
   t = require(config, "diffusion.num_timesteps", integer(1), "must be an integer >= 1")
   require_choice(config, "diffusion.sampler", SAMPLERS)
   n = require(config, "diffusion.sample_steps", integer(1, t), f"must be an integer in [1, {t}]")
+  # Both absent in configs saved before the fields (static clipping, the only one there was).
+  if "x0_clipping" in config.diffusion:
+    require_choice(config, "diffusion.x0_clipping", gaussian.X0_CLIPPINGS)
+  if "dynamic_threshold_percentile" in config.diffusion:
+    require(
+      config, "diffusion.dynamic_threshold_percentile", number(lambda v: 0.0 < v <= 1.0),
+      "must be in (0, 1] (the quantile of |x0_hat| that dynamic thresholding scales by)",
+    )  # fmt: skip
   if "timestep_spacing" not in config.diffusion:  # absent in configs saved before the field
     return
   if require_choice(config, "diffusion.timestep_spacing", steps.TIMESTEP_SPACINGS) == "ddim":
