@@ -94,6 +94,9 @@ def _scheduler() -> ml_collections.ConfigDict:
   a.log_every_episodes = 500
   a.ckpt_every_episodes = 1000
   s.plain_dqn = False  # also train the same agent with uniform replay (plain DQN) and compare
+  # results.md's storage and memory table (hybrid.footprint): compiles the models' sampling
+  # programs (~10 s on 2 CPU cores), which the main job's scheduler run skips.
+  s.footprint = True
 
   # Evaluation on held-out scenarios (seeded apart from training).
   e = s.eval = ml_collections.ConfigDict()

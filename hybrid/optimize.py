@@ -9,9 +9,12 @@
 2. Draws ``scheduler.eval.scenarios`` held-out scenarios for every (G, N) of the grid (seeded
    apart from training) and runs every method on them (``hybrid.evaluation``): the exact optimum,
    DRL-convex, GA, the greedy heuristics, random, all-local and admit-all.
-3. Writes (``hybrid.optimize_report``) ``DIR/results.json`` (every scenario's utilities and
-   decision times, per-cell summaries), ``DIR/results.md`` (the tables and the spec's relative
-   claims E1-E3) and ``DIR/results.png`` / ``DIR/training.png``.
+3. Measures the storage and memory of the config's models, hybrid against a full personalized
+   model per user (``hybrid.footprint``: parameter trees and XLA's memory analysis, nothing run).
+4. Writes (``hybrid.optimize_report``) ``DIR/results.json`` (every scenario's utilities and
+   decision times, per-cell summaries, ``footprint``), ``DIR/results.md`` (the tables, the
+   storage and memory table and the spec's relative claims E1-E3) and ``DIR/results.png`` /
+   ``DIR/training.png``.
 
 The metrics per (G, N) and method are defined in ``hybrid.evaluation``.
 
@@ -44,7 +47,7 @@ from common.train.validate import (
   require_choice,
 )
 from hybrid import agent as agent_lib
-from hybrid import env, evaluation, optimize_report, system
+from hybrid import env, evaluation, footprint, optimize_report, system
 
 
 def _define_flags() -> None:
@@ -98,6 +101,8 @@ def _validate_system(config) -> None:
     "must be static or dynamic for the binary",
   )
   require(config, "scheduler.plain_dqn", boolean, "must be true or false")
+  if "footprint" in config.scheduler:  # absent in configs saved before the field
+    require(config, "scheduler.footprint", boolean, "must be true or false")
 
 
 def _validate_grid(config) -> None:
@@ -294,6 +299,8 @@ def run(config, workdir: str, stop: _Stop | None = None) -> dict[str, Any]:
   eval_seconds = time.perf_counter() - t0
   train_info = optimize_report.training_summary(agents)
   summary_claims = evaluation.claims(config, cells)
+  # The storage and memory side of the design, from the config's models (compiled, not run).
+  fp = footprint.measure(config) if config.scheduler.get("footprint", True) else None
   result = {
     "config": json.loads(config.to_json_best_effort()),
     "profile": {
@@ -305,10 +312,11 @@ def run(config, workdir: str, stop: _Stop | None = None) -> dict[str, Any]:
     "eval_seconds": eval_seconds,
     "cells": cells,
     "claims": summary_claims,
+    **({"footprint": fp} if fp else {}),
   }
   fileio.write_json(os.path.join(workdir, "results.json"), result, indent=1)
   optimize_report.write_markdown(
-    os.path.join(workdir, "results.md"), config, cells, summary_claims, train_info
+    os.path.join(workdir, "results.md"), config, cells, summary_claims, train_info, fp
   )
   optimize_report.plot(os.path.join(workdir, "results.png"), cells, config)
   optimize_report.plot_training(os.path.join(workdir, "training.png"), agents)

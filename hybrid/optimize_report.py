@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from common import fileio
+from hybrid import footprint as footprint_lib
 
 
 def training_summary(agents) -> dict[str, dict[str, Any]]:
@@ -38,9 +39,10 @@ def fmt(v, spec=".3f"):
   return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
 
-def write_markdown(path: str, config, cells, summary_claims, train_info) -> None:
+def write_markdown(path: str, config, cells, summary_claims, train_info, footprint=None) -> None:
   """``results.md``: training, utility per user by (G, N), DRL-convex and the heuristics against
-  the optimum, decision times, the claims."""
+  the optimum, decision times, storage and memory (``footprint``: ``hybrid.footprint.measure``'s
+  result, the section is left out without it), the claims."""
   s = config.scheduler
   methods = _methods(cells)
   lines = [
@@ -89,6 +91,9 @@ def write_markdown(path: str, config, cells, summary_claims, train_info) -> None
   for m in methods:
     ms = np.mean([c["summary"][m]["decision_ms"] for c in cells if m in c["summary"]])
     lines.append(f"| {m} | {ms:.3f} |")
+  if footprint is not None:
+    lines += ["", "## Storage and memory, hybrid vs a full personalized model per user", ""]
+    lines += footprint_lib.markdown(footprint)
   lines += ["", "## Relative claims (spec §11 E)", "", "```", json.dumps(summary_claims, indent=2)]
   lines += ["```", ""]
   fileio.write_text(path, "\n".join(lines))

@@ -88,6 +88,8 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   hyb = headline.read(os.path.join(workdir, "hybrid_paper"))
   assert hyb["kind"] == "scheduler" and hyb["primary"]["name"] == "utility_per_user"
   assert {"optimum", "greedy", "all_local"} <= set(hyb["baselines"])
+  with open(os.path.join(workdir, "hybrid_paper", "results.json")) as f:
+    assert "footprint" not in json.load(f)  # scheduler.footprint=false: nothing compiled for it
   # The exact optimum beats every policy.
   assert "profile paper" in hyb["note"]
   best = hyb["baselines"]["optimum"]["utility_per_user"]
@@ -175,6 +177,8 @@ def test_the_measured_profile_switch_chooses_the_hybrid_runs():
   assert hybrid == ["hybrid_paper"]
   argv = quickstart.command(c.runs.hybrid_paper, "/qs")
   assert "--config=configs/hybrid.py:sim" in argv and "--config.scheduler.profile=paper" in argv
+  # The storage and memory table (compiled programs) is RESULTS.md's, not the plan's.
+  assert "--config.scheduler.footprint=false" in argv
   # A run switched off by `enabled` stays off whatever the switch says.
   c.runs.hybrid_paper.enabled = False
   assert not any(n.startswith("hybrid") for n in quickstart.enabled_entries(c))

@@ -41,6 +41,10 @@ def test_binary_trains_evaluates_and_resumes(tmp_path):
   assert set(result["claims"]) == {"E1", "E2", "E3"}
   md = open(os.path.join(workdir, "results.md")).read()
   assert "| 16 | 8 |" in md and "drl_convex" in md
+  # The storage and memory table of the config's models (hybrid.footprint), in both files.
+  assert "## Storage and memory, hybrid vs a full personalized model per user" in md
+  assert saved["footprint"]["storage"]["num_users"] == config.hybrid.num_users
+  assert saved["footprint"]["memory"]["device"]["hybrid"]["peak"] > 0
   # A second run finds the agent trained (no retraining) and reproduces the exact figures.
   again = optimize.run(config, workdir)
   assert again["train"] == result["train"]
