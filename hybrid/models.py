@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from common.diffusion import GaussianDiffusion, sampling
+from common.train.method import x0_clipping_kwargs
 from hybrid import fields
 
 
@@ -75,6 +76,7 @@ class Programs:
     self.sampler = str(d.sampler)
     self.eta = float(d.ddim_eta) if self.sampler == "ddim" else 0.0
     self.clip_denoised = bool(d.clip_denoised)
+    self.x0_clipping = x0_clipping_kwargs(config)
     self.num_timesteps = int(diffusion.num_timesteps)
     # The full chain: every level, as the paper's 200 inference steps with T = 200.
     self.levels = np.arange(self.num_timesteps, -1, -1, dtype=np.int32)
@@ -89,7 +91,7 @@ class Programs:
     )  # fmt: skip
     return sampling.sample_chain(
       self.diffusion, [segment], x, keys, levels=self.levels, sampler=self.sampler, eta=self.eta,
-      clip_denoised=self.clip_denoised,
+      clip_denoised=self.clip_denoised, **self.x0_clipping,
     )  # fmt: skip
 
   def _chain(self, params, x, k_start, k_end, keys):

@@ -84,7 +84,7 @@ def sampler_fn(method, params, dtype: str = "float32", num_steps: int | None = N
   x_T: [B, H, W, C] float32 noise, y: [B] int32 or None -> [B, H, W, C] float32 in [-1, 1].
   """
   from common.diffusion import sampling
-  from common.train.method import timestep_spacing
+  from common.train.method import timestep_spacing, x0_clipping_kwargs
 
   d = method.config.diffusion
   steps = int(num_steps or d.sample_steps)
@@ -106,6 +106,7 @@ def sampler_fn(method, params, dtype: str = "float32", num_steps: int | None = N
       null_label=method.data_info.num_classes if conditional else None,
       x_T=x_t,
       clip_denoised=d.clip_denoised,
+      **x0_clipping_kwargs(method.config),
     )
 
   return run
@@ -198,7 +199,7 @@ def _export_dtype(method, params, dtype: str, shape, steps: int, out_dir: str, p
 def _manifest(method, params, res: int, steps: int, batch_size: int, artifacts) -> dict[str, Any]:
   """What a loader needs besides the artifacts: shapes, the schedule of the exported chain, the
   architecture and its closed-form counts (TFDiff only)."""
-  from common.train.method import timestep_spacing
+  from common.train.method import timestep_spacing, x0_clipping_description
 
   info, d = method.data_info, method.config.diffusion
   conditional = method.class_conditional
@@ -227,6 +228,7 @@ def _manifest(method, params, res: int, steps: int, batch_size: int, artifacts) 
       "alpha_bar_at_levels": [float(abar[k]) for k in levels],
       "guidance_scale": float(d.guidance_scale) if conditional else 1.0,
       "clip_denoised": bool(d.clip_denoised),
+      **x0_clipping_description(method.config, bool(d.clip_denoised)),
     },
     "artifacts": artifacts,
   }

@@ -24,7 +24,7 @@ from common import fileio
 def sample_at(method, params, rng, num_samples: int, resolution: int, labels=None) -> np.ndarray:
   """``num_samples`` images [N, resolution, resolution, C] in [-1, 1] from the run's sampler."""
   from common.diffusion import sampling
-  from common.train.method import timestep_spacing
+  from common.train.method import timestep_spacing, x0_clipping_kwargs
 
   d = method.config.diffusion
   conditional = method.class_conditional and labels is not None
@@ -43,6 +43,7 @@ def sample_at(method, params, rng, num_samples: int, resolution: int, labels=Non
       guidance_scale=d.guidance_scale if conditional else 1.0,
       null_label=method.data_info.num_classes if conditional else None,
       clip_denoised=d.clip_denoised,
+      **x0_clipping_kwargs(method.config),
     )
   )
   y = jnp.asarray(labels, jnp.int32) if conditional else None

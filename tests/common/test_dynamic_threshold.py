@@ -173,6 +173,37 @@ def test_collab_server_and_client_honour_the_clipping(monkeypatch):
     assert np.isfinite(dynamic).all() and np.abs(static - dynamic).max() > 1e-4
 
 
+def test_hybrid_and_mobile_samplers_pass_the_clipping_on(monkeypatch):
+  """The hybrid chain (edge and device segments) and mobile's other-resolution sampler and
+  export chain hand the configured bound to the core, as the DDPM and collab samplers do."""
+  from configs import hybrid as hybrid_configs
+  from hybrid.models import Programs
+  from mobile import export, resolution
+
+  calls, real_chain = [], sampling.sample_chain
+  monkeypatch.setattr(
+    sampling, "sample_chain", lambda *a, **k: calls.append(k) or real_chain(*a, **k)
+  )
+  config = hybrid_configs.get_config("tiny")
+  config.diffusion.x0_clipping = "dynamic"
+  d = GaussianDiffusion.create("linear", config.diffusion.num_timesteps)
+  programs = Programs(config, d, lambda p, x, t: 3.0 * x)
+  x = jnp.ones((2, 4, 4, 1))
+  programs.chain(
+    None, x, jnp.asarray([5, 5]), jnp.asarray([2, 2]), jax.random.split(jax.random.key(0), 2)
+  )
+  assert calls and calls[-1]["x0_clipping"] == "dynamic"
+
+  seen, real_sample = [], sampling.sample
+  monkeypatch.setattr(sampling, "sample", lambda *a, **k: seen.append(k) or real_sample(*a, **k))
+  config = tiny_config(**{"diffusion.x0_clipping": "dynamic"})
+  m = DDPM(config, data.get_info(config.data))
+  params = jax.jit(m.init_params)(jax.random.key(0))
+  resolution.sample_at(m, params, jax.random.key(1), 2, 8)
+  export.sampler_fn(m, params)(jnp.zeros((1, 8, 8, 1)))
+  assert [k["x0_clipping"] for k in seen] == ["dynamic", "dynamic"]
+
+
 # ------------------------------------------------------------------------------------------------
 # Config: validation and resume.
 
