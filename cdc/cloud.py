@@ -49,7 +49,7 @@ class Cloud:
   def features(self, received: dict) -> tuple[jax.Array, jax.Array]:
     """(features [K, d], weights [K]) the FDA sees for a decoded upload."""
     if "anchors" in received:
-      return jnp.asarray(received["anchors"], jnp.float32), jnp.asarray(received["weights"])
+      return jnp.asarray(received["anchors"], jnp.float32), received["weights"]
     return adr.sample_summary_jax(
       jnp.asarray(received["means"], jnp.float32),
       jnp.asarray(received["stds"], jnp.float32),
@@ -63,7 +63,7 @@ class Cloud:
     received = unpack(uplink.payload, uplink.layout)
     feats, w = self.features(received)
     text = received.get("text")
-    theta = self.generate(self.state, feats, w, None if text is None else jnp.asarray(text))
+    theta = self.generate(self.state, feats, w, None if text is None else np.asarray(text))
     dtype = np.dtype(self.layout[0][2])
     payload = {k: np.asarray(v).astype(dtype) for k, v in theta.items()}
     return Transfer(pack(payload, self.layout), self.layout)

@@ -120,9 +120,12 @@ class Transfer:
 
 
 # -------------------------------------------------------------------------------------------------
-# The jitted device functions.
+# The jitted device functions. Cached per encoder structure: every ``Device`` of one model (one
+# per held-out device in ``cdc.evaluate``) shares their compiled programs; the weights are
+# arguments. Inputs go in as numpy arrays: ``jnp.asarray`` on one compiles a program per shape.
 
 
+@functools.cache
 def make_encode_frames(graphdef: nnx.GraphDef):
   """Jitted ``(encoder_state, frames [V, T, ...]) -> frame features [V, T, d]``."""
 
@@ -133,6 +136,7 @@ def make_encode_frames(graphdef: nnx.GraphDef):
   return encode
 
 
+@functools.cache
 def make_encode_text(graphdef: nnx.GraphDef):
   """Jitted ``(encoder_state, text [N, L(, D_q)], mask [N, L]) -> [N, d]``."""
 
@@ -143,6 +147,7 @@ def make_encode_text(graphdef: nnx.GraphDef):
   return encode
 
 
+@functools.cache
 def make_device_forward(graphdef: nnx.GraphDef):
   """The device's one forward function, jitted; the head ``theta`` is an argument.
 
@@ -214,7 +219,7 @@ class Device:
 
   def pool(self, frames, frame_mask) -> np.ndarray:
     """The frame pool float32 [M, d]: features of the valid frames of videos [V, T, ...]."""
-    feats = np.asarray(self.encode_frames(self.encoder_state, jnp.asarray(frames)))
+    feats = np.asarray(self.encode_frames(self.encoder_state, np.asarray(frames)))
     return feats[np.asarray(frame_mask, bool)]
 
   def uplink(self, pool, *, seed: int = 0, text=None) -> tuple[Transfer, np.ndarray | None]:
@@ -237,7 +242,7 @@ class Device:
     key = jax.random.key(seed)
     dtype = np.dtype(self.uplink_dtype)
     if self.selector == "gaussian":
-      means, stds, w = _summary(jnp.asarray(pool), key, g=k)
+      means, stds, w = _summary(pool, key, g=k)
       payload = {
         "means": np.asarray(means).astype(dtype),
         "stds": np.asarray(stds).astype(dtype),
@@ -248,7 +253,7 @@ class Device:
       if self.selector not in adr.SELECTORS:
         raise ValueError(f"selector {self.selector!r}; allowed: {adr.SELECTORS + ('gaussian',)}")
       feats, w, idx = _anchors(
-        jnp.asarray(pool),
+        pool,
         key,
         k=k,
         method=self.selector,
@@ -277,17 +282,16 @@ class Device:
     """``device_forward`` on a ``cdc.data.DomainData`` with ``theta`` (default: the installed
     head)."""
     theta = self.head if theta is None else theta
-    return self.forward_fn(
-      self.encoder_state,
-      theta,
-      jnp.asarray(data.frames),
-      jnp.asarray(data.frame_mask),
-      jnp.asarray(data.questions),
-      jnp.asarray(data.question_mask),
-      jnp.asarray(data.question_video),
-      jnp.asarray(data.captions),
-      jnp.asarray(data.caption_mask),
+    arrays = (
+      data.frames,
+      data.frame_mask,
+      data.questions,
+      data.question_mask,
+      data.question_video,
+      data.captions,
+      data.caption_mask,
     )
+    return self.forward_fn(self.encoder_state, theta, *(np.asarray(a) for a in arrays))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -331,7 +335,7 @@ class DriftMonitor:
       raise ValueError(
         f"DriftMonitor: pool of shape {pool.shape}; expected [M, {self.anchors.shape[1]}]"
       )
-    return float(_drift_mmd2(jnp.asarray(pool), self.anchors, self.weights, self.sigma2))
+    return float(_drift_mmd2(pool, self.anchors, self.weights, self.sigma2))
 
   def check(self, pool: np.ndarray) -> tuple[bool, float]:
     """(whether to request new parameters, the statistic); always True before any upload."""

@@ -33,7 +33,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -41,7 +40,6 @@ from flax import nnx
 
 from cdc import cloud, device, experiment, finetune, models, moving_shapes, objectives, train
 from common import fileio
-from common.metrics import flops as flops_lib
 
 METRICS = ("qa_accuracy", "R@1", "R@5")
 
@@ -262,10 +260,11 @@ def _evaluate_device(ev: _Evaluation, dev: int, heldout: list[int]) -> None:
     uplink_dtype=a.uplink_dtype,
   )
   pool, enc_seconds = _timed(the_device.pool, pdom.frames, pdom.frame_mask)
+  # FLOPs of the executable ``pool`` ran (lowering is cached: this compiles nothing new).
   enc_flops = ev.flops(
     ("encode", pdom.frames.shape),
-    lambda: flops_lib.count_flops(
-      device.make_encode_frames(ev.graphdef), ev.enc_state, jnp.asarray(pdom.frames)
+    lambda: finetune.compiled_flops(
+      the_device.encode_frames.lower(ev.enc_state, pdom.frames).compile()
     ),
   )
   ctx = dict(
@@ -298,14 +297,16 @@ def _fda_arms(ev: _Evaluation, ctx: dict, pool: np.ndarray) -> None:
         continue
       the_device.selector, the_device.num_anchors = sel, int(k)
       if sel == "gaussian":
-        fn = functools.partial(device._summary, g=int(k))
+        fn, static = device._summary, dict(g=int(k))
       else:
-        fn = functools.partial(
-          device._anchors, k=int(k), method=sel, weighting=a.weighting, iters=a.kmedoids_iters
-        )
+        fn = device._anchors
+        static = dict(k=int(k), method=sel, weighting=a.weighting, iters=a.kmedoids_iters)
+      # The program the device's uplink runs, compiled once for both (lowering is cached).
       adr_flops = ev.flops(
         ("adr", sel, int(k), m),
-        lambda fn=fn: flops_lib.count_flops(fn, jnp.asarray(pool), jax.random.key(0)),
+        lambda fn=fn, static=static: finetune.compiled_flops(
+          fn.lower(pool, jax.random.key(0), **static).compile()
+        ),
       )
       make = functools.partial(_uplink, the_device, pool, ev.config.seed)
       _fda_arm(ctx, f"fda/{sel}/K{k}", make, adr_flops)

@@ -526,8 +526,10 @@ def load_pretrained(workdir: str, config, dataset):
   """
   require_pretrained(workdir)
   spec = model_spec(config, dataset)
-  graphdef, state = nnx.split(new_encoders(spec, 0))
-  head = models.init_head(spec, jax.random.key(0))
+  # Shapes only, every leaf is read from the file: a real initialisation would compile and run
+  # dozens of small random-init programs for nothing.
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: new_encoders(spec, 0)))
+  head = jax.eval_shape(lambda: models.init_head(spec, jax.random.key(0)))
   (state, head), _ = load_result(workdir, PRETRAIN_NPZ, "cdc.pretrain", (state, head))
   return spec, graphdef, state, head
 
@@ -543,7 +545,7 @@ def encode_domain(encode_frames, encode_text, state, dom: cdc_data.DomainData, c
     if n == 0:
       return None
     outs = [
-      np.asarray(fn(state, *(jnp.asarray(a[i : i + chunk]) for a in arrays)))
+      np.asarray(fn(state, *(np.asarray(a[i : i + chunk]) for a in arrays)))
       for i in range(0, n, chunk)
     ]
     return np.concatenate(outs)

@@ -5,11 +5,16 @@ n labeled samples of its own (QA cross-entropy + InfoNCE, as in meta-training), 
 pretrained head; the encoders stay frozen, so the samples are encoded once. With n = all of the
 device's labeled videos this is the oracle. Kept apart from ``cdc.device``, whose path must not
 differentiate.
+
+The step is one module-level jitted function that takes the features and the fixed head tensors as
+arguments, so the evaluation's devices share its compiled programs (issue 24: a closure per call
+had baked them in as constants and compiled once per device and arm).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -28,6 +33,60 @@ def compiled_flops(compiled) -> float:
   if not found:
     raise RuntimeError(f"XLA cost analysis has no 'flops' on {jax.default_backend()!r}")
   return float(sum(found))
+
+
+_QUESTION_KEYS = ("q_video", "question", "answers")
+
+
+def _padded_rows(n: int) -> int:
+  """Rows a feature array of n rows is padded to: the next power of two (at least 1)."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def _pad(a: np.ndarray, rows: int) -> np.ndarray:
+  a = np.asarray(a)
+  return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+
+
+@functools.partial(
+  jax.jit, static_argnames=("learning_rate", "qa_weight", "retrieval_weight", "temperature")
+)
+def _step(
+  params, opt_state, fixed, data, qi, ci, *, learning_rate, qa_weight, retrieval_weight, temperature
+):
+  """One Adam update of ``params`` on the batch ``data[qi]`` / ``data[ci]``.
+
+  Module-level, with the data and the fixed head tensors as arguments, so that every call with the
+  same shapes and settings (every held-out device's ``ft/n<n>`` arm) runs one compiled program;
+  the trainable names are the structure of ``params``, the batch sizes the shapes of ``qi``, ``ci``.
+
+  Args:
+    params, fixed: the trainable and the fixed head tensors (dict name -> array).
+    opt_state: Adam's state of ``params``.
+    data: ``q_video`` [P_q, d], ``question`` [P_q, d], ``answers`` int32 [P_q], ``c_video``
+      [P_c, d], ``caption`` [P_c, d]; rows padded past the labeled ones (never indexed).
+    qi: int32 [B_q], ci: int32 [B_c]: the batch's rows.
+  """
+
+  def loss_fn(params):
+    batch = {
+      "q_video": data["q_video"][qi],
+      "question": data["question"][qi],
+      "answers": data["answers"][qi],
+      "c_video": data["c_video"][ci],
+      "caption": data["caption"][ci],
+    }
+    return objectives.head_loss(
+      {**fixed, **params},
+      batch,
+      qa_weight=qa_weight,
+      retrieval_weight=retrieval_weight,
+      temperature=temperature,
+    )[0]
+
+  tx = optax.adam(learning_rate)
+  updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,37 +125,27 @@ def finetune(
 
   Returns:
     ``FinetuneResult``; ``seconds`` excludes compilation.
+
+  Calls with the same trainable names, batch sizes, loss settings and learning rate, and labeled
+  counts that pad to the same rows (the next power of two), run one compiled step (``_step``).
   """
   n_q, n_c = len(feats["answers"]), len(feats["caption"])
   if n_q == 0 and n_c == 0:
     raise ValueError("finetune: no labeled samples")
-  fixed = {k: v for k, v in head.items() if k not in trainable}
+  fixed = jax.device_put({k: v for k, v in head.items() if k not in trainable})
   params = {k: jnp.asarray(head[k]) for k in trainable}
-  tx = optax.adam(learning_rate)
-  opt_state = tx.init(params)
+  opt_state = optax.adam(learning_rate).init(params)
   b_q, b_c = min(batch_size, max(n_q, 1)), min(batch_size, max(n_c, 1))
-  data = {k: jnp.asarray(v) for k, v in feats.items()}
-
-  def loss_fn(params, qi, ci):
-    batch = {
-      "q_video": data["q_video"][qi],
-      "question": data["question"][qi],
-      "answers": data["answers"][qi],
-      "c_video": data["c_video"][ci],
-      "caption": data["caption"][ci],
-    }
-    return objectives.head_loss(
-      {**fixed, **params},
-      batch,
-      qa_weight=qa_weight if n_q else 0.0,
-      retrieval_weight=retrieval_weight if n_c > 1 else 0.0,
-      temperature=temperature,
-    )[0]
-
-  def step(params, opt_state, qi, ci):
-    grads = jax.grad(loss_fn)(params, qi, ci)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+  # Padded rows are never drawn (indices are in [0, n)), so the result is that of the unpadded
+  # arrays, while devices whose labeled counts differ a little share one compiled step.
+  rows = {k: _padded_rows(n_q if k in _QUESTION_KEYS else n_c) for k in feats}
+  data = jax.device_put({k: _pad(v, rows[k]) for k, v in feats.items()})
+  settings = dict(
+    learning_rate=learning_rate,
+    qa_weight=qa_weight if n_q else 0.0,
+    retrieval_weight=retrieval_weight if n_c > 1 else 0.0,
+    temperature=temperature,
+  )
 
   rng = np.random.default_rng(seed)
 
@@ -107,12 +156,14 @@ def finetune(
     return rng.choice(n, b, replace=n < b).astype(np.int32)
 
   qi0, ci0 = indices(n_q, b_q), indices(n_c, b_c)
-  compiled = jax.jit(step).lower(params, opt_state, qi0, ci0).compile()
+  # Lowering is cached per shapes and settings: a later call with the same ones gets this
+  # executable back without compiling.
+  compiled = _step.lower(params, opt_state, fixed, data, qi0, ci0, **settings).compile()
   step_flops = compiled_flops(compiled)
   batches = [(indices(n_q, b_q), indices(n_c, b_c)) for _ in range(steps)]
   start = time.perf_counter()
   for qi, ci in batches:
-    params, opt_state = compiled(params, opt_state, qi, ci)
+    params, opt_state = compiled(params, opt_state, fixed, data, qi, ci)
   jax.block_until_ready(params)
   seconds = time.perf_counter() - start
   return FinetuneResult({**fixed, **params}, seconds, step_flops * steps, steps)

@@ -96,7 +96,8 @@ def device_features(encoders, enc_state, dataset, dev: int, split: str):
   enc_frames, enc_video, enc_text = encoders
   dom = dataset.domain(dev, split)
   frames, questions, captions = experiment.encode_domain(enc_frames, enc_text, enc_state, dom)
-  videos = np.asarray(enc_video(enc_state, jnp.asarray(frames), jnp.asarray(dom.frame_mask)))
+  # numpy in: ``jnp.asarray`` on a numpy array compiles a program per shape.
+  videos = np.asarray(enc_video(enc_state, frames, np.asarray(dom.frame_mask)))
   d = frames.shape[-1]
   empty = np.zeros((0, d), np.float32)
   questions = empty if questions is None else questions
@@ -356,7 +357,10 @@ def load_fda(workdir: str, config, dataset, spec, head):
   Raises:
     ConfigError: no intact ``fda.npz`` of this config in ``workdir``.
   """
-  fda = models.FDA(spec, experiment.fda_spec(config), head, rngs=nnx.Rngs(0))
+  # Shapes only (as ``experiment.load_pretrained``): every parameter is read from the file.
+  fda = nnx.eval_shape(
+    lambda: models.FDA(spec, experiment.fda_spec(config), head, rngs=nnx.Rngs(0))
+  )
   graphdef, params = nnx.split(fda, nnx.Param)
   params, _ = experiment.load_result(workdir, "fda.npz", "cdc.train", params)
   return graphdef, params

@@ -199,6 +199,16 @@ def test_device_forward_runs_the_installed_head():
   assert np.abs(np.asarray(out["qa_logits"] - base["qa_logits"])).max() > 1e-5
 
 
+def test_devices_of_one_model_share_their_compiled_functions():
+  # cdc.evaluate makes a Device per held-out device: its jitted functions must not be recompiled.
+  graphdef, state, head = _setup()
+  a = device.Device(SPEC, graphdef, state, head)
+  b = device.Device(SPEC, graphdef, state, dict(head), selector="random")
+  assert a.encode_frames is b.encode_frames
+  assert a.encode_text is b.encode_text
+  assert a.forward_fn is b.forward_fn
+
+
 # ----------------------------------------------------------------------------- drift, errors
 
 
