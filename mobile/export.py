@@ -47,7 +47,7 @@ def _graphdef(method, dtype: str):
       config,
       in_channels=method.data_info.channels,
       num_classes=method.data_info.num_classes,
-      rngs=nnx.Rngs(params=jax.random.key(0)),
+      rngs=models.InitRngs(0),
     )
   )
   return nnx.split(abstract, nnx.Param)[0]

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from common.models import register
+from common.models import InitRngs, register
 from common.models.unet import timestep_embedding
 from mobile.layers import (
   ZEROS,
@@ -125,9 +125,9 @@ def _stacked(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
 
   Created with ``jax.vmap`` over n keys, so initialisation too is one traced block, not n.
   """
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(InitRngs(0))))
   keys = jax.random.split(rngs.params(), n)
-  states = jax.vmap(lambda k: nnx.split(make(nnx.Rngs(params=k)))[1])(keys)
+  states = jax.vmap(lambda k: nnx.split(make(InitRngs(k)))[1])(keys)
   return nnx.merge(graphdef, states)
 
 

@@ -309,7 +309,7 @@ class DDPM(Method):
       self.config,
       in_channels=self.data_info.channels,
       num_classes=self.data_info.num_classes,
-      rngs=nnx.Rngs(params=rng),
+      rngs=models.InitRngs(rng),  # nnx.Rngs' keys, without its cost under a trace
     )
 
   @property

@@ -312,3 +312,25 @@ def test_build_model_reads_config():
   model = nnx.merge(*_abstract(c, num_classes=10))
   assert model.out_channels == 6
   assert model.label_emb.embedding.get_value().shape == (11, 4 * c.model.channels[0])
+
+
+def test_init_rngs_give_nnx_rngs_weights_bit_for_bit():
+  """``InitRngs`` (what the methods build networks with, cheap under a trace) hands out the keys
+  of ``nnx.Rngs(params=key)``: the same weights, eagerly and under jit, for a typed, a raw and an
+  int key; any other stream is refused by name."""
+  from common.models import InitRngs
+
+  c = ddpm.get_config("digits")
+
+  def init(rngs):
+    model = build_model(c, in_channels=1, num_classes=10, rngs=rngs)
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+  for key in (jax.random.key(3), jax.random.PRNGKey(3), 3):
+    want = init(nnx.Rngs(params=key))
+    for got in (init(InitRngs(key)), jax.jit(lambda key=key: init(InitRngs(key)))()):
+      assert jax.tree.structure(got) == jax.tree.structure(want)
+      for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+  with pytest.raises(AttributeError, match="only the 'params' stream, not 'dropout'"):
+    InitRngs(0).dropout()
