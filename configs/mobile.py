@@ -16,6 +16,17 @@ Presets (``--config=configs/mobile.py:<preset>``); "config1" is the paper's Conf
 * ``cifar10``  class-conditional CIFAR-10 32x32 (``data/cifar10``) with classifier-free guidance
     (label dropout 0.1, guidance scale 1 + w = 2), Configuration I, D=512, N=12.
 
+The tokenized arm (``model.name = "uvit"``, ``mobile/uvit.py``: U-ViT, Bao et al. 2023), trained
+by the same digits recipe as ``digits_config*`` so only the network differs:
+
+* ``digits_uvit_params1`` / ``digits_uvit_flops1``  patch 2 (a 4x4 token grid, Config I's L=16),
+    sized at Config I's parameter count / FLOPs per call.
+* ``digits_uvit_params2`` / ``digits_uvit_flops2``  patch 1 (8x8 tokens, Config II's L=64), sized
+    at Config II's parameter count / FLOPs per call.
+* ``digits_uvit_tiny``  D=16, N=3, 2 training steps: for tests.
+* ``celeba64_uvit``  U-ViT-S/4 (D=512, 13 blocks, 8 heads) with U-ViT's CelebA-64 recipe, as
+    ``celeba64_config*``.
+
 Every field can be overridden: ``--config.model.stride=1 --config.model.depth=8``.
 """
 
@@ -125,6 +136,43 @@ def _uvit_recipe(c):
   c.sample_every_steps = 20_000
 
 
+def _uvit(c, *, patch_size, width, depth, num_heads):
+  """The U-ViT baseline's network (``mobile.uvit``); U-ViT's CIFAR-10 / CelebA choices.
+
+  Its own fields are added here, not in ``base_config``: a TFDiff run's saved config then stays
+  field for field what it was, and a resume compares every field.
+  """
+  m = c.model
+  m.name = "uvit"
+  m.patch_size = patch_size  # p: the patch embedding's kernel = stride
+  m.width = width
+  m.depth = depth  # all blocks, odd: (N-1)/2 in, 1 mid, (N-1)/2 out (U-ViT's depth=12 is 13)
+  m.num_heads = num_heads
+  m.mlp_ratio = 4
+  m.qkv_bias = False
+  m.time_mlp = False  # U-ViT: an MLP on the time features only for ImageNet
+  m.final_conv = True  # the 3x3 conv after un-patchifying
+  m.long_skips = True  # concat + Linear(2D -> D) from block i to block N-1-i
+  m.pos_emb = "learned"  # learned | none (ablation)
+
+
+# Measured with `python -m mobile.sizes` (XLA cost analysis of one call at batch 1, every block
+# counted; FLOPs per sample are 50x these, DDIM-50). TFDiff for reference: Config I 495,364 params,
+# 1.119e7 FLOPs a call; Config II 493,633 params, 4.853e7. (params, FLOPs a call) of each preset:
+_UVIT_DIGITS = {
+  # Config I's width and heads; 9 blocks: 482,958 params (-2.5%), 1.965e7 FLOPs (1.76x).
+  "digits_uvit_params1": dict(patch_size=2, width=64, depth=9, num_heads=4),
+  # 5 blocks: 267,278 params (0.54x), 1.087e7 FLOPs (-2.9%).
+  "digits_uvit_flops1": dict(patch_size=2, width=64, depth=5, num_heads=4),
+  # 485,643 params (-1.6% of Config II), 8.270e7 FLOPs (1.70x).
+  "digits_uvit_params2": dict(patch_size=1, width=64, depth=9, num_heads=4),
+  # D=64 would give -5.8%; D=66, 3 heads: 286,847 params (0.58x), 4.816e7 FLOPs (-0.8%).
+  "digits_uvit_flops2": dict(patch_size=1, width=66, depth=5, num_heads=3),
+  # 10,686 params, 6.321e5 FLOPs a call.
+  "digits_uvit_tiny": dict(patch_size=2, width=16, depth=3, num_heads=2),
+}
+
+
 def get_config(preset: str = "digits_config1") -> ml_collections.ConfigDict:
   """Returns the config for ``preset``; see the module docstring for the list."""
   c = base_config()
@@ -153,9 +201,29 @@ def get_config(preset: str = "digits_config1") -> ml_collections.ConfigDict:
     c.diffusion.guidance_scale = 2.0  # 1 + w with w = 1: eps = (1 + w) eps(y) - w eps(null)
     c.diffusion.sampler = "ddim"
     c.diffusion.sample_steps = 50
+  elif preset in _UVIT_DIGITS:
+    _digits(c, stride=2)
+    _uvit(c, **_UVIT_DIGITS[preset])
+    if preset == "digits_uvit_tiny":
+      c.diffusion.num_timesteps = 20
+      c.diffusion.sample_steps = 3
+      c.batch_size = 8
+      c.total_steps = 2
+      c.optimizer.warmup_steps = 1
+      c.log_every_steps = 1
+      c.ckpt_every_steps = 2
+      c.sample_every_steps = 0
+      c.num_sample_images = 4
+  elif preset == "celeba64_uvit":
+    c = get_config("celeba64_config1")
+    # U-ViT-S/4 (configs/celeba64_uvit_small.py): 44,292,228 params (the paper's "44 M"),
+    # 2.493e10 FLOPs a call (TFDiff celeba64_config1: 57,950,220 params, 1.046e11: 4.2x).
+    _uvit(c, patch_size=4, width=512, depth=13, num_heads=8)
   else:
     raise ValueError(
       f"configs/mobile.py: unknown preset {preset!r}; allowed: digits_config1, digits_config2, "
-      "shapes_config1, shapes_config2, celeba64_config1, celeba64_config2, cifar10"
+      "shapes_config1, shapes_config2, celeba64_config1, celeba64_config2, cifar10, "
+      + ", ".join(_UVIT_DIGITS)
+      + ", celeba64_uvit"
     )
   return c

@@ -7,6 +7,9 @@ with two hooks changed:
 * (the spec's cosine learning-rate decay is common's ``optimizer.schedule = "cosine"``);
 * FLOPs per sample are counted on the unrolled stack, because XLA's cost analysis counts the body
   of the scan over the N blocks once.
+
+The tokenized baseline, U-ViT (``config.model.name = "uvit"``, ``mobile.uvit``), trains through the
+same method: only its start-up validation is added here, every other hook is DDPM's.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from common.train.method import DDPM
 from common.train.validate import ConfigError
 from mobile import model as model_lib  # registers the tfdiff network
 from mobile import spec as spec_lib
+from mobile import uvit as uvit_lib  # registers the uvit baseline network
 
 
 def validate(config: ml_collections.ConfigDict, data_info) -> None:
   """The mobile config's own fields; raises ``ConfigError`` naming the field."""
-  if config.model.name != "tfdiff":
-    return  # another registered network (e.g. the U-Net baseline): the common checks suffice
   m = config.model
+  if m.name == "uvit":
+    _validate_uvit(config, data_info)
+  if m.name != "tfdiff":
+    return  # another registered network (e.g. the U-Net baseline): the common checks suffice
   if m.layer_loop not in model_lib.LAYER_LOOPS:
     raise ConfigError("model.layer_loop", m.layer_loop, "allowed: scan, unroll")
   if m.dropout != 0.0:
@@ -37,8 +43,20 @@ def validate(config: ml_collections.ConfigDict, data_info) -> None:
     raise ConfigError(e.field, e.value, e.why) from None
 
 
+def _validate_uvit(config: ml_collections.ConfigDict, data_info) -> None:
+  if config.model.dropout != 0.0:
+    raise ConfigError("model.dropout", config.model.dropout, "U-ViT has no dropout: must be 0.0")
+  try:
+    uvit_lib.spec_from_config(
+      config, in_channels=data_info.channels, num_classes=data_info.num_classes
+    ).validate()
+  except spec_lib.SpecError as e:
+    raise ConfigError(e.field, e.value, e.why) from None
+
+
 class Mobile(DDPM):
-  """DDPM over the tokenization-free network (``config.model.name = "tfdiff"``)."""
+  """DDPM over the tokenization-free network (``config.model.name = "tfdiff"``), or over the
+  U-ViT baseline (``"uvit"``, ``mobile.uvit``) with the DDPM hooks unchanged."""
 
   name = "mobile"
 
