@@ -173,6 +173,11 @@ _UVIT_DIGITS = {
 }
 
 
+# Config I's training compute (1,500 steps x 32 images x its 1.119e7 FLOPs a call) at the U-Net's
+# 1.753e7 FLOPs a call (`python -m mobile.sizes digits_config1 digits_unet`): 1,500 x 1.119 / 1.753.
+DIGITS_UNET_STEPS = 958
+
+
 def get_config(preset: str = "digits_config1") -> ml_collections.ConfigDict:
   """Returns the config for ``preset``; see the module docstring for the list."""
   c = base_config()
@@ -214,6 +219,16 @@ def get_config(preset: str = "digits_config1") -> ml_collections.ConfigDict:
       c.ckpt_every_steps = 2
       c.sample_every_steps = 0
       c.num_sample_images = 4
+  elif preset == "digits_unet":
+    # The convolutional arm of M7: the U-Net of ddpm.py:digits narrowed to (24, 48), 466,153
+    # params (Config I: 495,364), trained by the same recipe for Config I's training compute.
+    _digits(c, stride=2)
+    m = c.model
+    m.name = "unet"
+    m.channels = (24, 48)
+    m.num_res_blocks = 1
+    m.attention_resolutions = (4,)
+    c.total_steps = DIGITS_UNET_STEPS
   elif preset == "celeba64_uvit":
     c = get_config("celeba64_config1")
     # U-ViT-S/4 (configs/celeba64_uvit_small.py): 44,292,228 params (the paper's "44 M"),
@@ -224,6 +239,6 @@ def get_config(preset: str = "digits_config1") -> ml_collections.ConfigDict:
       f"configs/mobile.py: unknown preset {preset!r}; allowed: digits_config1, digits_config2, "
       "shapes_config1, shapes_config2, celeba64_config1, celeba64_config2, cifar10, "
       + ", ".join(_UVIT_DIGITS)
-      + ", celeba64_uvit"
+      + ", digits_unet, celeba64_uvit"
     )
   return c

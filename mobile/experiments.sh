@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The runs behind mobile/RESULTS.md, in priority order (2 CPU cores: about 2.5 hours in all on a shared machine).
 # Usage: bash mobile/experiments.sh [RUNS_DIR [SECTION ...]]   (default runs/mobile, every section)
-# Sections: m2 m6 m6long m3 m4 res export. Finished runs (eval/metrics.json present) are skipped.
+# Sections: m2 m6 m6long m3 m4 m7 res export. Finished runs (eval/metrics.json present) are skipped.
 set -euo pipefail
 R=${1:-runs/mobile}
 shift || true
-SECTIONS=${*:-m2 m6 m6long m3 m4 res export}
+SECTIONS=${*:-m2 m6 m6long m3 m4 m7 res export}
 mkdir -p "$R"
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -81,6 +81,19 @@ if want m4; then
   for s in 0 1 2; do
     train_eval "c1_s$s" digits_config1 --config.seed=$s
     for n in 2 4 8; do train_eval "c1_n${n}_s$s" digits_config1 --config.model.depth=$n --config.seed=$s; done
+  done
+fi
+
+# M7: the tokenized arm (U-ViT) and the U-Net against TFDiff Config I at equal training compute
+# (steps x batch 32 x FLOPs a call; `python -m mobile.sizes`: Config I 1.119e7, U-ViT at Config I's
+# FLOPs 1.087e7, U-ViT at Config I's params 1.965e7, U-Net (24, 48) 1.753e7): 1,500 x 1.119e7 / F
+# steps each, the same recipe otherwise (warm-up 100, cosine decay to the last step, EMA 0.995).
+if want m7; then
+  for s in 0 1 2; do
+    train_eval "c1_s$s" digits_config1 --config.seed=$s
+    train_eval "uvit_f1_s$s" digits_uvit_flops1 --config.total_steps=1544 --config.seed=$s
+    train_eval "uvit_p1_s$s" digits_uvit_params1 --config.total_steps=854 --config.seed=$s
+    train_eval "unet_s$s" digits_unet --config.seed=$s
   done
 fi
 

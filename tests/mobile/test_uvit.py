@@ -261,3 +261,19 @@ def test_bad_config_is_one_line_naming_the_field(name, overrides, field, words):
     loop.setup(preset(name, **overrides), devices=jax.devices()[:1])
   msg = str(err.value)
   assert msg.startswith(f"config error: {field}=") and words in msg and "\n" not in msg
+
+
+def test_m7_unet_arm_has_config_is_training_compute():
+  """The U-Net arm (``digits_unet``): 466,153 params, and steps x FLOPs a call = Config I's to
+  0.1% (the same batch), which is what makes M7's comparison one at equal training compute."""
+
+  def measure(name):
+    config = mobile_configs.get_config(name)
+    method = Mobile(config, DIGITS)
+    params = jax.eval_shape(method.init_params, jax.random.key(0))
+    return config, models.count_params(params), method.denoiser_call_flops(params, 1)
+
+  c1, _, f1 = measure("digits_config1")
+  cu, n_unet, fu = measure("digits_unet")
+  assert cu.model.name == "unet" and n_unet == 466_153 and cu.batch_size == c1.batch_size
+  assert cu.total_steps * fu == pytest.approx(c1.total_steps * f1, rel=1e-3)
