@@ -13,7 +13,14 @@ A workdir may be named ``name=path`` (default name: its basename). Writes
   feature networks: their numbers are then not comparable), one table per non-generative run and,
   with ``--plan``, the comparisons it names and the runs that failed;
 * ``report.csv``: one row per run and per baseline arm, every scalar field;
-* ``pareto.png``: FID against sampling FLOPs per sample (log scale), generative runs only.
+* ``pareto.png`` (``common.pareto``): each generative run's headline FID
+  (``common.headline.headline_figure``, the figure of the headline table: collab's per-client mean
+  where the plan names it) against sampling FLOPs per sample (log scale), its labels placed so that
+  none overlaps another.
+
+A generative run's training compute (``common.train.compute``: images read and FLOPs of every
+shared-loop training under its workdir, adaptive's two stages included) joins its row when the run
+recorded it.
 
 ``--plan`` is a JSON file (``common.quickstart`` writes one) with optional keys ``title``,
 ``command``, ``wall_time_s``, ``runs`` (name -> ``section``, ``label``, ``baseline``: another run's
@@ -32,8 +39,9 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from common import fileio
+from common import fileio, pareto
 from common import headline as headline_lib
+from common.train import compute as compute_lib
 
 TABLE_COLUMNS = (
   ("run", "{}"),
@@ -46,6 +54,8 @@ TABLE_COLUMNS = (
   ("recall", "{:.3f}"),
   ("label_accuracy", "{:.3f}"),
   ("params", "{:,}"),
+  ("images_seen", "{:,}"),
+  ("train_pflop", "{:.3g}"),
   ("flops_per_sample", "{:.3g}"),
   ("wall_time_per_sample_s", "{:.4f}"),
   ("sampler", "{}"),
@@ -98,6 +108,7 @@ def load_runs(workdirs: list[str]) -> list[dict]:
       # An evaluation written before the field existed sampled on the one grid there was.
       record.setdefault("timestep_spacing", "uniform")
       _with_group_means(record)
+      _with_train_compute(record, wd)
     record["run"] = name
     runs.append(record)
   return runs
@@ -121,20 +132,23 @@ def _num(value: Any, spec: str = ".4g") -> str:
   return format(value, spec)
 
 
-def primary_of(record: dict, name: str = "") -> dict[str, Any]:
-  """``{"name", "value", "higher_is_better"}`` of any record (generative: FID, lower is better).
-
-  ``name``: another figure of the record instead (generative: lower is better for ``fid*`` and
-  ``kid*``; headline records: a key of ``metrics``, with the primary's direction).
-  """
-  if record["kind"] == "generative":
-    name = name or "fid"
-    lower = name.startswith(("fid", "kid"))
-    return {"name": name, "value": record.get(name), "higher_is_better": not lower}
-  if name:
-    hib = record["primary"]["higher_is_better"]
-    return {"name": name, "value": record["metrics"].get(name), "higher_is_better": hib}
-  return record["primary"]
+def _with_train_compute(record: dict, workdir: str) -> dict:
+  """A generative record with ``train_steps``, ``images_seen``, ``train_flops``,
+  ``train_pflop`` and ``train_flops_per_image`` from every training under ``workdir``
+  (``common.train.compute.of_workdir``); unchanged when the run recorded none."""
+  spent = compute_lib.of_workdir(workdir)
+  if spent is None:
+    return record
+  flops = spent["flops"]
+  record.update(
+    train_steps=spent["steps"],
+    images_seen=spent["images_seen"],
+    train_flops=flops,
+    train_pflop=None if flops is None else flops / 1e15,
+    train_flops_per_image=spent["flops_per_image"],
+    train_parts=spent["parts"],
+  )
+  return record
 
 
 def _with_group_means(record: dict) -> dict:
@@ -144,12 +158,6 @@ def _with_group_means(record: dict) -> dict:
     if vals:
       record[f"{key}_groups_mean"] = float(sum(vals) / len(vals))
   return record
-
-
-def flops_of(record: dict) -> tuple[float | None, str]:
-  if record["kind"] == "generative":
-    return record.get("flops_per_sample"), "per sample"
-  return record.get("flops"), record.get("flops_what", "")
 
 
 def _summary_rows(runs: list[dict], plan: dict) -> list[dict[str, Any]]:
@@ -171,15 +179,15 @@ def _summary_rows(runs: list[dict], plan: dict) -> list[dict[str, Any]]:
     if r is None:
       rows.append(row)
       continue
-    p = primary_of(r, m.get("primary", ""))
-    flops, flops_what = flops_of(r)
+    p = headline_lib.headline_figure(r, meta)
+    flops, flops_what = headline_lib.flops_of(r)
     row.update(kind=r["kind"], primary=p["name"], value=p["value"], flops=flops)
     row["higher_is_better"] = bool(p["higher_is_better"])
     row["flops_what"] = flops_what
     ref_value, ref_name = None, ""
     if m.get("baseline") in by_name:
       ref_name = m["baseline"]
-      ref_value = primary_of(by_name[ref_name], p["name"]).get("value")
+      ref_value = headline_lib.primary_of(by_name[ref_name], p["name"]).get("value")
     elif r["kind"] != "generative" and r.get("baselines"):
       ref_name = m.get("baseline_arm") or next(iter(r["baselines"]))
       ref_value = r["baselines"].get(ref_name, {}).get(p["name"])
@@ -242,7 +250,7 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
   lines = _title_section(plan)
   lines += _headline_section(summary)
   if generative:
-    lines += _generative_section(generative)
+    lines += _generative_section(generative, meta)
   for r in others:
     lines += _arm_section(r, meta)
   if plan.get("entries"):
@@ -251,7 +259,7 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
   fileio.write_text(paths["md"], "\n".join(lines).rstrip() + "\n")
 
   _write_csv(runs, summary, paths["csv"])
-  _pareto_plot(generative, paths["png"], meta)
+  pareto.write(generative, paths["png"], meta)
   return paths
 
 
@@ -282,6 +290,23 @@ def _environment_line(env: dict) -> str:
   return f"Ran with Python {env.get('python')}, {packages}; {cpu}; {flags}; {load}."
 
 
+# What one seed per run can and cannot say (issue 22): the compare step reads no seed spread.
+SEED_NOTE = (
+  "Every figure here is one seed, so this report cannot say which deltas are within seed noise: "
+  "a delta smaller than the 3-seed std in the method's RESULTS.md (at other budgets) is not "
+  "conclusive."
+)
+
+TRAIN_COMPUTE_NOTE = (
+  "`images_seen`: images read from the data by every training under the run's workdir (steps x "
+  "images per step: the global batch; collab: its clients' batches, whose cut images also train "
+  "the server; TDC: stage 1 in `stage1/` and every group's batch of stage 2); `train_pflop`: "
+  "the FLOPs of those steps (XLA's cost analysis of the compiled train step: forward, backward, "
+  "optimizer and EMA, over all devices) in 1e15. Not counted: adaptive's pruning proxies, the "
+  "evaluation. `-`: the run recorded none."
+)
+
+
 def _headline_section(summary: list[dict[str, Any]]) -> list[str]:
   """Every run's primary figure against its baseline (``_summary_rows``)."""
   return [
@@ -291,12 +316,15 @@ def _headline_section(summary: list[dict[str, Any]]) -> list[str]:
     "",
     "`delta` is the primary figure minus the same figure of `versus` (another run, or an arm of "
     "the run's own baselines). Generative FLOPs are per sample over the whole sampling chain.",
+    "",
+    SEED_NOTE,
   ]
 
 
-def _generative_section(generative: list[dict]) -> list[str]:
-  """The generative runs' table, whether their scores are comparable, the Pareto plot, and each
-  run's per-group table."""
+def _generative_section(generative: list[dict], meta: dict | None = None) -> list[str]:
+  """The generative runs' table, what its training compute counts, whether their scores are
+  comparable, the Pareto plot (with the figure it plots per run), and each run's per-group
+  table."""
   header = [name for name, _ in TABLE_COLUMNS]
   lines = ["", "## Generative runs", "", "| " + " | ".join(header) + " |"]
   lines.append("|" + "---|" * len(header))
@@ -315,11 +343,28 @@ def _generative_section(generative: list[dict]) -> list[str]:
   else:
     ((net, sha, ref),) = refs
     lines.append(f"Feature network `{net}` (sha256 `{str(sha)[:16]}...`), reference `{ref}`.")
-  lines += ["", "![quality against sampling FLOPs](pareto.png)"]
+  lines += ["", TRAIN_COMPUTE_NOTE]
+  lines += [
+    "",
+    "![quality against sampling FLOPs](pareto.png)",
+    "",
+    _plotted_note(generative, meta),
+  ]
   for r in generative:
     if r.get("groups"):
       lines += _group_table(r)
   return lines
+
+
+def _plotted_note(generative: list[dict], meta: dict | None) -> str:
+  """Which figure ``pareto.png`` plots for each run (the headline table's)."""
+  by_figure: dict[str, list[str]] = {}
+  for r in generative:
+    by_figure.setdefault(headline_lib.headline_figure(r, meta)["name"], []).append(r["run"])
+  if list(by_figure) == ["fid"]:
+    return "The plot shows each run's `fid`, the headline table's figure."
+  parts = [f"`{name}` for {', '.join(runs)}" for name, runs in by_figure.items()]
+  return f"The plot shows each run's headline figure: {'; '.join(parts)}."
 
 
 def _group_table(record: dict) -> list[str]:
@@ -435,33 +480,8 @@ def _write_csv(runs: list[dict], summary: list[dict], path: str) -> None:
       writer.writerow([row.get(k, "") if row.get(k) is not None else "" for k in first + keys])
 
 
-def _pareto_plot(runs: list[dict], path: str, meta: dict | None = None) -> None:
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  meta = meta or {}
-  fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-  for r in runs:
-    x, y = r.get("flops_per_sample"), r.get("fid")
-    if x is None or y is None:
-      continue
-    ax.scatter([x], [y], s=40)
-    name = meta.get(r["run"], {}).get("label") or r["run"]
-    ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-  ax.set_xscale("log")
-  ax.set_xlabel("FLOPs per sample (whole sampling chain)")
-  net = runs[0].get("feature_net", "?") if runs else "?"
-  ax.set_ylabel(f"FID ({net} features)")
-  ax.set_title("Quality against sampling compute (lower left is better)")
-  ax.grid(True, which="both", alpha=0.3)
-  fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:  # the temporary name keeps .png: same format
-    fig.savefig(tmp)
-  plt.close(fig)
-
-
+# A label's places around its point, tried in turn: right of it, then left, then both again one
+# and more label heights up and down.
 def main(argv, flag_values):
   del argv
   plan = {}

@@ -138,3 +138,37 @@ def from_eval_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
       f"{metrics.get('timestep_spacing', 'uniform')} grid"
     ),
   )
+
+
+def primary_of(record: dict, name: str = "") -> dict[str, Any]:
+  """``{"name", "value", "higher_is_better"}`` of any record (generative: FID, lower is better).
+
+  ``name``: another figure of the record instead (generative: lower is better for ``fid*`` and
+  ``kid*``; headline records: a key of ``metrics``, with the primary's direction).
+  """
+  if record["kind"] == "generative":
+    name = name or "fid"
+    lower = name.startswith(("fid", "kid"))
+    return {"name": name, "value": record.get(name), "higher_is_better": not lower}
+  if name:
+    hib = record["primary"]["higher_is_better"]
+    return {"name": name, "value": record["metrics"].get(name), "higher_is_better": hib}
+  return record["primary"]
+
+
+def headline_figure(record: dict, meta: dict | None = None) -> dict[str, Any]:
+  """The figure a run is judged by: ``primary_of`` the record, with the plan's ``primary`` for
+  the run where it names one (collab's ``fid_groups_mean``). The headline table's ``value`` and the
+  point ``pareto.png`` plots both come from here.
+
+  Args:
+    record: from :func:`load_runs`.
+    meta: the plan's ``runs`` (name -> ``primary``, ...); None: the record's own primary.
+  """
+  return primary_of(record, (meta or {}).get(record["run"], {}).get("primary", ""))
+
+
+def flops_of(record: dict) -> tuple[float | None, str]:
+  if record["kind"] == "generative":
+    return record.get("flops_per_sample"), "per sample"
+  return record.get("flops"), record.get("flops_what", "")

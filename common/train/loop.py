@@ -22,7 +22,7 @@ import optax
 from absl import logging
 
 from common import checkpoint, data, images, parallel
-from common.train import drift
+from common.train import compute, drift
 from common.train import validate as validate_lib
 from common.train.logger import MetricLogger
 from common.train.method import Method, load_method
@@ -300,12 +300,21 @@ def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, c
   window: list[dict] = []  # host metrics since the last log line
   provisional = [start] if ckpt.is_adopted(start) else []
   recent: collections.deque = collections.deque(maxlen=_RECENT_LOSSES)
+  segment = None  # this invocation's train_compute.json record (common.train.compute)
   logger.start(start)
   for step in range(start, total):
     batch = parallel.global_batch(next(data_iter), fns["batch_sharding"])
     state, metrics = fns["step"](state, batch)
     if step == start:
       ckpt.set_compiling(False)
+      # After the first call: the step's lowering and executable are cached, so this is cheap.
+      segment = compute.measure_step(
+        fns["step"],
+        state,
+        batch,
+        devices=method.mesh.size,
+        images_per_step=method.images_per_step(),
+      )
     done = step + 1
     pending.append((done, metrics))
     is_last = done == total
@@ -334,6 +343,9 @@ def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, c
       final = is_last or stop
       if ckpt.save(done, state, data_iter, config_json, force=True, provisional=not final):
         provisional.extend([] if final else [done])
+      if is_main:
+        # Steps up to the newest checkpoint: what a resume keeps.
+        compute.record(workdir, start, done, segment)
     sample_every = config.sample_every_steps
     if (sample_every and done % sample_every == 0) or is_last:
       path = os.path.join(workdir, "samples", f"step_{done:07d}.png")

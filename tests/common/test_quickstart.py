@@ -118,6 +118,16 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   assert {r["run"] for r in rows if r["kind"] == "generative"} == {
     "ddpm", "mobile_config1", "collab_cut", "adaptive_tdc", "adaptive_single",
   }  # fmt: skip
+  # Training compute (common.train.compute): steps x images per step of every training under a
+  # run's workdir, TDC's stage 1 (2 steps of 8) and stage 2 (2 steps of 2 groups x 8) together.
+  generative = {r["run"]: r for r in rows if r["kind"] == "generative"}
+  assert {name: int(r["images_seen"]) for name, r in generative.items()} == {
+    "ddpm": 2 * 8, "mobile_config1": 2 * 8, "collab_cut": 2 * 2 * 4,
+    "adaptive_single": 2 * 8, "adaptive_tdc": 2 * 8 + 2 * 2 * 8,
+  }  # fmt: skip
+  assert all(float(r["train_pflop"]) > 0 for r in generative.values())
+  # The plot shows the headline's figure: collab's mean over its clients.
+  assert "`fid_groups_mean` for collab_cut" in md and compare.SEED_NOTE in md
   assert os.path.getsize(os.path.join(workdir, "pareto.png")) > 5000
   with open(os.path.join(workdir, quickstart.PLAN_FILE)) as f:
     plan = json.load(f)
