@@ -85,6 +85,47 @@ def _guidance_summary(runs: str, suffix: str, scale: str, seeds=(0, 1, 2)) -> st
   )
 
 
+def _paired_wins(runs: str, arm: str, against: str = "c1", seeds=(0, 1, 2)) -> str:
+  """Seeds where ``against`` has the lower digits-FD than ``arm``, of those where both exist."""
+  pairs = [(_load(runs, f"{against}_s{s}"), _load(runs, f"{arm}_s{s}")) for s in seeds]
+  pairs = [(a, b) for a, b in pairs if a and b]
+  return f"{sum(a['fid'] < b['fid'] for a, b in pairs)}/{len(pairs)}"
+
+
+# M7's arms (mobile/experiments.sh, section m7): run prefix -> what it is, all at Config I's (or
+# II's) training compute.
+_M7_ARMS = (
+  ("c1", "TFDiff Config I"),
+  ("uvit_f1", "U-ViT p=2 at Config I's FLOPs"),
+  ("uvit_p1", "U-ViT p=2 at Config I's params"),
+  ("unet", "U-Net (24, 48)"),
+  ("c2", "TFDiff Config II"),
+  ("uvit_f2", "U-ViT p=1 at Config II's FLOPs"),
+)
+
+
+def _m7_section(runs: str) -> list[str]:
+  out = ["## M7: the tokenized arm and the U-Net at equal training compute (mean +- std)", ""]
+  out += [
+    "| arm | seeds | digits-FD | KID | precision | recall | params | FLOPs / sample "
+    "| TFDiff (c1 / c2) wins |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for prefix, what in _M7_ARMS:
+    ms = [m for m in (_load(runs, f"{prefix}_s{s}") for s in (0, 1, 2)) if m]
+    if not ms:
+      continue
+    ref = "c2" if prefix.endswith("2") else "c1"
+    wins = "-" if prefix in ("c1", "c2") else _paired_wins(runs, prefix, ref)
+    out.append(
+      f"| {what} (`{prefix}`) | {len(ms)} | {_mean_std([m['fid'] for m in ms])} | "
+      f"{_mean_std([m['kid_mean'] for m in ms], digits=1)} | "
+      f"{np.mean([m['precision'] for m in ms]):.3f} | {np.mean([m['recall'] for m in ms]):.3f} | "
+      f"{ms[0]['params']:,} | {ms[0]['flops_per_sample']:.3g} | {wins} |"
+    )
+  return out + [""]
+
+
 def main(argv):
   del argv
   runs = _RUNS.value
@@ -100,6 +141,7 @@ def main(argv):
   out.append(_SEED_HEADER)
   out += [_seed_summary(runs, p) for p in ("c1_n2", "c1_n4", "c1", "c1_n8")] + [""]
   out += _table(runs, [f"c1_n{n}_s{s}" for n in (2, 4, 8) for s in (0, 1, 2)]) + [""]
+  out += _m7_section(runs)
   out += ["## M6: class-conditional Config I, guidance scale 1 + w (mean +- std over seeds)", ""]
   out += [
     "| guidance | seeds | label acc. | digits-FD | KID | precision | recall |",
