@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The runs behind mobile/RESULTS.md, in priority order (2 CPU cores: about 2.5 hours in all on a shared machine).
 # Usage: bash mobile/experiments.sh [RUNS_DIR [SECTION ...]]   (default runs/mobile, every section)
-# Sections: m2 m6 m6long m3 m4 m7 res export. Finished runs (eval/metrics.json present) are skipped.
+# Sections: m2 m6 m6long m3 m4 m7 m7b res export. Finished runs (eval/metrics.json present) are skipped.
 set -euo pipefail
 R=${1:-runs/mobile}
 shift || true
-SECTIONS=${*:-m2 m6 m6long m3 m4 m7 res export}
+SECTIONS=${*:-m2 m6 m6long m3 m4 m7 m7b res export}
 mkdir -p "$R"
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
@@ -94,6 +94,18 @@ if want m7; then
     train_eval "uvit_f1_s$s" digits_uvit_flops1 --config.total_steps=1544 --config.seed=$s
     train_eval "uvit_p1_s$s" digits_uvit_params1 --config.total_steps=854 --config.seed=$s
     train_eval "unet_s$s" digits_unet --config.seed=$s
+  done
+fi
+
+# M7 at Config II (s=1, 64 positions): U-ViT p=1 at Config II's FLOPs (4.816e7 a call against
+# 4.853e7: 1,512 steps) and at its params (8.270e7: 880 steps).
+if want m7b; then
+  for s in 0 1 2; do
+    train_eval "c2_s$s" digits_config2 --config.seed=$s
+    train_eval "uvit_f2_s$s" digits_uvit_flops2 --config.total_steps=1512 --config.seed=$s
+  done
+  for s in 0 1 2; do
+    train_eval "uvit_p2_s$s" digits_uvit_params2 --config.total_steps=880 --config.seed=$s
   done
 fi
 

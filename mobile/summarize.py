@@ -101,6 +101,7 @@ _M7_ARMS = (
   ("unet", "U-Net (24, 48)"),
   ("c2", "TFDiff Config II"),
   ("uvit_f2", "U-ViT p=1 at Config II's FLOPs"),
+  ("uvit_p2", "U-ViT p=1 at Config II's params"),
 )
 
 
