@@ -48,16 +48,6 @@ def _load_record(path: str, num_samples: int) -> dict | None:
   return rec
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def check_campaign_config(config, workdir: str) -> None:
   """Records the config a campaign directory was made with; refuses another one.
 
@@ -73,9 +63,9 @@ def check_campaign_config(config, workdir: str) -> None:
   if not os.path.exists(path):
     fileio.write_json(path, now, indent=1)
     return
-  now_flat = _flat(now)
+  now_flat = drift.flatten(now)
   with open(path) as f:
-    before = drift.with_added_fields(_flat(json.load(f)), now_flat)
+    before = drift.with_added_fields(drift.flatten(json.load(f)), now_flat)
   for key in sorted(set(before) | set(now_flat)):
     if before.get(key) != now_flat.get(key):
       raise ConfigError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.diffusion import sampling
+from common.diffusion import sampling, steps
 from common.train.method import timestep_spacing
 from common.train.validate import ConfigError
 
@@ -27,24 +27,22 @@ def whole_grid(config) -> np.ndarray | None:
 
 def check_split(grid: np.ndarray, big_t: int, cut_point: int, start: int) -> None:
   """The cut point and the client's start level must be levels of ``grid`` (or T, pure noise) so
-  that the two sides split it; raises ``ConfigError`` naming the spacing and the nearest levels."""
+  that the two sides split it (``steps.check_grid_boundary``); raises ``ConfigError`` naming the
+  spacing and the nearest levels."""
   # The cut must lie below the grid's top (the server needs a step above it); the client may
   # start anywhere on it.
-  checks = [("collab.cut_point", cut_point, set(grid[1:].tolist()))]
-  if start != cut_point:
-    checks.append(("the client's start level", start, set(grid.tolist())))
-  for what, level, allowed in checks:
-    if level == big_t or level in allowed:
-      continue
-    below = max(k for k in allowed if k <= level)
-    above = min([k for k in allowed if k > level] + [big_t])
-    offset = " (collab.client_start_offset=code)" if what != "collab.cut_point" else ""
+  hint = ""
+  try:
+    steps.check_grid_boundary(grid, big_t, "collab.cut_point", cut_point, below_top=True)
+    if start != cut_point:
+      hint = " (collab.client_start_offset=code starts the client above the cut)"
+      steps.check_grid_boundary(grid, big_t, "the client's start level", start)
+  except ValueError as err:
     raise ConfigError(
       "diffusion.timestep_spacing", "ddim",
-      f"{what}={level}{offset} is not a level of the {len(grid) - 1}-step DDIM grid over "
-      f"T={big_t} (top {grid[0]}; nearest: {below}, {above}), where the server's and the "
-      "client's parts of it meet; pick one or timestep_spacing=uniform",
-    )  # fmt: skip
+      f"{err}, where the server's and the client's parts of it meet{hint}; pick one or "
+      "timestep_spacing=uniform",
+    ) from None  # fmt: skip
 
 
 def steps_split(grid: np.ndarray, cut_point: int, start: int) -> tuple[int, int]:

@@ -39,16 +39,13 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
     Sorted list of distinct ints in [0, T).
 
   Raises:
-    ValueError: a section asks for more steps than it has, or no stride gives N for "ddimN".
+    ValueError: a section asks for more steps than it has, or no stride gives N for "ddimN"
+      (``ddim_stride``).
   """
   if isinstance(section_counts, str):
     if section_counts.startswith("ddim"):
-      wanted = int(section_counts[len("ddim") :])
-      for stride in range(1, num_timesteps):
-        kept = list(range(0, num_timesteps, stride))
-        if len(kept) == wanted:
-          return kept
-      raise ValueError(f"cannot make exactly {wanted} DDIM steps out of {num_timesteps}")
+      stride = ddim_stride(num_timesteps, int(section_counts[len("ddim") :]))
+      return list(range(0, num_timesteps, stride))
     section_counts = [int(c) for c in section_counts.split(",")]
   elif isinstance(section_counts, int):
     section_counts = [section_counts]
@@ -69,6 +66,27 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
       pos += stride
     start += size
   return sorted(kept)
+
+
+def ddim_stride(num_timesteps: int, num_steps: int) -> int:
+  """The stride s of IDDPM's "ddimN": the smallest with exactly num_steps timesteps in
+  range(0, T, s).
+
+  Raises:
+    ValueError: no stride gives num_steps; the message names the nearest step counts that have one.
+  """
+  # len(range(0, T, s)) = ceil(T / s). Strides stop below T as IDDPM's do, so no count is 1.
+  strides: dict[int, int] = {}
+  for s in range(1, num_timesteps):
+    strides.setdefault(-(-num_timesteps // s), s)
+  if num_steps in strides:
+    return strides[num_steps]
+  counts = sorted(strides)
+  near = [c for c in counts if c < num_steps][-1:] + [c for c in counts if c > num_steps][:1]
+  raise ValueError(
+    f"no stride s gives exactly {num_steps} steps in range(0, {num_timesteps}, s) (IDDPM's "
+    f'"ddim{num_steps}"); nearest that have one: {", ".join(map(str, near)) or "none"}'
+  )
 
 
 def make_levels(
@@ -144,13 +162,8 @@ def _ddim_part(num_timesteps: int, num_steps: int, k_start: int, k_end: int) -> 
     raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
   kept = space_timesteps(num_timesteps, f"ddim{num_steps}")
   grid = np.asarray([t + 1 for t in reversed(kept)] + [0], np.int32)
-  on_grid = set(grid.tolist())
-  for name, bound in (("k_start", k_start), ("k_end", k_end)):
-    if bound not in on_grid and not (name == "k_start" and bound == num_timesteps):
-      raise ValueError(
-        f"{name}={bound} is not a level of the {num_steps}-step DDIM grid over T={num_timesteps} "
-        f"({_grid_summary(grid)})"
-      )
+  check_grid_boundary(grid, num_timesteps, "k_start", k_start)
+  check_grid_boundary(grid, num_timesteps, "k_end", k_end)
   part = grid[(grid <= k_start) & (grid >= k_end)]
   if part.size < 2:
     raise ValueError(
@@ -158,6 +171,35 @@ def _ddim_part(num_timesteps: int, num_steps: int, k_start: int, k_end: int) -> 
       f"{k_start} and {k_end} ({_grid_summary(grid)})"
     )
   return part
+
+
+def check_grid_boundary(
+  grid: np.ndarray, num_timesteps: int, name: str, level: int, *, below_top: bool = False
+) -> None:
+  """Checks that a segment bound ``name=level`` splits the whole chain's ``grid`` (a DDIM grid,
+  ``make_levels(..., spacing="ddim")``): it must be one of its levels or T (pure noise, above
+  every grid), so that segments split there concatenate to the grid.
+
+  Args:
+    grid: [S + 1] int, strictly decreasing, ending at level 0.
+    num_timesteps: T.
+    name: what the bound is, for the message ("k_end", "collab.cut_point").
+    level: the bound, in [0, T].
+    below_top: the grid's top level is not allowed either (a segment ending there would have
+      no step above it).
+
+  Raises:
+    ValueError: naming the grid and the nearest allowed levels on either side of ``level``.
+  """
+  allowed = grid[1:] if below_top else grid
+  if level == num_timesteps or level in allowed:
+    return
+  below = max(int(k) for k in allowed if k < level)
+  above = min([int(k) for k in allowed if k > level] + [num_timesteps])
+  raise ValueError(
+    f"{name}={level} is not a level of the {len(grid) - 1}-step DDIM grid over T={num_timesteps} "
+    f"({_grid_summary(grid)}; nearest: {below}, {above})"
+  )
 
 
 def _grid_summary(grid: np.ndarray) -> str:

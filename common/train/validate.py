@@ -176,14 +176,12 @@ def validate_sampler(config: ml_collections.ConfigDict) -> None:
   if "timestep_spacing" not in config.diffusion:  # absent in configs saved before the field
     return
   if require_choice(config, "diffusion.timestep_spacing", steps.TIMESTEP_SPACINGS) == "ddim":
-    counts = sorted({-(-t // stride) for stride in range(1, t)})  # len(range(0, T, stride))
-    if n not in counts:
-      near = [c for c in counts if c < n][-1:] + [c for c in counts if c > n][:1]
+    try:
+      steps.ddim_stride(t, n)
+    except ValueError as err:  # already names the nearest counts that have one: add the field
       raise ConfigError(
-        "diffusion.sample_steps", n,
-        f"diffusion.timestep_spacing=ddim needs a stride s with exactly {n} steps in "
-        f"range(0, {t}, s); nearest that have one: {', '.join(map(str, near)) or 'none'}",
-      )  # fmt: skip
+        "diffusion.sample_steps", n, f"diffusion.timestep_spacing=ddim: {err}"
+      ) from None
 
 
 def validate_data(config: ml_collections.ConfigDict):

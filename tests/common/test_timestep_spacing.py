@@ -159,7 +159,8 @@ def test_ddpm_samples_on_each_spacing():
     ),
     (
       {"diffusion.timestep_spacing": "ddim", "diffusion.sample_steps": 11},
-      r"^config error: diffusion.sample_steps=11: diffusion.timestep_spacing=ddim needs a stride",
+      r"^config error: diffusion.sample_steps=11: diffusion.timestep_spacing=ddim: no stride s "
+      r"gives exactly 11 steps in range\(0, 100, s\)",
     ),
   ],
 )
