@@ -67,7 +67,9 @@ def test_two_processes_train_like_one_stop_together_and_resume_at_either_count(t
   # Only process 0 writes the run's files: one of each (two writers would leave two event files
   # and duplicated log lines).
   files = run_files(workdir)
-  assert files == ["config.json", "metrics.jsonl", "tensorboard/events"], files
+  assert files == ["config.json", "metrics.jsonl", "tensorboard/events", "train_compute.json"], (
+    files
+  )
   assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == stop
   # One process x 8 devices takes the 2-process checkpoint over (the state re-sharded, the data
   # position shared), then 2 processes take the 1-process one: the losses stay the reference's.
