@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.models import InitRngs, register
+from common.models.registry import compute_dtype
 from common.models.unet import timestep_embedding
 from mobile.layers import (
   ZEROS,
@@ -43,8 +44,6 @@ from mobile.layers import (
 from mobile.spec import SpecError, TFDiffSpec, spec_from_config
 
 LAYER_LOOPS = ("scan", "unroll")
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class CoreBlock(nnx.Module):
@@ -337,9 +336,5 @@ class TFDiff(nnx.Module):
 @register("tfdiff")
 def build_tfdiff(config, *, in_channels: int, num_classes: int, rngs: nnx.Rngs) -> TFDiff:
   """Registry constructor: ``config.model.name = "tfdiff"``."""
-  if config.model.dtype not in _DTYPES:
-    raise ValueError(f"model.dtype={config.model.dtype!r}: allowed: {', '.join(_DTYPES)}")
   spec = spec_from_config(config, in_channels=in_channels, num_classes=num_classes)
-  return TFDiff(
-    spec, layer_loop=config.model.layer_loop, dtype=_DTYPES[config.model.dtype], rngs=rngs
-  )
+  return TFDiff(spec, layer_loop=config.model.layer_loop, dtype=compute_dtype(config), rngs=rngs)

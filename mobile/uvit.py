@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.models import register
+from common.models.registry import compute_dtype
 from common.models.unet import timestep_embedding
 from mobile.layers import depth_to_space
 from mobile.spec import SpecError
 
 POS_EMBS = ("learned", "none")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _LN_EPS = 1e-5  # PyTorch's nn.LayerNorm default, which U-ViT uses
 # U-ViT's init: truncated normal (std 0.02) linears with zero biases, the same for the positional
 # table; the convs keep PyTorch's default, kaiming-uniform(a=sqrt(5)) = variance scaling 1/3.
@@ -344,7 +344,5 @@ class UViT(nnx.Module):
 @register("uvit")
 def build_uvit(config, *, in_channels: int, num_classes: int, rngs: nnx.Rngs) -> UViT:
   """Registry constructor: ``config.model.name = "uvit"``."""
-  if config.model.dtype not in _DTYPES:
-    raise ValueError(f"model.dtype={config.model.dtype!r}: allowed: {', '.join(_DTYPES)}")
   spec = spec_from_config(config, in_channels=in_channels, num_classes=num_classes)
-  return UViT(spec, dtype=_DTYPES[config.model.dtype], rngs=rngs)
+  return UViT(spec, dtype=compute_dtype(config), rngs=rngs)

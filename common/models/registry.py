@@ -76,6 +76,15 @@ class InitRngs:
     )
 
 
+def compute_dtype(config: ml_collections.ConfigDict):
+  """The network's compute dtype from ``config.model.dtype`` ("float32" | "bfloat16"); every
+  registered builder reads it here, so a bad value is one message whatever the network."""
+  name = config.model.dtype
+  if name not in _DTYPES:
+    raise ValueError(f"model.dtype={name!r}: allowed: {', '.join(_DTYPES)}")
+  return _DTYPES[name]
+
+
 def registered_models() -> list[str]:
   """Sorted names accepted by ``build_model``."""
   return sorted(_REGISTRY)
@@ -156,8 +165,5 @@ def unet_arguments(
 def _build_unet(
   config: ml_collections.ConfigDict, *, in_channels: int, num_classes: int, rngs: nnx.Rngs
 ) -> UNet:
-  m = config.model
-  if m.dtype not in _DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(_DTYPES)}, got {m.dtype!r}")
   arguments = unet_arguments(config, in_channels=in_channels, num_classes=num_classes)
-  return UNet(**arguments, dtype=_DTYPES[m.dtype], rngs=rngs)
+  return UNet(**arguments, dtype=compute_dtype(config), rngs=rngs)
