@@ -40,6 +40,7 @@ from flax import nnx
 
 from cdc import cloud, device, experiment, finetune, models, moving_shapes, objectives, train
 from common import fileio
+from common.metrics import flops as flops_lib
 
 METRICS = ("qa_accuracy", "R@1", "R@5")
 
@@ -263,7 +264,7 @@ def _evaluate_device(ev: _Evaluation, dev: int, heldout: list[int]) -> None:
   # FLOPs of the executable ``pool`` ran (lowering is cached: this compiles nothing new).
   enc_flops = ev.flops(
     ("encode", pdom.frames.shape),
-    lambda: finetune.compiled_flops(
+    lambda: flops_lib.compiled_flops(
       the_device.encode_frames.lower(ev.enc_state, pdom.frames).compile()
     ),
   )
@@ -304,7 +305,7 @@ def _fda_arms(ev: _Evaluation, ctx: dict, pool: np.ndarray) -> None:
       # The program the device's uplink runs, compiled once for both (lowering is cached).
       adr_flops = ev.flops(
         ("adr", sel, int(k), m),
-        lambda fn=fn, static=static: finetune.compiled_flops(
+        lambda fn=fn, static=static: flops_lib.compiled_flops(
           fn.lower(pool, jax.random.key(0), **static).compile()
         ),
       )

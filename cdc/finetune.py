@@ -23,17 +23,7 @@ import numpy as np
 import optax
 
 from cdc import objectives
-
-
-def compiled_flops(compiled) -> float:
-  """XLA's FLOP count of a compiled program (as ``common.metrics.flops.count_flops``)."""
-  analysis = compiled.cost_analysis()
-  analyses = [analysis] if isinstance(analysis, dict) else list(analysis or [])
-  found = [a["flops"] for a in analyses if a and "flops" in a]
-  if not found:
-    raise RuntimeError(f"XLA cost analysis has no 'flops' on {jax.default_backend()!r}")
-  return float(sum(found))
-
+from common.metrics import flops as flops_lib
 
 _QUESTION_KEYS = ("q_video", "question", "answers")
 
@@ -159,7 +149,7 @@ def finetune(
   # Lowering is cached per shapes and settings: a later call with the same ones gets this
   # executable back without compiling.
   compiled = _step.lower(params, opt_state, fixed, data, qi0, ci0, **settings).compile()
-  step_flops = compiled_flops(compiled)
+  step_flops = flops_lib.compiled_flops(compiled)
   batches = [(indices(n_q, b_q), indices(n_c, b_c)) for _ in range(steps)]
   start = time.perf_counter()
   for qi, ci in batches:

@@ -11,6 +11,38 @@ import jax
 import numpy as np
 
 
+def analysis_flops(analysis: Any) -> float | None:
+  """The ``flops`` of an XLA cost analysis, summed over its programs; None when it has none.
+
+  ``analysis``: what ``Compiled.cost_analysis()`` or ``Lowered.cost_analysis()`` returns (older
+  JAX: a list with one dict per program; newer: a single dict, or None).
+  """
+  if analysis is None:
+    analyses = []
+  elif isinstance(analysis, dict):
+    analyses = [analysis]
+  else:
+    analyses = list(analysis)
+  flops = [a["flops"] for a in analyses if a and "flops" in a]
+  return float(sum(flops)) if flops else None
+
+
+def compiled_flops(compiled: Any) -> float:
+  """XLA's FLOP count of a compiled program (``jax.jit(f).lower(...).compile()``).
+
+  Raises:
+    RuntimeError: if the backend's cost analysis has no ``flops`` entry.
+  """
+  analysis = compiled.cost_analysis()
+  flops = analysis_flops(analysis)
+  if flops is None:
+    raise RuntimeError(
+      f"XLA cost analysis reported no 'flops' on backend {jax.default_backend()!r} "
+      f"(got {analysis!r})"
+    )
+  return flops
+
+
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
   """FLOPs of one call of ``fn(*args, **kwargs)`` as counted by XLA's compiled cost analysis.
 
@@ -25,22 +57,7 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:
   Raises:
     RuntimeError: if the backend's cost analysis has no ``flops`` entry.
   """
-  compiled = jax.jit(fn).lower(*args, **kwargs).compile()
-  analysis = compiled.cost_analysis()
-  # Older JAX returns a list with one dict per program, newer a single dict (or None).
-  if analysis is None:
-    analyses = []
-  elif isinstance(analysis, dict):
-    analyses = [analysis]
-  else:
-    analyses = list(analysis)
-  flops = [a["flops"] for a in analyses if a and "flops" in a]
-  if not flops:
-    raise RuntimeError(
-      f"count_flops: XLA cost analysis reported no 'flops' on backend "
-      f"{jax.default_backend()!r} (got {analysis!r})"
-    )
-  return float(sum(flops))
+  return compiled_flops(jax.jit(fn).lower(*args, **kwargs).compile())
 
 
 def count_params(tree: Any) -> int:

@@ -40,6 +40,7 @@ from typing import Any
 from absl import logging
 
 from common import fileio
+from common.metrics import flops as flops_lib
 
 FILENAME = "train_compute.json"
 VERSION = 1
@@ -48,12 +49,8 @@ _NOT_RUNS = ("checkpoints", "tensorboard", "samples", "logs")
 
 
 def _flops(analysis: Any) -> float | None:
-  """The ``flops`` of a cost analysis (a dict, a list of one dict per program, or None)."""
-  if analysis is None:
-    return None
-  parts = [analysis] if isinstance(analysis, dict) else list(analysis)
-  values = [float(a["flops"]) for a in parts if a and "flops" in a]
-  total = sum(values) if values else None
+  """A cost analysis's FLOPs (``flops.analysis_flops``), None unless a finite positive count."""
+  total = flops_lib.analysis_flops(analysis)
   return total if total is not None and math.isfinite(total) and total > 0 else None
 
 

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from cdc import finetune, models, objectives
+from common.metrics import flops as flops_lib
 
 # Sizes no other test uses, so that the first call here is the step's first compile.
 SPEC = models.ModelSpec(
@@ -134,7 +135,7 @@ def _closure_finetune(
 
   qi0, ci0 = indices(n_q, b_q), indices(n_c, b_c)
   compiled = jax.jit(step).lower(params, opt_state, qi0, ci0).compile()
-  step_flops = finetune.compiled_flops(compiled)
+  step_flops = flops_lib.compiled_flops(compiled)
   for qi, ci in [(indices(n_q, b_q), indices(n_c, b_c)) for _ in range(steps)]:
     params, opt_state = compiled(params, opt_state, qi, ci)
   return {**fixed, **params}, step_flops * steps
