@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive.grouping import Groups
-from common.diffusion.gaussian import GaussianDiffusion, normal_kl
+from common.diffusion.gaussian import GaussianDiffusion
+from common.diffusion.likelihood import normal_kl
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array, jax.Array | None], jax.Array]
 

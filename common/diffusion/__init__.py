@@ -1,12 +1,7 @@
 """Shared diffusion core. Imports no method package, ever."""
 
-from common.diffusion.gaussian import (
-  X0_CLIPPINGS,
-  GaussianDiffusion,
-  clip_x0,
-  discretized_gaussian_log_likelihood,
-  normal_kl,
-)
+from common.diffusion.gaussian import X0_CLIPPINGS, GaussianDiffusion, clip_x0
+from common.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from common.diffusion.sampling import (
   TIMESTEP_SPACINGS,
   Segment,

@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from common.diffusion import schedules
+from common.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
 LOSSES = ("simple", "hybrid")
@@ -38,63 +39,19 @@ FIXED_VARIANCES = ("small", "large")
 # dynamic thresholding (Saharia et al. 2022, the official CollaFuse sampler's).
 X0_CLIPPINGS = ("static", "dynamic")
 
-# IDDPM discretizes data in [-1, 1] into 256 bins of width 2 / 255.
-_HALF_BIN = 1.0 / 255.0
-_LOG_FLOOR = 1e-12
-
 
 def _mean_flat(x: jax.Array) -> jax.Array:
   """Mean over every axis but the leading batch axis: [B, ...] -> [B]."""
   return jnp.mean(x, axis=tuple(range(1, x.ndim)))
 
 
-def normal_kl(
-  mean1: jax.Array, logvar1: jax.Array, mean2: jax.Array, logvar2: jax.Array
-) -> jax.Array:
-  """Elementwise KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) in nats.
-
-  Args:
-    mean1, logvar1, mean2, logvar2: broadcastable float arrays, e.g. [B, H, W, C] float32.
-
-  Returns:
-    The broadcast shape, float32.
-  """
-  return 0.5 * (
-    -1.0
-    + logvar2
-    - logvar1
-    + jnp.exp(logvar1 - logvar2)
-    + jnp.square(mean1 - mean2) * jnp.exp(-logvar2)
-  )
-
-
-def discretized_gaussian_log_likelihood(
-  x: jax.Array, means: jax.Array, log_scales: jax.Array
-) -> jax.Array:
-  """Log-likelihood of data discretized to 256 bins in [-1, 1] under a Gaussian (IDDPM decoder).
-
-  Bin j covers [x_j - 1/255, x_j + 1/255]; the two edge bins extend to -inf / +inf so the 256
-  probabilities sum to one.
-
-  Args:
-    x: [B, H, W, C] float32, values on the grid -1 + 2j/255.
-    means: [B, H, W, C] float32.
-    log_scales: [B, H, W, C] float32, log standard deviations.
-
-  Returns:
-    [B, H, W, C] float32 log-probabilities in nats.
-  """
-  chex.assert_equal_shape([x, means, log_scales])
-  centered = x - means
-  inv_std = jnp.exp(-log_scales)
-  upper = inv_std * (centered + _HALF_BIN)
-  lower = inv_std * (centered - _HALF_BIN)
-  # The exact normal CDF (not IDDPM's tanh approximation); log_ndtr keeps tails accurate.
-  log_cdf_upper = jax.scipy.special.log_ndtr(upper)
-  log_sf_lower = jax.scipy.special.log_ndtr(-lower)
-  delta = jax.scipy.special.ndtr(upper) - jax.scipy.special.ndtr(lower)
-  log_delta = jnp.log(jnp.maximum(delta, _LOG_FLOOR))
-  return jnp.where(x < -0.999, log_cdf_upper, jnp.where(x > 0.999, log_sf_lower, log_delta))
+def check_x0_clipping(clipping: str, percentile: float) -> None:
+  """Raises ValueError unless ``clipping`` is one of ``X0_CLIPPINGS`` and ``percentile`` is in
+  (0, 1]: the one check of the bound's settings, for ``clip_x0`` and the samplers."""
+  if clipping not in X0_CLIPPINGS:
+    raise ValueError(f"unknown x0_clipping {clipping!r}; allowed: {', '.join(X0_CLIPPINGS)}")
+  if not 0.0 < percentile <= 1.0:
+    raise ValueError(f"dynamic_threshold_percentile must be in (0, 1], got {percentile}")
 
 
 def clip_x0(x0: jax.Array, clipping: str = "static", percentile: float = 0.95) -> jax.Array:
@@ -113,14 +70,11 @@ def clip_x0(x0: jax.Array, clipping: str = "static", percentile: float = 0.95) -
     [B, ...] like x0.
 
   Raises:
-    ValueError: an unknown ``clipping`` or a percentile outside (0, 1].
+    ValueError: an unknown ``clipping`` or a percentile outside (0, 1] (``check_x0_clipping``).
   """
+  check_x0_clipping(clipping, percentile)
   if clipping == "static":
     return jnp.clip(x0, -1.0, 1.0)
-  if clipping != "dynamic":
-    raise ValueError(f"unknown x0 clipping {clipping!r}; allowed: {', '.join(X0_CLIPPINGS)}")
-  if not 0.0 < percentile <= 1.0:
-    raise ValueError(f"dynamic threshold percentile must be in (0, 1], got {percentile}")
   b = x0.shape[0]
   s = jnp.quantile(jnp.abs(x0).reshape(b, -1), percentile, axis=-1)
   # Never expand a sample already inside [-1, 1]: the threshold is at least 1.

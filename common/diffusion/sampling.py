@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.diffusion.gaussian import X0_CLIPPINGS, GaussianDiffusion
+from common.diffusion.gaussian import X0_CLIPPINGS, GaussianDiffusion, check_x0_clipping
 from common.diffusion.steps import (
   SAMPLERS,
   TIMESTEP_SPACINGS,
@@ -234,12 +234,7 @@ def sample_chain(
     raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
   if not segments:
     raise ValueError("a chain needs at least one segment")
-  if x0_clipping not in X0_CLIPPINGS:
-    raise ValueError(f"unknown x0_clipping {x0_clipping!r}; allowed: {', '.join(X0_CLIPPINGS)}")
-  if not 0.0 < dynamic_threshold_percentile <= 1.0:
-    raise ValueError(
-      f"dynamic_threshold_percentile must be in (0, 1], got {dynamic_threshold_percentile}"
-    )
+  check_x0_clipping(x0_clipping, dynamic_threshold_percentile)
   grid = np.asarray(levels)
   if grid.ndim != 1 or grid.size < 2 or np.any(np.diff(grid) >= 0):
     raise ValueError(f"levels must be a strictly decreasing 1-D grid, got {grid}")

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from common.diffusion import gaussian, sampling, schedules
+from common.diffusion import likelihood, sampling, schedules
 from common.diffusion.gaussian import GaussianDiffusion
 from common.diffusion.sampling import Segment
 
@@ -184,7 +184,7 @@ def test_discretized_likelihood_is_normalized():
   bins = jnp.linspace(-1.0, 1.0, 256)[:, None]
   means = jnp.full_like(bins, 0.3)
   for log_scale in (-4.0, -1.0, 0.5):
-    ll = gaussian.discretized_gaussian_log_likelihood(bins, means, jnp.full_like(bins, log_scale))
+    ll = likelihood.discretized_gaussian_log_likelihood(bins, means, jnp.full_like(bins, log_scale))
     assert float(jnp.sum(jnp.exp(ll))) == pytest.approx(1.0, abs=1e-4)
 
 
