@@ -66,6 +66,17 @@ ADDED_FIELDS = {
 }
 
 
+def added_field(config: ml_collections.ConfigDict, name: str) -> Any:
+  """``config``'s value of the ``ADDED_FIELDS`` field ``name`` (dotted), or, in a config saved
+  before the field existed, the value that keeps what that run did."""
+  node = config
+  for part in name.split("."):
+    if part not in node:
+      return ADDED_FIELDS[name]
+    node = node[part]
+  return node
+
+
 def with_added_fields(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
   """``saved`` (flat, dotted) with each ``ADDED_FIELDS`` field it lacks and ``current`` has."""
   added = {k: v for k, v in ADDED_FIELDS.items() if k in current and k not in saved}

@@ -28,6 +28,7 @@ from flax import nnx
 from common import data, models
 from common.diffusion import GaussianDiffusion, sampling
 from common.metrics import flops as flops_lib
+from common.train import drift
 
 Params = Any
 
@@ -50,17 +51,18 @@ def timestep_spacing(config: ml_collections.ConfigDict) -> str:
   """The sampling grid ``config.diffusion.timestep_spacing`` ("uniform" | "ddim", see
   ``sampling.make_levels``); "uniform" for a config saved before the field existed, the only
   grid there was then."""
-  return str(config.diffusion.get("timestep_spacing", "uniform"))
+  return str(drift.added_field(config, "diffusion.timestep_spacing"))
 
 
 def x0_clipping_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The sampler's x0_hat bound from ``config.diffusion`` as ``sampling.sample_chain`` keywords
   (``x0_clipping``, ``dynamic_threshold_percentile``); static clipping to [-1, 1] for a config
   saved before the fields existed, the only bound there was then."""
-  d = config.diffusion
   return {
-    "x0_clipping": str(d.get("x0_clipping", "static")),
-    "dynamic_threshold_percentile": float(d.get("dynamic_threshold_percentile", 0.95)),
+    "x0_clipping": str(drift.added_field(config, "diffusion.x0_clipping")),
+    "dynamic_threshold_percentile": float(
+      drift.added_field(config, "diffusion.dynamic_threshold_percentile")
+    ),
   }
 
 
