@@ -50,7 +50,7 @@ import functools
 import json
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -78,10 +78,19 @@ def _method(config):
   return hmethod.Hybrid(config, data.get_info(config.data))
 
 
-def model_params(config, params=None) -> tuple[Any, Any]:
-  """The hybrid tree ``{'cluster': tree, 'users': tree with a leading U axis}`` and one full
-  network's tree, both abstract (``ShapeDtypeStruct``s) unless ``params`` (a run's real hybrid
-  tree) is given."""
+class _Trees(NamedTuple):
+  """What both measurements start from, built once: the method, the hybrid tree ``{'cluster':
+  tree, 'users': tree with a leading U axis}`` and one full network's tree (abstract unless a
+  run's real tree was given)."""
+
+  method: Any
+  hybrid: Any
+  full: Any
+
+
+def model_params(config, params=None) -> _Trees:
+  """The hybrid tree and one full network's tree, both abstract (``ShapeDtypeStruct``s) unless
+  ``params`` (a run's real hybrid tree) is given, with the method that built them."""
   from common.train.method import DDPM
 
   method = _method(config)
@@ -90,16 +99,15 @@ def model_params(config, params=None) -> tuple[Any, Any]:
   # A full personalized model is one network of the config's architecture, built on its own (not
   # read off the hybrid tree), so the comparison would show a mismatch.
   full = jax.eval_shape(functools.partial(DDPM.init_params, method), key)
-  return hybrid, full
+  return _Trees(method, hybrid, full)
 
 
-def _train_state_bytes(config) -> dict[str, int]:
+def _train_state_bytes(config, method) -> dict[str, int]:
   """Per-user bytes of stage 2's train state (params + EMA + optimizer state of the users' stacked
   tree, over U) and of one network's train state trained on its own."""
   from common.train import loop
   from common.train.method import DDPM
 
-  method = _method(config)
   tx, _ = method.make_optimizer()
   state = jax.eval_shape(loop.make_init_fn(method, tx, int(config.seed)))
   users = (state.params["users"], state.ema_params["users"], state.opt_state["users"])
@@ -123,7 +131,11 @@ def storage(config, params=None) -> dict[str, Any]:
     ``num_users`` U, ``cluster`` (the shared network), ``per_user`` / ``train_state_per_user``
     ``{'hybrid', 'full'}``, ``edge_total`` and ``total`` ``{'hybrid', 'full'}`` for U users; bytes.
   """
-  hybrid, full = model_params(config, params)
+  return _storage(config, model_params(config, params))
+
+
+def _storage(config, trees: _Trees) -> dict[str, Any]:
+  hybrid, full = trees.hybrid, trees.full
   users = hybrid["users"]
   u = int(jax.tree.leaves(users)[0].shape[0])
   one_user = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), users)
@@ -138,7 +150,7 @@ def storage(config, params=None) -> dict[str, Any]:
     "dtypes": sorted({str(np.dtype(a.dtype)) for a in jax.tree.leaves(users)}),
     "cluster": cluster,
     "per_user": {"hybrid": per_user, "full": full_bytes},
-    "train_state_per_user": _train_state_bytes(config),
+    "train_state_per_user": _train_state_bytes(config, trees.method),
     # The edge: one cluster-wide network, against one network per user.
     "edge_total": {"hybrid": cluster, "full": u * full_bytes},
     # Everywhere: the cluster-wide network once plus U personalized parts, against U networks.
@@ -146,7 +158,7 @@ def storage(config, params=None) -> dict[str, Any]:
   }
 
 
-def _memory(lowered) -> dict[str, int]:
+def _xla_memory(lowered) -> dict[str, int]:
   """XLA's figures of a lowered program, compiled here."""
   t0 = time.perf_counter()
   stats = lowered.compile().memory_analysis()
@@ -176,9 +188,13 @@ def memory(config, params=None, *, device_batch: int = 1, edge_batch: int | None
     edge_batch: rows of the edge's batch; default ``scheduler.system.capacity``.
 
   Returns:
-    ``{'device': {'hybrid', 'full'}, 'edge': {'hybrid', 'full'}}`` of ``_memory`` dicts, and the
-    batches.
+    ``{'device': {'hybrid', 'full'}, 'edge': {'hybrid', 'full'}}`` of ``_xla_memory`` dicts,
+    and the batches.
   """
+  return _memory(config, model_params(config, params), device_batch, edge_batch)
+
+
+def _memory(config, trees: _Trees, device_batch: int, edge_batch: int | None):
   from common import data
   from hybrid import models
 
@@ -186,7 +202,7 @@ def memory(config, params=None, *, device_batch: int = 1, edge_batch: int | None
     edge_batch = int(config.scheduler.system.capacity)
   if device_batch < 1 or edge_batch < 1:
     raise ValueError(f"batches must be >= 1, got device {device_batch}, edge {edge_batch}")
-  hybrid, full = model_params(config, params)
+  hybrid, full = trees.hybrid, trees.full
   programs = models.programs_for(config)
   info = data.get_info(config.data)
   shape = (info.resolution, info.resolution, info.channels)
@@ -210,7 +226,7 @@ def memory(config, params=None, *, device_batch: int = 1, edge_batch: int | None
     seg = sampling.Segment(lambda x, t, y: programs.apply(params, x, t), big_t, 0, side="device")
     return sampling.sample_chain(
       programs.diffusion, [seg], x_T, keys, levels=programs.levels, sampler=programs.sampler,
-      eta=programs.eta, clip_denoised=programs.clip_denoised,
+      eta=programs.eta, clip_denoised=programs.clip_denoised, **programs.x0_clipping,
     )  # fmt: skip
 
   device_full = jax.jit(full_chain).lower(full, x, keys)
@@ -222,16 +238,17 @@ def memory(config, params=None, *, device_batch: int = 1, edge_batch: int | None
     "device_batch": int(device_batch),
     "edge_batch": int(edge_batch),
     "backend": jax.default_backend(),
-    "device": {"hybrid": _memory(device_hybrid), "full": _memory(device_full)},
-    "edge": {"hybrid": _memory(edge_hybrid), "full": _memory(edge_full)},
+    "device": {"hybrid": _xla_memory(device_hybrid), "full": _xla_memory(device_full)},
+    "edge": {"hybrid": _xla_memory(edge_hybrid), "full": _xla_memory(edge_full)},
   }
 
 
 def measure(config, params=None, *, device_batch: int = 1, edge_batch: int | None = None):
   """``{'storage': storage(...), 'memory': memory(...)}`` of one config (or a run's tree)."""
+  trees = model_params(config, params)
   return {
-    "storage": storage(config, params),
-    "memory": memory(config, params, device_batch=device_batch, edge_batch=edge_batch),
+    "storage": _storage(config, trees),
+    "memory": _memory(config, trees, device_batch, edge_batch),
   }
 
 
