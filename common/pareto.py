@@ -84,11 +84,12 @@ def _place_labels(fig, ax, points: list[tuple[float, float, str, Any]], fontsize
 
 
 def pareto_figure(runs: list[dict], meta: dict | None = None):
-  """The figure of ``pareto.png``: each generative run's headline figure (``common.headline.headline_figure``)
-  against its sampling FLOPs per sample, one labelled point per run (labels never overlap).
+  """The figure of ``pareto.png``: each generative run's headline figure
+  (``common.headline.headline_figure``) against its sampling FLOPs per sample, one labelled point
+  per run (labels never overlap).
 
   Args:
-    runs: generative records from :func:`load_runs`.
+    runs: generative records from ``common.compare.load_runs``.
     meta: the plan's ``runs`` (labels, ``primary``); None: names and each record's ``fid``.
 
   Returns:
