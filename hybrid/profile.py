@@ -121,14 +121,33 @@ def fit_sigmoid(n, y, num_steps: int, iters: int = 200) -> dict[str, float]:
 
 
 def fit_linear(x, y) -> dict[str, float]:
-  """Least squares ``y = k x + h``; returns {"k", "h", "r2"}."""
+  """Least squares ``y = k x + h`` with ``k, h >= 0``; returns {"k", "h", "r2", "constrained"}.
+
+  A step's latency cannot fall with the batch nor be negative at B = 0, but the free fit of a few
+  noisy medians can say so (on a loaded machine it gave k + h <= 0, which ``LatencyProfile``
+  refuses). With two unknowns the constrained optimum is the free fit when that is feasible, else
+  the better of the two one-parameter fits on the boundary (h = 0, or k = 0).
+  """
   x = np.asarray(x, np.float64)
   y = np.asarray(y, np.float64)
   design = np.stack([x, np.ones_like(x)], axis=1)
+
+  def sse(k, h):
+    return float(np.sum((design @ np.array([k, h]) - y) ** 2))
+
   (k, h), *_ = np.linalg.lstsq(design, y, rcond=None)
-  res = float(np.sum((design @ np.array([k, h]) - y) ** 2))
+  constrained = ""
+  if k < 0 or h < 0:
+    through_origin = (max(float(x @ y) / float(x @ x), 0.0), 0.0)
+    flat = (0.0, max(float(y.mean()), 0.0))
+    (k, h), constrained = min(((through_origin, "h=0"), (flat, "k=0")), key=lambda c: sse(*c[0]))
   total = float(np.sum((y - y.mean()) ** 2))
-  return {"k": float(k), "h": float(h), "r2": float(1 - res / total) if total > 0 else 1.0}
+  return {
+    "k": float(k),
+    "h": float(h),
+    "r2": float(1 - sse(k, h) / total) if total > 0 else 1.0,
+    "constrained": constrained,
+  }
 
 
 def pai(sim, diff, *, scale: float, sharpness: float, d0: float) -> np.ndarray:
@@ -487,8 +506,13 @@ def profile_models(models, out_dir: str, *, net=None, seed: int = 0) -> dict[str
   save_cut_points_png(os.path.join(prof_dir, "cut_points.png"), acc)
   acc = {k: v for k, v in acc.items() if not k.startswith("_")}
   lat = latency_profile(models, seed=seed)
+  fit = lat["fit"]
   logging.info(
-    "latency: k=%.3g s h=%.3g s (R2 %.4f)", lat["fit"]["k"], lat["fit"]["h"], lat["fit"]["r2"]
+    "latency: k=%.3g s h=%.3g s (R2 %.4f)%s",
+    fit["k"],
+    fit["h"],
+    fit["r2"],
+    f" (free fit negative: held at {fit['constrained']})" if fit["constrained"] else "",
   )
   for name, obj in (("accuracy", acc), ("latency", lat)):
     fileio.write_json(os.path.join(prof_dir, f"{name}.json"), obj, indent=1)

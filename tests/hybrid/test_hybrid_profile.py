@@ -35,7 +35,20 @@ def test_linear_fit_and_pai_formula():
   assert fit["k"] == pytest.approx(0.003) and fit["h"] == pytest.approx(0.01)
   assert fit["r2"] == pytest.approx(1.0)
   noisy = profile.fit_linear(b, 0.003 * b + 0.01 + np.where(b % 2, 0.02, -0.02))
-  assert noisy["r2"] < 0.95
+  assert noisy["r2"] < 0.95 and noisy["constrained"] == ""
+  # Load that hits the large batches only: the free fit's offset is negative (k + h < 0 at B = 1
+  # for steeper bursts), so the fit goes through the origin and stays a valid latency profile.
+  loaded = profile.fit_linear([1, 2, 3, 4], [0.001, 0.002, 0.030, 0.060])
+  free_k, free_h = np.polyfit([1, 2, 3, 4], [0.001, 0.002, 0.030, 0.060], 1)
+  assert free_k + free_h < 0
+  assert loaded["constrained"] == "h=0" and loaded["h"] == 0.0
+  assert loaded["k"] == pytest.approx(np.dot([1, 2, 3, 4], [0.001, 0.002, 0.030, 0.060]) / 30)
+  system.LatencyProfile(
+    edge_k=loaded["k"], edge_h=loaded["h"], device_k=(0.0,), device_h=(1.0,), device_weights=(1.0,)
+  )
+  # A falling curve (a burst during B = 1): the best flat line, its mean.
+  falling = profile.fit_linear([1, 2, 3, 4], [0.04, 0.03, 0.02, 0.01])
+  assert falling == {"k": 0.0, "h": pytest.approx(0.025), "r2": 0.0, "constrained": "k=0"}
   # The paper's index: 3 Sim sigmoid(30 (Diff - 0.1)).
   v = profile.pai([0.3, 0.3], [0.1, 0.2], scale=3.0, sharpness=30.0, d0=0.1)
   np.testing.assert_allclose(v, [0.45, 0.9 / (1 + np.exp(-3.0))])
