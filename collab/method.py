@@ -9,6 +9,7 @@ own batch (all K at once, ``vmap``), computes its cut images from the same noise
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -39,6 +40,8 @@ class CollaFuse(DDPM):
     self.num_clients = int(config.collab.num_clients)
     self.cut_point = int(config.collab.cut_point)
     self.noising = config.collab.server_noising
+    # The K server updates as straight-line code even under the vmap client loop (counting FLOPs).
+    self.unroll_server_updates = False
     self._splits: dict[str, list[np.ndarray]] = {}
     try:
       train_parts = self.client_indices("train")
@@ -242,7 +245,7 @@ class CollaFuse(DDPM):
       return (optax.apply_updates(p_s, u), o_s), (s_loss, optax.tree.norm(g))
 
     carry = (server_p, server_o)
-    if self.config.collab.client_loop == "vmap":
+    if self.config.collab.client_loop == "vmap" and not self.unroll_server_updates:
       (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
         server_update, carry, jnp.arange(self.num_clients)
       )
@@ -253,6 +256,14 @@ class CollaFuse(DDPM):
       per_client.append(out)
     s_loss, s_gnorm = (jnp.stack(xs) for xs in zip(*per_client, strict=True))
     return *carry, s_loss, s_gnorm
+
+  def make_flops_counting_step(self, tx, lr_schedule, ema_decay):
+    """The train step with the K server updates unrolled, when the vmap client loop scans them."""
+    if self.config.collab.client_loop != "vmap":
+      return None
+    unrolled = copy.copy(self)
+    unrolled.unroll_server_updates = True
+    return unrolled.make_train_step(tx, lr_schedule, ema_decay)
 
   def make_train_step(self, tx, lr_schedule, ema_decay):
     share = bool(self.config.collab.share_labels) and self.class_conditional

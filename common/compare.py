@@ -301,8 +301,8 @@ TRAIN_COMPUTE_NOTE = (
   "`images_seen`: images read from the data by every training under the run's workdir (steps x "
   "images per step: the global batch; collab: its clients' batches, whose cut images also train "
   "the server; TDC: stage 1 in `stage1/` and every group's batch of stage 2); `train_pflop`: "
-  "the FLOPs of those steps (XLA's cost analysis of the compiled train step: forward, backward, "
-  "optimizer and EMA, over all devices) in 1e15. Not counted: adaptive's pruning proxies, the "
+  "the FLOPs of those steps (XLA's cost analysis of the lowered train step, loops unrolled: "
+  "forward, backward, optimizer and EMA, over all devices) in 1e15. Not counted: adaptive's pruning proxies, the "
   "evaluation. `-`: the run recorded none."
 )
 

@@ -14,6 +14,8 @@ same method: only its start-up validation is added here, every other hook is DDP
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 
 from common.train.method import DDPM
@@ -63,14 +65,24 @@ class Mobile(DDPM):
   def __init__(self, config: ml_collections.ConfigDict, data_info):
     validate(config, data_info)
     super().__init__(config, data_info)
+    self.layer_loop = None  # scan | unroll for every call; None: the network's own
 
   def apply(self, params, x, t, y=None, dropout_rng=None, layer_loop=None):
     """``x`` [B, H, W, C], ``t`` [B] int32 -> [B, H, W, C_out]; any H, W divisible by the stride."""
+    layer_loop = layer_loop or self.layer_loop
     if self.config.model.name != "tfdiff" or layer_loop is None:
       return super().apply(params, x, t, y, dropout_rng)
     from flax import nnx
 
     return nnx.merge(self.graphdef, params)(x, t, y, layer_loop=layer_loop)
+
+  def make_flops_counting_step(self, tx, lr_schedule, ema_decay):
+    """The train step over the N blocks unrolled, when the network scans over them."""
+    if self.config.model.name != "tfdiff" or self.config.model.layer_loop == "unroll":
+      return None
+    unrolled = copy.copy(self)
+    unrolled.layer_loop = "unroll"
+    return unrolled.make_train_step(tx, lr_schedule, ema_decay)
 
   def denoiser_call_flops(self, params, num_steps: int) -> float:
     if self.config.model.name != "tfdiff":

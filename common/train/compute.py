@@ -1,6 +1,6 @@
 """What a run's training cost: images read and FLOPs, in ``WORKDIR/train_compute.json``.
 
-The shared loop (``loop._train_steps``) measures its compiled train step once per invocation and
+The shared loop (``loop._train_steps``) measures its train step once per invocation and
 rewrites the file at every checkpoint, so it always describes the steps the newest checkpoint
 holds::
 
@@ -9,7 +9,7 @@ holds::
     "segments": [                     # one per invocation of the loop (a resume adds one)
       {"first_step": 0, "last_step": 600, "images_per_step": 64,
        "step_flops": 1.2e11,          # the whole step on every device (null: not measured)
-       "step_flops_per_device": 1.2e11, "devices": 1, "flops_from": "compiled"}
+       "step_flops_per_device": 1.2e11, "devices": 1, "flops_from": "lowered"}
     ],
     "steps": 600,                     # the sum over the segments
     "images_seen": 38400,             # steps x images per step
@@ -19,10 +19,15 @@ holds::
 
 ``images_per_step`` is ``Method.images_per_step()`` (the global batch; collab: its K clients'
 batches, whose cut images also train the server; TDC: every group's batch). ``step_flops`` is
-XLA's cost analysis of the compiled step (forward, backward, optimizer and EMA update) times the
-devices it runs on (an SPMD program's analysis is one device's), or, where a backend's compiled
-analysis has none (library calls left out), the lowered program's (the whole step, before
-fusion).
+XLA's cost analysis of the lowered step (forward, backward, optimizer and EMA update on every
+device: the program before SPMD partitioning and fusion), the arithmetic as written, on one basis
+for every method and backend. The compiled program's analysis is not used: on a GPU it leaves
+cuDNN's convolutions out, and on the CPU its fusions repeat elementwise work (+2% for the digits
+U-Net, +25% for a tiny TFDiff). A step with a loop inside (TFDiff's scan over its blocks, collab's
+scan over its server updates under the ``vmap`` client loop) is counted from its
+``Method.make_flops_counting_step`` (``flops_from: "unrolled"``): XLA counts a loop's body once,
+whatever its trip count (TFDiff Config I's step read 6.6e6 FLOPs an image, under one forward
+call's 1.1e7).
 
 :func:`of_workdir` sums every such file under a workdir: a method whose stages train in one tree
 (adaptive's stage 1 in ``stage1/`` and stage 2 in the workdir, hybrid's cluster and personal
@@ -54,18 +59,23 @@ def _flops(analysis: Any) -> float | None:
   return total if total is not None and math.isfinite(total) and total > 0 else None
 
 
-def measure_step(step_fn, state, batch, *, devices: int, images_per_step: int) -> dict[str, Any]:
+def measure_step(
+  step_fn, state, batch, *, devices: int, images_per_step: int, counting_fn=None
+) -> dict[str, Any]:
   """The segment record of a jitted train step, measured by XLA on ``(state, batch)``.
 
   Call it after the step ran once on arguments of the same shapes and shardings: the lowering
-  and the executable then come from JAX's in-memory caches, and reading the analysis costs
-  milliseconds. A failure to measure is logged and recorded as ``step_flops: null``.
+  then comes from JAX's in-memory cache and reading the analysis costs milliseconds (a counting
+  step is traced once more: about a second). A failure to measure is logged and recorded as ``step_flops: null``.
 
   Args:
     step_fn: the ``jax.jit``-ed ``(TrainState, batch) -> (TrainState, metrics)``.
     state, batch: arguments it was called with (their avals and shardings are read, not values).
     devices: the devices of the mesh the step runs on.
     images_per_step: ``Method.images_per_step()``.
+    counting_fn: ``Method.make_flops_counting_step`` jitted, for a step with a loop inside
+      (XLA's analysis counts a loop body once): the same step with the loop unrolled, counted
+      in its place (``flops_from: "unrolled"``); it is lowered, never compiled.
   """
   record = {
     "images_per_step": int(images_per_step),
@@ -75,18 +85,10 @@ def measure_step(step_fn, state, batch, *, devices: int, images_per_step: int) -
     "flops_from": None,
   }
   try:
-    lowered = step_fn.lower(state, batch)
-    per_device = _flops(lowered.compile().cost_analysis())
-    if per_device is not None:
-      record.update(
-        step_flops=per_device * devices, step_flops_per_device=per_device, flops_from="compiled"
-      )
-    else:
-      # Some backends leave library calls (cuDNN convolutions) out of the compiled program's
-      # analysis; the lowered program is the whole step, on all devices, before fusion.
-      whole = _flops(lowered.cost_analysis())
-      if whole is not None:
-        record.update(step_flops=whole, flops_from="lowered")
+    counted, source = (step_fn, "lowered") if counting_fn is None else (counting_fn, "unrolled")
+    whole = _flops(counted.lower(state, batch).cost_analysis())
+    if whole is not None:
+      record.update(step_flops=whole, step_flops_per_device=whole / devices, flops_from=source)
   except Exception as e:  # noqa: BLE001 -- a missing figure must not stop a training run
     logging.warning("train step FLOPs not measured: %s: %s", type(e).__name__, e)
   return record

@@ -122,7 +122,8 @@ def build(config, method: Method, mesh):
 
   Returns:
     dict with ``init`` (jitted, -> sharded TrainState), ``step`` (jitted, donated state),
-    ``abstract_state`` (ShapeDtypeStructs carrying the shardings), ``batch_sharding``.
+    ``abstract_state`` (ShapeDtypeStructs carrying the shardings), ``batch_sharding``,
+    ``flops_counting_step`` (``Method.make_flops_counting_step`` jitted, or None).
   """
   method.mesh = mesh
   tx, lr_schedule = method.make_optimizer()
@@ -140,9 +141,12 @@ def build(config, method: Method, mesh):
     out_shardings=(state_sh, parallel.replicated(mesh)),
     donate_argnums=(0,),
   )
+  counting = method.make_flops_counting_step(tx, lr_schedule, config.ema_decay)
   return {
     "init": init,
     "step": step,
+    # Lowered only, by compute.measure_step: never compiled nor run.
+    "flops_counting_step": None if counting is None else jax.jit(counting),
     "abstract_state": abstract_state,
     "batch_sharding": batch_sh,
     "state_shardings": state_sh,
@@ -314,6 +318,7 @@ def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, c
         batch,
         devices=method.mesh.size,
         images_per_step=method.images_per_step(),
+        counting_fn=fns.get("flops_counting_step"),
       )
     done = step + 1
     pending.append((done, metrics))

@@ -202,6 +202,19 @@ class Method:
 
     return state.default_train_step(self, tx, lr_schedule, ema_decay)
 
+  def make_flops_counting_step(self, tx: optax.GradientTransformation, lr_schedule, ema_decay):
+    """The train step with its loops unrolled, only lowered, to count its FLOPs; or None.
+
+    XLA's cost analysis counts a loop's body once, whatever its trip count: a step that scans
+    over its N blocks (mobile's TFDiff) or over its K server updates (collab's ``vmap`` client
+    loop) would be counted as one block or one update (TFDiff Config I's step read 6.6e6 FLOPs an
+    image, under one forward call's 1.1e7). A method with such a loop returns the same arithmetic
+    with the loop unrolled (``common.train.compute.measure_step`` counts its lowered program);
+    None, the default: the step has no loop and its compiled program is counted.
+    """
+    del tx, lr_schedule, ema_decay
+    return None
+
   def loss_fn(
     self, params: Params, batch: dict[str, jax.Array], rng: jax.Array, step: jax.Array
   ) -> tuple[jax.Array, dict[str, jax.Array]]:

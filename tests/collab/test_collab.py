@@ -319,3 +319,24 @@ def test_ratio_handoff_with_the_optimal_server_samples_the_cut_marginal(chain):
     # The spec's rebased posterior ends on its x_cut *estimate* (no noise on the step into its
     # level 0), so the hand-off is too smooth: one reason the default is the global chain.
     assert float(x_cut.var()) < float(1 - abar[cut_point]) - 0.1
+
+
+def test_train_flops_count_every_server_update_of_the_vmap_loop():
+  # The vmap client loop scans the K server updates: XLA counts the scan's body once, so the
+  # step's own analysis misses K - 1 of them; the counting step unrolls them and matches the
+  # unrolled client loop's step.
+  from common.metrics import flops as flops_lib
+
+  def lowered_flops(fn, state, batch):
+    return flops_lib.analysis_flops(jax.jit(fn).lower(state, batch).cost_analysis())
+
+  counted = {}
+  for client_loop in ("vmap", "unroll"):
+    m, tx, lr, state, batch = build(tiny(**{"collab.client_loop": client_loop}))
+    counting = m.make_flops_counting_step(tx, lr, 0.999)
+    assert (counting is None) == (client_loop == "unroll")
+    own = lowered_flops(m.make_train_step(tx, lr, 0.999), state, batch)
+    counted[client_loop] = own if counting is None else lowered_flops(counting, state, batch)
+    if counting is not None:
+      assert own < 0.9 * counted[client_loop]
+  assert counted["vmap"] == pytest.approx(counted["unroll"], rel=1e-3)

@@ -125,7 +125,7 @@ def test_a_tiny_run_reports_images_seen_and_train_flops(tmp_path):
   spent = compute.read(wd)
   assert [(s["first_step"], s["last_step"]) for s in spent["segments"]] == [(0, 2), (2, 3)]
   seg = spent["segments"][1]
-  assert seg["images_per_step"] == config.batch_size == 16 and seg["flops_from"] == "compiled"
+  assert seg["images_per_step"] == config.batch_size == 16 and seg["flops_from"] == "lowered"
   assert seg["step_flops"] == spent["segments"][0]["step_flops"] > 0
   assert spent["images_seen"] == 3 * 16 and spent["flops"] == 3 * seg["step_flops"]
 
