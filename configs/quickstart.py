@@ -7,8 +7,10 @@ Presets (``--config=configs/quickstart.py:<preset>``):
                against local-only (cut_point = T); TDC groups against its own stage-1 single model;
                TFDiff Config I and II against the DDPM U-Net; the hybrid scheduler against the
                exact optimum and the simple policies; cdc's generated parameters against the static
-               model and few-shot fine-tuning. Quality here is that of minutes of training: the
-               figures compare arms trained alike, not the methods at their presets' budgets.
+               model and few-shot fine-tuning. Every generative arm trains on the same compute,
+               ``TRAIN_FLOPS`` (images seen x train FLOPs an image; ``budget``), with an EMA
+               scaled to its length (TDC's single model is its stage 1: 0.8 of it). Quality here
+               is that of minutes of training, not the methods' at their presets' budgets.
 * ``tiny``     the same plan with tiny models and a handful of steps (the tests).
 
 The plan is one *fragment* per method (``FRAGMENTS``, in launch order): a function
@@ -114,12 +116,22 @@ class Preset:
     return tiny if self.name == "tiny" else default
 
   def train(
-    self, module: str, workdir: str, config: str, *, steps: int, extra=(), estimate_s, done=""
+    self,
+    module: str,
+    workdir: str,
+    config: str,
+    *,
+    steps: int,
+    extra=(),
+    estimate_s,
+    done="",
+    ema_decay=None,
   ) -> ml_collections.ConfigDict:
     """A training entry: ``steps`` steps at the preset's logging rate, one checkpoint and one
-    sample grid at the end, then the fragment's ``extra`` overrides."""
+    sample grid at the end, ``ema_decay`` when given, then the fragment's ``extra`` overrides."""
     overrides = (
       f"total_steps={steps}",
+      *(() if ema_decay is None else (f"ema_decay={ema_decay}",)),
       f"log_every_steps={self.pick(default=50, tiny=2)}",
       f"ckpt_every_steps={steps}",
       f"sample_every_steps={steps}",
@@ -144,6 +156,35 @@ class Preset:
     )
 
 
+# Equal training compute (the default plan): every generative arm trains on TRAIN_FLOPS, images
+# seen x train FLOPs an image (``common.train.compute``: XLA's count of the lowered step, forward,
+# backward, optimizer and EMA, its loops unrolled). 2e12 costs about what the plan's unequal
+# budgets cost before (DDPM 3.5e12, TDC 3.7e12, TFDiff Config I 0.54e12 and II 2.3e12).
+TRAIN_FLOPS = 2e12
+# Train FLOPs an image of each arm at the plan's sizes (``common.train.compute.of_config``, checked
+# by tests/common/test_quickstart.py). TDC's entry is its single model's (stage 1): stage 2 gets
+# the FLOPs stage 1 leaves of B steps of it (spec §3.1, C7).
+TRAIN_FLOPS_PER_IMAGE = {
+  "ddpm": 9.224e7,  # configs/ddpm.py:digits, batch 64
+  "mobile_config1": 3.357e7,  # batch 32
+  "mobile_config2": 1.444e8,  # batch 32
+  "collab_cut": 4.434e7,  # 2 clients x 32: the clients' steps and the server's on the cut images
+  "collab_local": 2.224e7,  # cut_point = T: the server trains on nothing
+  "adaptive": 1.1257e8,  # the single model, batch 64
+}
+# Each arm's EMA averages about its last tenth of the steps: decay 1 - 10 / steps leaves the
+# random init e^-10 of the average at the end, whatever the arm's length. The presets' decays
+# are for their own lengths: adaptive's 0.999 over the 400 stage-1 steps it had here kept
+# 0.999^400 = 67% of the init in the weights it scored (FID 546).
+EMA_WINDOW_FRACTION = 0.1
+
+
+def budget(arm: str, images_per_step: int) -> dict:
+  """``{"steps", "ema_decay"}`` of ``arm`` under ``TRAIN_FLOPS`` at ``images_per_step``."""
+  steps = max(1, round(TRAIN_FLOPS / (TRAIN_FLOPS_PER_IMAGE[arm] * images_per_step)))
+  return {"steps": steps, "ema_decay": round(1.0 - 1.0 / (EMA_WINDOW_FRACTION * steps), 6)}
+
+
 # One device: the tests force 8 CPU devices, which would only add collectives here.
 TINY_UNET = ("model.channels=(8,16)", "model.num_res_blocks=1", "batch_size=8", "mesh.data=1")
 
@@ -158,7 +199,7 @@ Fragment = Callable[[Preset], dict]
 def ddpm(p: Preset) -> dict:
   """The DDPM baseline: the U-Net every generative method is compared with."""
   s = p.pick(
-    default=dict(steps=600, extra=(), estimate_s=70),
+    default=dict(**budget("ddpm", 64), extra=(), estimate_s=45),
     tiny=dict(
       steps=2,
       extra=(*TINY_UNET, "diffusion.sample_steps=4", "num_sample_images=4"),
@@ -332,9 +373,10 @@ def cdc(p: Preset) -> dict:
 def mobile(p: Preset) -> dict:
   """TFDiff Config I (s=2) and II (s=1) against the DDPM U-Net."""
   s = p.pick(
-    default=dict(steps=500, extra=(), est={"1": 40, "2": 150}),
+    default=dict(
+      budgets={k: budget(f"mobile_config{k}", 32) for k in "12"}, extra=(), est={"1": 170, "2": 150}
+    ),
     tiny=dict(
-      steps=2,
       extra=(
         "mesh.data=1",
         "model.width=16",
@@ -345,6 +387,7 @@ def mobile(p: Preset) -> dict:
         "diffusion.sample_steps=4",
         "num_sample_images=4",
       ),
+      budgets={k: {"steps": 2} for k in "12"},
       est={"1": 15, "2": 15},
     ),
   )
@@ -354,7 +397,7 @@ def mobile(p: Preset) -> dict:
       "mobile.train",
       f"mobile_config{k}",
       f"configs/mobile.py:digits_config{k}",
-      steps=s["steps"],
+      **s["budgets"][k],
       extra=s["extra"],
       estimate_s=s["est"][k],
     )
@@ -371,9 +414,15 @@ def mobile(p: Preset) -> dict:
 def collab(p: Preset) -> dict:
   """CollaFuse at one cut point against local-only (cut_point = T: the server owns no step)."""
   s = p.pick(
-    default=dict(steps=400, cut=20, T=100, extra=("collab.num_clients=2",), est=70),
+    default=dict(
+      budgets={"collab_cut": budget("collab_cut", 64), "collab_local": budget("collab_local", 64)},
+      cut=20,
+      T=100,
+      extra=("collab.num_clients=2",),
+      est=90,
+    ),
     tiny=dict(
-      steps=2,
+      budgets={"collab_cut": {"steps": 2}, "collab_local": {"steps": 2}},
       cut=4,
       T=10,
       extra=(
@@ -395,7 +444,7 @@ def collab(p: Preset) -> dict:
       "collab.train",
       name,
       "configs/collab.py:digits",
-      steps=s["steps"],
+      **s["budgets"][name],
       extra=(f"collab.cut_point={cut}", *s["extra"]),
       estimate_s=s["est"],
     )
@@ -416,9 +465,9 @@ def adaptive(p: Preset) -> dict:
   """TDC: stage 1 (the single model, adaptive/stage1) then groups, pruning, stage 2."""
   s = p.pick(
     default=dict(
-      steps=500,
+      **budget("adaptive", 64),
       extra=(
-        # digits' DDPM learning rate: the preset's 2e-4 is for its 4,000 steps, not 500.
+        # digits' DDPM learning rate: the preset's 2e-4 is for its 4,000 steps, not a few hundred.
         "optimizer.learning_rate=1e-3",
         "adaptive.grouping.num_groups=2",
         "adaptive.pruner.proxy_steps=5",
@@ -462,7 +511,12 @@ def adaptive(p: Preset) -> dict:
       "adaptive.train", "adaptive", "configs/adaptive.py:digits", done="summary.json", **s
     ),
     "adaptive_tdc": score("adaptive", label="TDC groups (stage 2)", baseline="adaptive_single"),
-    "adaptive_single": score("adaptive/stage1", label="single model (stage 1)"),
+    "adaptive_single": score(
+      "adaptive/stage1",
+      label=p.pick(
+        default="single model (stage 1: 0.8 of the budget)", tiny="single model (stage 1)"
+      ),
+    ),
   }
 
 

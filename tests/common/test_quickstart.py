@@ -4,6 +4,7 @@ whose output is missing."""
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -303,3 +304,42 @@ def test_auto_runs_two_at_a_time_only_without_an_accelerator(monkeypatch):
   assert quickstart.runs_at_a_time(config) == 1
   config.max_parallel = 3
   assert quickstart.runs_at_a_time(config) == 3
+
+
+def _entry_config(e):
+  """The config a train entry of the plan launches with (its preset and --config overrides)."""
+  import ast
+  import importlib
+
+  path, preset = e.config.split(":")
+  c = importlib.import_module(path.removesuffix(".py").replace("/", ".")).get_config(preset)
+  for override in e.overrides:
+    key, value = override.split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    c.update_from_flattened_dict({key: value})
+  return c
+
+
+@pytest.mark.parametrize("arm", sorted(plan_config.TRAIN_FLOPS_PER_IMAGE))
+def test_default_plan_gives_every_generative_arm_the_same_training_compute(arm):
+  # The table the budgets are computed from is what XLA counts for the plan's own configs today,
+  # so each arm's steps x images x FLOPs is TRAIN_FLOPS (one step's rounding at most).
+  from adaptive import stages
+  from common.train import compute
+
+  plan = plan_config.get_config("default")
+  e = plan.runs[f"train_{arm}"]
+  config = _entry_config(e)
+  if arm == "adaptive":
+    config = stages.stage1_config(config)
+  cost = compute.of_config(config, devices=jax.devices()[:1])
+  assert cost["flops_per_image"] == pytest.approx(plan_config.TRAIN_FLOPS_PER_IMAGE[arm], rel=1e-3)
+  steps = config.total_steps if arm != "adaptive" else int(e.overrides[0].split("=")[1])
+  spent = steps * cost["images_per_step"] * cost["flops_per_image"]
+  assert spent == pytest.approx(plan_config.TRAIN_FLOPS, rel=0.01)
+  decay = float(dict(o.split("=", 1) for o in e.overrides)["ema_decay"])
+  # The random init's share of the EMA at the end: about e^-10 ((1 - 10 / n)^n), whatever n.
+  assert -10.5 < steps * math.log(decay) < -10.0
