@@ -39,7 +39,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from common import fileio, pareto
+from common import fileio, pareto, replicates
 from common import headline as headline_lib
 from common.train import compute as compute_lib
 
@@ -55,7 +55,7 @@ TABLE_COLUMNS = (
   ("label_accuracy", "{:.3f}"),
   ("params", "{:,}"),
   ("images_seen", "{:,}"),
-  ("train_pflop", "{:.3g}"),
+  ("train_flops", "{:.3g}"),
   ("flops_per_sample", "{:.3g}"),
   ("wall_time_per_sample_s", "{:.4f}"),
   ("sampler", "{}"),
@@ -197,6 +197,7 @@ def _summary_rows(runs: list[dict], plan: dict) -> list[dict[str, Any]]:
       better = row["delta"] > 0 if p["higher_is_better"] else row["delta"] < 0
       row["better"] = "yes" if better else ("tie" if row["delta"] == 0 else "no")
     rows.append(row)
+  rows = replicates.fold(rows, meta)
   order = {s: i for i, s in enumerate(dict.fromkeys(r["section"] for r in rows))}
   return sorted(rows, key=lambda r: order[r["section"]])
 
@@ -209,10 +210,16 @@ def _headline_table(rows: list[dict[str, Any]]) -> list[str]:
   for r in rows:
     arrow = {True: " (higher better)", False: " (lower better)"}.get(r.get("higher_is_better"), "")
     flops = "-" if r.get("flops") is None else f"{r['flops']:.3g} {r.get('flops_what', '')}"
+    value, delta, better = _num(r.get("value")), _num(r.get("delta"), "+.4g"), r.get("better", "-")
+    if "value_std" in r:  # folded seed replicates (common.replicates)
+      value = f"{value} +- {_num(r['value_std'])} ({r['seeds']} seeds)"
+    if "delta_std" in r:
+      delta = f"{delta} +- {_num(r['delta_std'])}"
+      better = f"{better} ({r['wins']})"
     lines.append(
       f"| {r['section'] or '-'} | {r['run']} | {r['label'] or r.get('kind', '-')} | "
-      f"{r.get('primary', '-')}{arrow} | {_num(r.get('value'))} | {r.get('versus') or '-'} | "
-      f"{_num(r.get('delta'), '+.4g')} | {r.get('better', '-')} | {flops} | "
+      f"{r.get('primary', '-')}{arrow} | {value} | {r.get('versus') or '-'} | "
+      f"{delta} | {better} | {flops} | "
       f"{_num(r.get('wall_time_s'), '.0f')} | {r['status']} |"
     )
   return lines
@@ -259,7 +266,10 @@ def write_report(runs: list[dict], out_dir: str, plan: dict | None = None) -> di
   fileio.write_text(paths["md"], "\n".join(lines).rstrip() + "\n")
 
   _write_csv(runs, summary, paths["csv"])
-  pareto.write(generative, paths["png"], meta)
+  # One point per arm: its seed-0 run (the table has every seed's).
+  pareto.write(
+    [r for r in generative if not meta.get(r["run"], {}).get("replicate_of")], paths["png"], meta
+  )
   return paths
 
 
@@ -290,20 +300,13 @@ def _environment_line(env: dict) -> str:
   return f"Ran with Python {env.get('python')}, {packages}; {cpu}; {flags}; {load}."
 
 
-# What one seed per run can and cannot say (issue 22): the compare step reads no seed spread.
-SEED_NOTE = (
-  "Every figure here is one seed, so this report cannot say which deltas are within seed noise: "
-  "a delta smaller than the 3-seed std in the method's RESULTS.md (at other budgets) is not "
-  "conclusive."
-)
-
 TRAIN_COMPUTE_NOTE = (
   "`images_seen`: images read from the data by every training under the run's workdir (steps x "
   "images per step: the global batch; collab: its clients' batches, whose cut images also train "
-  "the server; TDC: stage 1 in `stage1/` and every group's batch of stage 2); `train_pflop`: "
+  "the server; TDC: stage 1 in `stage1/` and every group's batch of stage 2); `train_flops`: "
   "the FLOPs of those steps (XLA's cost analysis of the lowered train step, loops unrolled: "
-  "forward, backward, optimizer and EMA, over all devices) in 1e15. Not counted: adaptive's pruning proxies, the "
-  "evaluation. `-`: the run recorded none."
+  "forward, backward, optimizer and EMA, over all devices; `report.csv` also has them in PFLOP). "
+  "Not counted: adaptive's pruning proxies, the evaluation. `-`: the run recorded none."
 )
 
 
@@ -317,7 +320,7 @@ def _headline_section(summary: list[dict[str, Any]]) -> list[str]:
     "`delta` is the primary figure minus the same figure of `versus` (another run, or an arm of "
     "the run's own baselines). Generative FLOPs are per sample over the whole sampling chain.",
     "",
-    SEED_NOTE,
+    replicates.note(summary),
   ]
 
 
@@ -330,15 +333,21 @@ def _generative_section(generative: list[dict], meta: dict | None = None) -> lis
   lines.append("|" + "---|" * len(header))
   for r in generative:
     lines.append("| " + " | ".join(_cell(r, k, fmt) for k, fmt in TABLE_COLUMNS) + " |")
-  refs = {
-    (r.get("feature_net"), r.get("feature_net_sha256"), r.get("reference_statistics"))
-    for r in generative
-  }
+  refs: dict[tuple, list[str]] = {}
+  for r in generative:
+    key = (r.get("feature_net"), r.get("feature_net_sha256"), r.get("reference_statistics"))
+    refs.setdefault(key, []).append(r["run"])
   lines.append("")
   if len(refs) > 1:
+    scored = "; ".join(
+      f"{', '.join(runs)}: `{net}` (sha256 `{str(sha)[:16]}...`), reference "
+      f"`{os.path.basename(str(ref))}`"
+      for (net, sha, ref), runs in refs.items()
+    )
     lines.append(
       "**Warning:** these runs were scored with different feature networks or reference "
-      "statistics; their FID/KID/precision/recall are not comparable."
+      "statistics; FID/KID/precision/recall compare only between runs scored alike "
+      f"({scored})."
     )
   else:
     ((net, sha, ref),) = refs

@@ -118,6 +118,8 @@ def plan_report(
       "baseline": e.report.baseline,
       "baseline_arm": e.report.baseline_arm,
       "primary": e.report.primary,
+      "replicate_of": e.report.get("replicate_of", ""),
+      "seed": e.report.get("seed", 0),
       "status": outcomes[name].status if outcomes[name].status != "skipped" else "ok",
       "wall_time_s": _cost(name, runs, outcomes),
       "workdir": os.path.join(workdir, e.workdir),

@@ -40,7 +40,7 @@ from typing import Any
 
 from absl import app, flags
 
-from common import fileio
+from common import fileio, replicates
 from common.plan_report import Outcome, compile_seconds, display, load_average, plan_report
 from common.train import cli, timing
 
@@ -302,6 +302,10 @@ def run_plan(
   """
   echo = echo or (lambda s: print(s, flush=True))
   shown_workdir, workdir = workdir, os.path.abspath(workdir)
+  try:
+    config = replicates.expand(config)
+  except ValueError as e:
+    raise PlanError(str(e)) from None
   names = enabled_entries(config)
   runs = config.runs
   argvs = {n: command(runs[n], workdir) for n in names}

@@ -43,6 +43,11 @@ Switches (``--config.<switch>=false``):
   profile measured from this run's own models (``hybrid``); False: the scheduler on the paper's
   profile (``hybrid_paper``), a plan without the model half's cost.
 
+``seeds`` (1): with ``--config.seeds=3`` every generative row and the trainings it needs also run
+at seeds 1 and 2 (``<name>_seed<s>`` in ``<workdir>_seed<s>``: ``common.replicates``), and the
+report's headline gives mean +- std over the seeds, deltas paired by seed and wins, and says
+which differences are within seed noise. It multiplies the generative runs' time by the seeds.
+
 Not a switch of the plan but of how it runs: ``compile_cache`` (True) makes every launch keep its
 compiled programs in one persistent JAX cache, ``$SEGDIFF_CACHE/jax`` (``SEGDIFF_COMPILE_CACHE``
 for the binaries), so a program that two launches share, or that a relaunch after a failure
@@ -82,6 +87,8 @@ def entry(
   baseline_arm="",
   primary="",
   alone=False,
+  replicate_of="",
+  seed=0,
 ):
   """One run of the plan (the fields are described in the module docstring)."""
   e = ml_collections.ConfigDict()
@@ -102,6 +109,8 @@ def entry(
   e.report.baseline = baseline
   e.report.baseline_arm = baseline_arm
   e.report.primary = primary
+  e.report.replicate_of = replicate_of  # common.replicates: the seed-0 row this one repeats
+  e.report.seed = seed
   return e
 
 
@@ -535,6 +544,10 @@ def plan(preset: str, fragments=FRAGMENTS) -> ml_collections.ConfigDict:
   c.preset = preset
   c.title = "Quickstart: every method on the embedded data"
   c.hybrid_measured_profile = True
+  # Seeds per generative arm (common.replicates): 1 is one seed each; n > 1 also trains and
+  # scores every generative row at seeds 1 .. n-1 (n times their training) and the report gives
+  # mean +- std, deltas paired by seed and wins.
+  c.seeds = 1
   c.compile_cache = True
   # Auto: two at a time on a CPU host, where compiles leave a core idle (14 min 47 s against
   # 20 min 12 s one at a time, every figure but hybrid's the same). hybrid.profile is `alone` so

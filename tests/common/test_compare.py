@@ -10,7 +10,7 @@ import os
 import jax
 import pytest
 
-from common import compare, fileio, headline, pareto
+from common import compare, fileio, headline, pareto, replicates
 from common.train import compute, loop
 from tests.common.test_train import tiny_config
 
@@ -54,7 +54,7 @@ def test_the_plot_shows_the_headline_figure_of_every_run(tmp_path):
   md = open(paths["md"]).read()
   assert "| collab | collab_cut | CollaFuse | fid_groups_mean (lower better) | 61.67 |" in md
   assert "`fid_groups_mean` for collab_cut" in md and "`fid` for ddpm" in md
-  assert compare.SEED_NOTE in md
+  assert replicates.ONE_SEED_NOTE in md
 
 
 def _boxes(fig):
@@ -147,7 +147,18 @@ def test_a_tiny_run_reports_images_seen_and_train_flops(tmp_path):
   assert float(rows["run"]["train_flops_per_image"]) == pytest.approx(seg["step_flops"] / 16)
   assert rows["untracked"]["images_seen"] == ""
   md = open(paths["md"]).read()
-  assert "| images_seen | train_pflop |" in md and compare.TRAIN_COMPUTE_NOTE in md
+  assert "| images_seen | train_flops |" in md and compare.TRAIN_COMPUTE_NOTE in md
   header, row = [ln for ln in md.splitlines() if ln.startswith("| run |")][:2]
   cells = dict(zip(header.split(" | "), row.split(" | "), strict=True))
-  assert cells["images_seen"] == "96" and float(cells["train_pflop"]) > 0
+  assert cells["images_seen"] == "96" and float(cells["train_flops"]) > 0
+
+
+def test_runs_scored_against_other_references_are_named(tmp_path):
+  # collab scores each client against held-out (test) digits, the others against train digits.
+  test_ref = {"reference_statistics": "/cache/digits_test_8px.npz"}
+  a = _evaluated(tmp_path, "ddpm", fid=60.0, groups=[])
+  b = _evaluated(tmp_path, "collab_cut", fid=369.0, groups=[], **test_ref)
+  paths = compare.write_report(compare.load_runs([a, b]), str(tmp_path / "report"))
+  warning = next(ln for ln in open(paths["md"]) if ln.startswith("**Warning:**"))
+  assert "ddpm: `digits`" in warning and "collab_cut: `digits`" in warning
+  assert "reference `digits_test_8px.npz`" in warning

@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
-from common import compare, headline, quickstart
+from common import compare, headline, quickstart, replicates
 from configs import quickstart as plan_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -128,7 +129,7 @@ def test_tiny_plan_end_to_end_with_a_failure_then_a_resumed_rerun(tmp_path):
   }  # fmt: skip
   assert all(float(r["train_pflop"]) > 0 for r in generative.values())
   # The plot shows the headline's figure: collab's mean over its clients.
-  assert "`fid_groups_mean` for collab_cut" in md and compare.SEED_NOTE in md
+  assert "`fid_groups_mean` for collab_cut" in md and replicates.ONE_SEED_NOTE in md
   assert os.path.getsize(os.path.join(workdir, "pareto.png")) > 5000
   with open(os.path.join(workdir, quickstart.PLAN_FILE)) as f:
     plan = json.load(f)
@@ -343,3 +344,55 @@ def test_default_plan_gives_every_generative_arm_the_same_training_compute(arm):
   decay = float(dict(o.split("=", 1) for o in e.overrides)["ema_decay"])
   # The random init's share of the EMA at the end: about e^-10 ((1 - 10 / n)^n), whatever n.
   assert -10.5 < steps * math.log(decay) < -10.0
+
+
+def test_seeds_replicate_every_generative_row_and_its_trainings(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-m", "common.quickstart", f"--workdir={tmp_path / 'qs'}", "--dry_run",
+     "--config=configs/quickstart.py:tiny", "--config.seeds=3"],
+    cwd=REPO, capture_output=True, text=True, timeout=60,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  qs = tmp_path / "qs"
+  lines = proc.stdout.splitlines()
+  one = plan_config.get_config("tiny")
+  generative = [n for n in one.order if one.runs[n].module == "common.eval" and n != "broken"]
+  trainings = sorted({need for n in generative for need in one.runs[n].needs})
+  assert len(lines) == len(quickstart.enabled_entries(one)) + 2 * (len(generative) + len(trainings))
+  seed2 = {line.split("] ")[1].split(" ")[0]: line for line in lines if "_seed2 " in line}
+  assert sorted(seed2) == sorted(f"{n}_seed2" for n in generative + trainings)
+  assert f"--workdir={qs}/adaptive_seed2 " in seed2["train_adaptive_seed2"]
+  assert "--config.seed=2" in seed2["train_adaptive_seed2"]
+  # TDC's single model is stage 1 of the seed's own run, sampled with the seed.
+  assert f"--workdir={qs}/adaptive_seed2/stage1 " in seed2["adaptive_single_seed2"]
+  assert seed2["adaptive_single_seed2"].endswith("--seed=2")
+  bad = subprocess.run(
+    [sys.executable, "-m", "common.quickstart", f"--workdir={tmp_path / 'qs'}", "--dry_run",
+     "--config.seeds=0"],
+    cwd=REPO, capture_output=True, text=True, timeout=60,
+  )  # fmt: skip
+  assert bad.returncode == 2 and "seeds=0: must be >= 1" in bad.stderr
+
+
+def test_replicates_fold_into_mean_std_paired_deltas_and_wins():
+  def row(run, value, versus="", delta=None):
+    return {"run": run, "section": "s", "label": run, "status": "ok", "value": value,
+            "higher_is_better": False, "versus": versus, "delta": delta}  # fmt: skip
+
+  rows = [row("base", 10.0), row("arm", 8.0, "base", -2.0), row("other", 5.0)]
+  meta = {"base": {}, "arm": {}, "other": {}}
+  for s, (b, a) in enumerate([(12.0, 11.0), (9.0, 10.0)], 1):
+    rows += [row(f"base_seed{s}", b), row(f"arm_seed{s}", a, f"base_seed{s}", a - b)]
+    meta[f"base_seed{s}"] = {"replicate_of": "base", "seed": s}
+    meta[f"arm_seed{s}"] = {"replicate_of": "arm", "seed": s}
+  folded = {r["run"]: r for r in replicates.fold(rows, meta)}
+  assert sorted(folded) == ["arm", "base", "other"]
+  assert folded["base"]["value"] == pytest.approx(31 / 3) and folded["base"]["seeds"] == 3
+  assert folded["base"]["value_std"] == pytest.approx(np.std([10, 12, 9], ddof=1))
+  arm = folded["arm"]
+  assert arm["delta"] == pytest.approx((-2 - 1 + 1) / 3) and arm["wins"] == "2/3"
+  assert arm["better"] == "within seed noise"
+  assert folded["other"] == rows[2]  # one seed: unchanged
+  md = "\n".join(compare._headline_table(list(folded.values())))
+  assert "+- " in md and "(3 seeds)" in md and "within seed noise (2/3)" in md
+  assert replicates.note(list(folded.values())) == replicates.SEEDS_NOTE
