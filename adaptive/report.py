@@ -248,6 +248,4 @@ def write_plot(path: str, summary: dict[str, Any]) -> None:
   axes[2].set_title("E5: final proxy score per pruner (lower better, log)", fontsize=9)
   fig.suptitle(f"TDC experiments, seeds {summary['seeds']}")
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=110)

@@ -181,9 +181,7 @@ def save_schedule_png(path: str, method: Supernet, loss_table: np.ndarray) -> No
   ax2.set_yscale("log")
   ax2.legend(fontsize=7)
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=120)
 
 
 def run(config, workdir: str, *, widths, target_ratio: float, per_step: int = 128,

@@ -248,9 +248,7 @@ def save_summary_png(path: str, config, groups, pruned) -> None:
   ax2.set_title(f"{config.adaptive.pruner.name}, k={config.adaptive.scaling.k}")
   ax2.legend(fontsize=7)
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -286,6 +286,4 @@ def write_plot(path: str, summary: dict[str, Any], big_t: int) -> None:
   axes[0].legend(fontsize=7)
   fig.suptitle(f"CollaFuse sweep (cut_point={big_t}: local-only), seeds {summary['seeds']}")
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=110)

@@ -43,6 +43,19 @@ def atomic_path(path: str) -> Iterator[str]:
       os.remove(tmp)
 
 
+def write_figure(fig: Any, path: str, dpi: float | None = None) -> str:
+  """Saves a matplotlib figure at ``path`` atomically (format from the extension), then closes it
+  so that a long run drawing many figures keeps no memory for them. Returns ``path``."""
+  import matplotlib.pyplot as plt
+
+  try:
+    with atomic_path(path) as tmp:
+      fig.savefig(tmp, **({} if dpi is None else {"dpi": dpi}))
+  finally:
+    plt.close(fig)
+  return path
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[Any]:
   """``open`` for writing (``"w"`` or ``"wb"``) whose file appears at ``path`` only when closed

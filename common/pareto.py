@@ -128,9 +128,6 @@ def pareto_figure(runs: list[dict], meta: dict | None = None):
 
 def write(runs: list[dict], path: str, meta: dict | None = None) -> None:
   """Writes :func:`pareto_figure` to ``path`` (PNG)."""
-  import matplotlib.pyplot as plt
 
   fig, _ = pareto_figure(runs, meta)
-  with fileio.atomic_path(path) as tmp:  # the temporary name keeps .png: same format
-    fig.savefig(tmp)
-  plt.close(fig)
+  fileio.write_figure(fig, path)

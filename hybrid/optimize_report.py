@@ -162,9 +162,7 @@ def plot(path: str, cells, config) -> None:
   ax.grid(alpha=0.3)
   fig.suptitle(f"hybrid scheduler, transmission={config.scheduler.system.transmission}")
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=110)
 
 
 def plot_training(path: str, agents) -> None:
@@ -187,9 +185,7 @@ def plot_training(path: str, agents) -> None:
   if len(agents) <= 8:
     ax.legend(fontsize=7)
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=110)
 
 
 HEADLINE_BASELINES = ("optimum", "ga", "greedy", "admit_all_opt", "random", "all_local")

@@ -55,9 +55,7 @@ def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
   ax2.set_xlabel("cut point n")
   ax2.legend(fontsize=7)
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=120)
 
 
 def save_latency_png(path: str, lat: dict[str, Any]) -> None:
@@ -84,9 +82,7 @@ def save_latency_png(path: str, lat: dict[str, Any]) -> None:
   ax.set_title(lat["device"], fontsize=8)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  with fileio.atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=120)
-  plt.close(fig)
+  fileio.write_figure(fig, path, dpi=120)
 
 
 def save_cut_points_png(path: str, acc: dict[str, Any], seeds: int = 2) -> None:

@@ -168,9 +168,7 @@ def write_report(out: str, result: dict[str, Any]) -> None:
   axes[0].legend(fontsize=7)
   fig.suptitle(f"hybrid.serve: {result['users']} devices x {result['rounds']} rounds", fontsize=10)
   fig.tight_layout()
-  with fileio.atomic_path(os.path.join(out, "serve.png")) as tmp:
-    fig.savefig(tmp, dpi=110)
-  plt.close(fig)
+  fileio.write_figure(fig, os.path.join(out, "serve.png"), dpi=110)
 
 
 def _fmt(v, spec: str) -> str:
