@@ -2,7 +2,7 @@
 
 Presets (``--config=configs/quickstart.py:<preset>``):
 
-* ``default``  every method on the embedded data, cut down to fit about 15 minutes on 2 CPU cores
+* ``default``  every method on the embedded data, cut down to fit about 13 minutes on 2 CPU cores
                (the measured time is in README.md): the DDPM baseline; CollaFuse at cut_point = 20
                against local-only (cut_point = T); TDC groups against its own stage-1 single model;
                TFDiff Config I and II against the DDPM U-Net; the hybrid scheduler against the
@@ -121,7 +121,7 @@ class Preset:
   name: str  # default | tiny
 
   def pick(self, *, default, tiny):
-    """A fragment's value for this preset: ``default`` (about 15 minutes in all) or ``tiny``."""
+    """A fragment's value for this preset: ``default`` (about 13 minutes in all) or ``tiny``."""
     return tiny if self.name == "tiny" else default
 
   def train(
