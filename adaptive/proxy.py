@@ -188,7 +188,9 @@ def make_score_fn(
       step=jnp.zeros((), jnp.int32),
       params=params,
       ema_params=params,
-      opt_state=tx.init(params),
+      # One program: eagerly, every new leaf shape's zeros is its own (a candidate's pruned
+      # shapes are new: ~40 small compiles each).
+      opt_state=jax.jit(tx.init)(params),
       rng=jax.random.key(seed),
     )
     # A Python loop, not lax.scan: XLA:CPU runs looped weight-gradient convolutions ~40x slower.
