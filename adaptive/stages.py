@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 
 from adaptive import grouping, inheritance, pruning, search_space
+from common.train import drift
 from common.train import method as method_lib
 from common.train.validate import ConfigError
 
@@ -79,6 +80,9 @@ def _validate_fields(config: ml_collections.ConfigDict) -> None:
   )
   for k in ("base_step", "stage2_steps"):
     require(config, a + k, integer(-1), "must be an integer >= 0 or -1 (latest / by FLOPs)")
+  if "stage2_ema_decay" in config.adaptive:
+    require(config, a + "stage2_ema_decay", number(lambda v: v == -1.0 or 0.0 <= v < 1.0),
+            "must be -1 (the run's ema_decay) or in [0, 1)")  # fmt: skip
   g = a + "grouping."
   require_choice(config, g + "method", grouping.METHODS)
   require(config, g + "num_groups", integer(1, big_t), f"must be an integer in [1, T={big_t}]")
@@ -159,4 +163,7 @@ def stage2_config(config, groups, pruned, steps: int, base_flops_per_step: float
   ]
   c.adaptive.base_flops_per_step = float(base_flops_per_step)
   c.ckpt_every_steps = max(1, min(int(c.ckpt_every_steps), int(steps) or 1))
+  stage2_ema = float(drift.added_field(config, "adaptive.stage2_ema_decay"))
+  if stage2_ema >= 0.0:
+    c.ema_decay = stage2_ema
   return c

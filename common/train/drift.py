@@ -63,6 +63,7 @@ ADDED_FIELDS = {
   "diffusion.timestep_spacing": "uniform",
   "diffusion.x0_clipping": "static",
   "diffusion.dynamic_threshold_percentile": 0.95,
+  "adaptive.stage2_ema_decay": -1.0,  # stage 2 on the run's ema_decay
 }
 
 

@@ -108,6 +108,7 @@ def test_stage_two_budget_is_what_the_single_model_leaves():
     ({"adaptive.scaling.k": 1.5}, "k must be in"),
     ({"adaptive.scaling.k": 0.01, "adaptive.scaling.rank_from": 0}, "below the smallest"),
     ({"adaptive.pruner.name": "gpt4"}, "pruner.name"),
+    ({"adaptive.stage2_ema_decay": 1.0}, "stage2_ema_decay"),
   ],
 )
 def test_bad_pipeline_config_is_refused_before_training(tmp_path, overrides, message):
@@ -116,3 +117,18 @@ def test_bad_pipeline_config_is_refused_before_training(tmp_path, overrides, mes
   with pytest.raises(ConfigError, match=message):
     adaptive_train.run(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "stage1")
+
+
+def test_stage_two_takes_its_own_ema_decay_when_given():
+  config = pipeline_config()
+  groups = stages.make_groups(config)
+  base = search_space.base_structure(config.model).to_dict()
+  pruned = [{"structure": base}] * int(config.adaptive.grouping.num_groups)
+  assert stages.stage2_config(config, groups, pruned, 5, 1.0).ema_decay == config.ema_decay
+  config.adaptive.stage2_ema_decay = 0.9
+  assert stages.stage2_config(config, groups, pruned, 5, 1.0).ema_decay == 0.9
+  # A config saved before the field (a run resumed or re-scored): stage 2 on the run's decay.
+  old = pipeline_config()
+  with old.unlocked():
+    del old.adaptive["stage2_ema_decay"]
+  assert stages.stage2_config(old, groups, pruned, 5, 1.0).ema_decay == old.ema_decay
