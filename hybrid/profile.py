@@ -56,6 +56,7 @@ from common import fileio
 from hybrid import models as models_lib
 from hybrid import system
 from hybrid.profile_figures import save_accuracy_png, save_cut_points_png, save_latency_png
+from hybrid.system import sigmoid
 
 PROFILE_DIR = "profile"
 PROFILE_JSON = "profile.json"
@@ -63,11 +64,6 @@ PROFILE_JSON = "profile.json"
 
 # ------------------------------------------------------------------------------------------------
 # Fits.
-
-
-def sigmoid(n, a: float, b: float) -> np.ndarray:
-  """A(n) = 1 / (1 + exp(-a (n - b))), float64."""
-  return 1.0 / (1.0 + np.exp(-a * (np.asarray(n, np.float64) - b)))
 
 
 def fit_sigmoid(n, y, num_steps: int, iters: int = 200) -> dict[str, float]:

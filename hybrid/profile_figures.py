@@ -14,6 +14,7 @@ import numpy as np
 
 from common import fileio
 from hybrid import system
+from hybrid.system import sigmoid
 
 
 def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
@@ -22,9 +23,6 @@ def save_accuracy_png(path: str, acc: dict[str, Any]) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  # Imported here: hybrid.profile imports this module at its top.
-  from hybrid.profile import sigmoid
 
   n = np.asarray(acc["cut_points"])
   big_t = acc["num_timesteps"]

@@ -62,6 +62,11 @@ TRANSMISSION_FORMULAS = ("code", "physical")
 # Profiles.
 
 
+def sigmoid(n, a: float, b: float) -> np.ndarray:
+  """A(n) = 1 / (1 + exp(-a (n - b))), float64, for any shape of n."""
+  return 1.0 / (1.0 + np.exp(-a * (np.asarray(n, np.float64) - b)))
+
+
 @dataclasses.dataclass(frozen=True)
 class AccuracyProfile:
   """The personalized-accuracy index vs cut point, ``A(n) = 1 / (1 + exp(-a (n - b)))``.
@@ -87,8 +92,7 @@ class AccuracyProfile:
 
   def __call__(self, n) -> np.ndarray:
     """A(n) for an array of cut points n (any shape), float64."""
-    n = np.asarray(n, dtype=np.float64)
-    return 1.0 / (1.0 + np.exp(-self.a * (n - self.b)))
+    return sigmoid(n, self.a, self.b)
 
   def slope(self, n) -> np.ndarray:
     """dA/dn = a A (1 - A), same shape as n."""

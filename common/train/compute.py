@@ -147,33 +147,3 @@ def of_workdir(workdir: str) -> dict[str, Any] | None:
   if not parts:
     return None
   return {**_totals(segments), "parts": parts}
-
-
-def of_config(config, *, devices: list | None = None) -> dict[str, Any]:
-  """The cost of one train step under ``config``, from its lowered program alone (nothing is
-  compiled, run or written: seconds): how many steps a training budget in FLOPs buys.
-
-  Returns ``measure_step``'s record plus ``flops_per_image`` (``step_flops / images_per_step``).
-  A method whose binary trains several configs (adaptive: ``adaptive.stages.stage1_config``)
-  is measured on the one given.
-  """
-  import jax
-
-  from common.train import loop
-
-  mesh, method = loop.setup(config, devices=devices)
-  fns = loop.build(config, method, mesh)
-  batch = next(method.train_iterator(process_index=0, process_count=1))
-  batch = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=fns["batch_sharding"]), batch
-  )
-  record = measure_step(
-    fns["step"],
-    fns["abstract_state"],
-    batch,
-    devices=mesh.size,
-    images_per_step=method.images_per_step(),
-    counting_fn=fns["flops_counting_step"],
-  )
-  flops = record["step_flops"]
-  return {**record, "flops_per_image": None if flops is None else flops / record["images_per_step"]}

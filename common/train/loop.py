@@ -160,6 +160,33 @@ def build(config, method: Method, mesh):
   }
 
 
+def step_cost(config, *, devices: list | None = None) -> dict[str, Any]:
+  """The cost of one train step under ``config``, from its lowered program alone (nothing is
+  compiled, run or written: seconds): how many steps a training budget in FLOPs buys.
+
+  Returns ``compute.measure_step``'s record plus ``flops_per_image`` (``step_flops /
+  images_per_step``).
+  A method whose binary trains several configs (adaptive: ``adaptive.stages.stage1_config``)
+  is measured on the one given.
+  """
+  mesh, method = setup(config, devices=devices)
+  fns = build(config, method, mesh)
+  batch = next(method.train_iterator(process_index=0, process_count=1))
+  batch = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=fns["batch_sharding"]), batch
+  )
+  record = compute.measure_step(
+    fns["step"],
+    fns["abstract_state"],
+    batch,
+    devices=mesh.size,
+    images_per_step=method.images_per_step(),
+    counting_fn=fns["flops_counting_step"],
+  )
+  flops = record["step_flops"]
+  return {**record, "flops_per_image": None if flops is None else flops / record["images_per_step"]}
+
+
 # A loss this many times the median of the recent ones is a divergence even while it is finite:
 # healthy diffusion losses move by a few x over a run, an exploding update by orders of magnitude.
 DIVERGED_LOSS_FACTOR = 1e3

@@ -329,14 +329,14 @@ def test_default_plan_gives_every_generative_arm_the_same_training_compute(arm):
   # The table the budgets are computed from is what XLA counts for the plan's own configs today,
   # so each arm's steps x images x FLOPs is TRAIN_FLOPS (one step's rounding at most).
   from adaptive import stages
-  from common.train import compute
+  from common.train import loop
 
   plan = plan_config.get_config("default")
   e = plan.runs[f"train_{arm}"]
   config = _entry_config(e)
   if arm == "adaptive":
     config = stages.stage1_config(config)
-  cost = compute.of_config(config, devices=jax.devices()[:1])
+  cost = loop.step_cost(config, devices=jax.devices()[:1])
   assert cost["flops_per_image"] == pytest.approx(plan_config.TRAIN_FLOPS_PER_IMAGE[arm], rel=1e-3)
   steps = config.total_steps if arm != "adaptive" else int(e.overrides[0].split("=")[1])
   spent = steps * cost["images_per_step"] * cost["flops_per_image"]
