@@ -1,19 +1,13 @@
 """benchmarks/batch_scaling.py: a step's time at several batch sizes, interleaved."""
 
-import os
 import re
-import subprocess
-import sys
 
-from tests.common.test_train import REPO, xla_flags
+from tests.common.test_train import run_benchmark
 
 
 def test_times_each_batch_size_of_a_real_step():
-  env = os.environ.copy()
-  env["XLA_FLAGS"] = xla_flags(1)
-  cmd = [
-    sys.executable,
-    "benchmarks/batch_scaling.py",
+  out = run_benchmark(
+    "batch_scaling.py",
     "--config=configs/mobile.py:digits_config1",
     "--config.model.width=16",
     "--config.model.depth=2",
@@ -22,10 +16,8 @@ def test_times_each_batch_size_of_a_real_step():
     "--batch_sizes=4,8",
     "--steps=2",
     "--rounds=2",
-  ]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = re.findall(r"^\| (\d+) \| ([\d., ]+) \| (\d+) \|$", proc.stdout, re.MULTILINE)
-  assert [int(b) for b, _, _ in rows] == [4, 8], proc.stdout
+  )
+  rows = re.findall(r"^\| (\d+) \| ([\d., ]+) \| (\d+) \|$", out, re.MULTILINE)
+  assert [int(b) for b, _, _ in rows] == [4, 8], out
   for _, rounds, images_per_s in rows:
     assert len(rounds.split(", ")) == 2 and int(images_per_s) > 0

@@ -1,10 +1,8 @@
 """benchmarks/step_profile.py: a step's time by op, from XLA's own trace."""
 
-import os
-import subprocess
 import sys
 
-from tests.common.test_train import REPO, xla_flags
+from tests.common.test_train import REPO, run_benchmark
 
 sys.path.insert(0, REPO)
 from benchmarks import step_profile  # noqa: E402
@@ -40,11 +38,8 @@ def test_ops_are_named_and_grouped_and_runtime_events_left_out():
 
 
 def test_profiles_a_real_step():
-  env = os.environ.copy()
-  env["XLA_FLAGS"] = xla_flags(1)
-  cmd = [
-    sys.executable,
-    "benchmarks/step_profile.py",
+  out = run_benchmark(
+    "step_profile.py",
     "--config=configs/ddpm.py:digits",
     "--config.model.channels=(8,16)",
     "--config.model.num_res_blocks=1",
@@ -53,8 +48,5 @@ def test_profiles_a_real_step():
     "--config.mesh.data=1",
     "--steps=2",
     "--top=5",
-  ]
-  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = proc.stdout
+  )
   assert "ms per step" in out and "convolution" in out, out

@@ -124,6 +124,17 @@ def xla_flags(devices: int) -> str:
   return f"--xla_force_host_platform_device_count={devices} {flags.strip()}"
 
 
+def run_benchmark(script: str, *args: str) -> str:
+  """``benchmarks/<script>`` with ``args`` in a subprocess on one forced CPU device; its stdout
+  (the test fails with the stderr's tail on a non-zero exit)."""
+  env = os.environ.copy()
+  env["XLA_FLAGS"] = xla_flags(1)
+  cmd = [sys.executable, f"benchmarks/{script}", *args]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
+
+
 def _single_device_env():
   env = os.environ.copy()
   env["XLA_FLAGS"] = xla_flags(1)
