@@ -168,7 +168,7 @@ class Preset:
 # Equal training compute (the default plan): every generative arm trains on TRAIN_FLOPS, images
 # seen x train FLOPs an image (``common.train.compute``: XLA's count of the lowered step, forward,
 # backward, optimizer and EMA, its loops unrolled). 2e12 costs about what the plan's unequal
-# budgets cost before (DDPM 3.5e12, TDC 3.7e12, TFDiff Config I 0.54e12 and II 2.3e12).
+# budgets cost before (DDPM 3.5e12, TDC 3.6e12, TFDiff Config I 0.54e12 and II 2.3e12).
 TRAIN_FLOPS = 2e12
 # Train FLOPs an image of each arm at the plan's sizes (``common.train.loop.step_cost``, checked
 # by tests/common/test_quickstart.py). TDC's entry is its single model's (stage 1): stage 2 gets

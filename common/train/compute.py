@@ -66,7 +66,8 @@ def measure_step(
 
   Call it after the step ran once on arguments of the same shapes and shardings: the lowering
   then comes from JAX's in-memory cache and reading the analysis costs milliseconds (a counting
-  step is traced once more: about a second). A failure to measure is logged and recorded as ``step_flops: null``.
+  step is traced once more: about a second). A failure to measure is logged and recorded as
+  ``step_flops: null``.
 
   Args:
     step_fn: the ``jax.jit``-ed ``(TrainState, batch) -> (TrainState, metrics)``.

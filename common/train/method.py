@@ -210,7 +210,7 @@ class Method:
     loop) would be counted as one block or one update (TFDiff Config I's step read 6.6e6 FLOPs an
     image, under one forward call's 1.1e7). A method with such a loop returns the same arithmetic
     with the loop unrolled (``common.train.compute.measure_step`` counts its lowered program);
-    None, the default: the step has no loop and its compiled program is counted.
+    None, the default: the step has no loop and its own lowered program is counted.
     """
     del tx, lr_schedule, ema_decay
     return None
