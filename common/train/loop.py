@@ -352,7 +352,7 @@ def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, c
         batch,
         devices=method.mesh.size,
         images_per_step=method.images_per_step(),
-        counting_fn=fns.get("flops_counting_step"),
+        counting_fn=fns["flops_counting_step"],
       )
     done = step + 1
     pending.append((done, metrics))
