@@ -22,36 +22,22 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks import jitted_step  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A training config (configs/*.py).")
 _BATCHES = flags.DEFINE_list("batch_sizes", ["32", "128"], "Global batch sizes to compare.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per round and batch size.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 
 
-def _prepared(config, batch_size: int):
-  """(step, state, batch) of ``config`` at ``batch_size``, compiled and warmed up."""
-  from common import parallel
-  from common.train import loop
-
-  c = config.copy_and_resolve_references()
-  c.batch_size = batch_size
-  c.mesh.data = 1
-  mesh, method = loop.setup(c, devices=jax.devices()[:1])
-  fns = loop.build(c, method, mesh)
-  state = fns["init"]()
-  batch = parallel.global_batch(
-    next(method.train_iterator(process_index=0, process_count=1)), fns["batch_sharding"]
-  )
-  for _ in range(2):
-    state, metrics = fns["step"](state, batch)
-  jax.block_until_ready(metrics)
-  return fns["step"], state, batch
-
-
 def main(argv):
   del argv
+  from common.train import host_memory, xla_flags
+
+  xla_flags.apply_cpu_defaults(_CONFIG.value.model.name)  # as the binaries run the model
+  host_memory.keep_freed(jax.default_backend())
   sizes = [int(b) for b in _BATCHES.value]
-  prepared = {b: _prepared(_CONFIG.value, b) for b in sizes}
+  prepared = {b: jitted_step.prepared(_CONFIG.value, b) for b in sizes}
   seconds: dict[int, list[float]] = {b: [] for b in sizes}
   for _ in range(_ROUNDS.value):
     for b in sizes:

@@ -110,10 +110,11 @@ def _read_trace(log_dir: str) -> dict:
 
 def main(argv):
   del argv
-  from common.train import xla_flags
+  from common.train import host_memory, xla_flags
 
   config = train_step._CONFIG.value
   xla_flags.apply_cpu_defaults(config.model.name)
+  host_memory.keep_freed(jax.default_backend())
   _, fns, batch, shape = train_step._build_step(config)
   state = fns["init"]()
   compiled, record = train_step._compile_step(config, fns, state, batch, shape)

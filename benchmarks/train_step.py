@@ -200,11 +200,12 @@ def _add_timings(record, metrics, times, b) -> None:
 
 def main(argv):
   del argv
-  from common.train import xla_flags
+  from common.train import host_memory, xla_flags
 
   config = _CONFIG.value
   # What the binaries run this model with; before the backend exists.
   xla_flags.apply_cpu_defaults(config.model.name)
+  host_memory.keep_freed(jax.default_backend())
   method, fns, batch, shape = _build_step(config)
   state = fns["init"]()
   compiled, record = _compile_step(config, fns, state, batch, shape)

@@ -131,7 +131,8 @@ class Worker:
       flags_ += f" intra_op_parallelism_threads={threads}"
     env["XLA_FLAGS"] = " ".join(flags_.split())
     if kind == "jax" and name.startswith(PLAIN_JAX):
-      env["SEGDIFF_XLA_DEFAULTS"] = "0"  # XLA's own defaults: the A/B of the project's
+      # XLA's and glibc's own defaults: the A/B of the project's.
+      env["SEGDIFF_XLA_DEFAULTS"] = env["SEGDIFF_KEEP_HOST_MEMORY"] = "0"
     elif kind == "jax":
       from common.train import xla_flags
 

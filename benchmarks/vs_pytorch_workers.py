@@ -32,6 +32,9 @@ class JaxWorker:
   def __init__(self, config, mobile_config, sample_batch):
     import jax
 
+    from common.train import host_memory
+
+    host_memory.keep_freed(jax.default_backend())  # as the binaries (off for jax-xla)
     self.jax = jax
     self.config, self.mobile_config, self.sample_batch = config, mobile_config, sample_batch
     self.sample_count = 0

@@ -27,18 +27,22 @@ def start_binary(*, persistent_compile_cache: bool = False) -> None:
   (``common.train.timing``); keeps compiled programs in JAX's persistent cache, so a campaign's
   next seed or a restarted run compiles nothing twice: in ``$SEGDIFF_COMPILE_CACHE`` when that is
   set (the main job sets it for every launch), else under ``cache_root()/jax`` with
-  ``persistent_compile_cache``."""
+  ``persistent_compile_cache``; on a CPU backend, keeps freed host memory for the next step
+  (``common.train.host_memory``). Call it after ``jax.distributed`` is initialised."""
   from common.train import timing
 
   logger.quiet_library_logs()
   timing.record_if_asked()
+  import jax
+
+  from common.train import host_memory
+
   cache_dir = os.environ.get(COMPILE_CACHE_ENV)
   if not cache_dir and persistent_compile_cache:
     cache_dir = default_compile_cache_dir()
   if cache_dir:
-    import jax
-
     jax.config.update("jax_compilation_cache_dir", cache_dir)
+  host_memory.keep_freed(jax.default_backend())
 
 
 def run_or_exit(run: Callable[..., Any], *args, **kwargs) -> Any:
