@@ -6,10 +6,11 @@ frees it at the end. glibc serves a block above its mmap threshold (32 MiB at mo
 ``mmap`` and unmaps it on ``free``, and trims the heap's free top above 128 KiB, so each step
 touches tens of MiB of new zero pages (the digits U-Net's train step has a 46 MiB temp buffer,
 TFDiff Config I's 43 MiB). With ``mallopt(M_MMAP_MAX, 0)`` and a trim threshold of 2 GiB the
-blocks stay in the heap and the next step reuses them: the digits U-Net step 113 -> 98 ms and
-TFDiff Config I's 56-61 -> 46-50 ms (``benchmarks/host_memory.py``: two processes, one with
-glibc's defaults, timed in alternating rounds). A large model's step
-(the 32x32 shapes U-Net, 1.7 GiB of temp) did not change: its time is arithmetic.
+blocks stay in the heap and the next step reuses them. ``benchmarks/host_memory.py`` (two
+processes, one with glibc's defaults, timed in alternating rounds; load ~3.5): TFDiff Config I's
+step 54.9 -> 44.9 ms, the digits U-Net's 99.8 -> 96.5 ms; the whole main job 10 min 47 s -> 10
+min 04 s (``benchmarks/RESULTS.md``). A large model's step (the 32x32 shapes U-Net, 1.7 GiB of
+temp) did not change: its time is arithmetic.
 
 The cost: the process's resident memory no longer shrinks after a peak. A training or
 evaluation process holds its peak until it exits anyway; ``SEGDIFF_KEEP_HOST_MEMORY=0`` leaves
