@@ -15,6 +15,7 @@ from flax import nnx
 from common.metrics.flops import count_flops
 from common.models import count_params
 from mobile import formulas
+from mobile import model as mobile_model
 from mobile.layers import depthwise3x3
 from mobile.model import TFDiff
 from mobile.spec import SpecError, TFDiffSpec
@@ -130,6 +131,30 @@ def test_scan_equals_unrolled(kw):
   scanned, unrolled = run(state, "scan"), run(state, "unroll")
   assert float(jnp.abs(scanned).mean()) > 0.1  # not the trivial zero output
   np.testing.assert_allclose(scanned, unrolled, rtol=1e-5, atol=1e-5)
+
+
+def test_a_scan_picking_weights_by_product_gives_the_sliced_scan_bit_for_bit(monkeypatch):
+  # On the CPU the scan picks each block's weights by a one-hot product (XLA:CPU fuses a slice
+  # into every elementwise consumer); the product must be exact, in the output and gradients.
+  sp = spec(stride=2, width=32, depth=3, num_heads=4, num_classes=3)
+  graphdef, state = randomized(sp)
+  x, t, y = inputs(sp)
+
+  results, programs = {}, {}
+  for by_product in (True, False):
+    monkeypatch.setattr(mobile_model, "_select_by_product", lambda b=by_product: b)
+
+    def loss(st):  # a new function each time: traced afresh, not read from jit's cache
+      return jnp.mean(jnp.square(nnx.merge(graphdef, st)(x, t, y, layer_loop="scan")))
+
+    step = jax.jit(jax.value_and_grad(loss))
+    programs[by_product] = step.lower(state).as_text()
+    results[by_product] = step(state)
+  assert programs[True] != programs[False]  # two programs, not one read twice
+  (v1, g1), (v0, g0) = results[True], results[False]
+  assert float(v1) == float(v0) and float(v1) > 0
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_program_size_does_not_grow_with_depth():
