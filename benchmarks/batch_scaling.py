@@ -32,10 +32,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Interleaved rounds.")
 
 def main(argv):
   del argv
-  from common.train import host_memory, xla_flags
-
-  xla_flags.apply_cpu_defaults(_CONFIG.value.model.name)  # as the binaries run the model
-  host_memory.keep_freed(jax.default_backend())
+  jitted_step.as_the_binaries(_CONFIG.value.model.name)
   sizes = [int(b) for b in _BATCHES.value]
   prepared = {b: jitted_step.prepared(_CONFIG.value, b) for b in sizes}
   seconds: dict[int, list[float]] = {b: [] for b in sizes}

@@ -1,10 +1,20 @@
 """The shared loop's jitted train step of a config, compiled and warmed up, for the benchmarks
-that time it in interleaved rounds (``batch_scaling.py``, ``host_memory.py``). No flags here, so
-several benchmarks can import it."""
+that time it in interleaved rounds (``batch_scaling.py``, ``host_memory.py``), and the CPU
+settings the binaries run it with. No flags here, so several benchmarks can import it."""
 
 from __future__ import annotations
 
 import jax
+
+
+def as_the_binaries(model_name: str) -> None:
+  """What a binary sets for a run of ``config.model.name == model_name`` on a CPU: its XLA:CPU
+  defaults (``xla_flags``) and kept host memory (``host_memory``). Call it before anything
+  creates a JAX backend, as the binaries do."""
+  from common.train import host_memory, xla_flags
+
+  xla_flags.apply_cpu_defaults(model_name)
+  host_memory.keep_freed(jax.default_backend())
 
 
 def prepared(config, batch_size: int):

@@ -110,11 +110,10 @@ def _read_trace(log_dir: str) -> dict:
 
 def main(argv):
   del argv
-  from common.train import host_memory, xla_flags
+  from benchmarks import jitted_step
 
   config = train_step._CONFIG.value
-  xla_flags.apply_cpu_defaults(config.model.name)
-  host_memory.keep_freed(jax.default_backend())
+  jitted_step.as_the_binaries(config.model.name)
   _, fns, batch, shape = train_step._build_step(config)
   state = fns["init"]()
   compiled, record = train_step._compile_step(config, fns, state, batch, shape)

@@ -200,12 +200,10 @@ def _add_timings(record, metrics, times, b) -> None:
 
 def main(argv):
   del argv
-  from common.train import host_memory, xla_flags
+  from benchmarks import jitted_step
 
   config = _CONFIG.value
-  # What the binaries run this model with; before the backend exists.
-  xla_flags.apply_cpu_defaults(config.model.name)
-  host_memory.keep_freed(jax.default_backend())
+  jitted_step.as_the_binaries(config.model.name)  # before the backend exists
   method, fns, batch, shape = _build_step(config)
   state = fns["init"]()
   compiled, record = _compile_step(config, fns, state, batch, shape)
