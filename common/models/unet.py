@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.models import unet_args
+from common.models.norm_act import group_norm_act
 
 # PyTorch's default Conv/Linear weight init (kaiming_uniform with a=sqrt(5)) is
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); matching it keeps the activation scales IDDPM's
@@ -212,7 +213,7 @@ class ResBlock(nnx.Module):
       [B, H', W', out_width] compute dtype; H' = 2H for 'up', H/2 for 'down', else H.
     """
     chex.assert_shape(x, (None, None, None, self.in_width))
-    h = nnx.silu(self.norm1(x)).astype(self.dtype)
+    h = group_norm_act(self.norm1, x).astype(self.dtype)
     if self.resample == "up":
       h, x = _upsample_nearest2(h), _upsample_nearest2(x)
     elif self.resample == "down":
@@ -222,10 +223,10 @@ class ResBlock(nnx.Module):
     emb_out = self.emb_proj(nnx.silu(emb))[:, None, None, :]
     if self.use_scale_shift_norm:
       scale, shift = jnp.split(emb_out, 2, axis=-1)
-      h = self.norm2(h) * (1.0 + scale) + shift
+      h = group_norm_act(self.norm2, h, scale, shift)
     else:
-      h = self.norm2(h + emb_out)
-    h = nnx.silu(h).astype(self.dtype)
+      h = group_norm_act(self.norm2, h + emb_out)
+    h = h.astype(self.dtype)
     if dropout_rng is not None and self.dropout.rate > 0:
       key = jax.random.fold_in(dropout_rng, self.dropout_index)
       h = self.dropout(h, deterministic=False, rngs=key)
@@ -267,7 +268,7 @@ class AttentionBlock(nnx.Module):
     chex.assert_shape(x, (None, None, None, self.width))
     b, hgt, wid, c = x.shape
     n, d = self.num_heads, c // self.num_heads
-    h = self.norm(x).astype(self.dtype).reshape(b, hgt * wid, c)
+    h = group_norm_act(self.norm, x, act=False).astype(self.dtype).reshape(b, hgt * wid, c)
     q, k, v = jnp.split(self.qkv(h), 3, axis=-1)
     q, k, v = (a.reshape(b, hgt * wid, n, d) for a in (q, k, v))
     # Scaling q and k by d**-0.25 each (rather than the logits by d**-0.5) keeps the bf16
@@ -575,7 +576,7 @@ class UNet(nnx.Module):
     h = self.middle_block(h, emb, dropout_rng)
     for block in self.output_blocks:
       h = block(jnp.concatenate([h, skips.pop()], axis=-1), emb, dropout_rng)
-    h = nnx.silu(self.out_norm(h)).astype(self.dtype)
+    h = group_norm_act(self.out_norm, h).astype(self.dtype)
     out = self.out_conv(h).astype(jnp.float32)
     chex.assert_shape(out, (batch, self.image_size, self.image_size, self.out_channels))
     return out
