@@ -70,10 +70,6 @@ def _fused(x, gamma, beta, scale, shift, groups: int, eps: float, act: bool, fil
   return _forward(x, gamma, beta, scale, shift, groups, eps, act, film)[0]
 
 
-def _fused_fwd(x, gamma, beta, scale, shift, groups, eps, act, film):
-  return _forward(x, gamma, beta, scale, shift, groups, eps, act, film)
-
-
 def _fused_bwd(groups, eps, act, film, res, g):
   del eps  # folded into the saved rstd
   x, mean, rstd, gamma, beta, scale, shift = res
@@ -107,7 +103,7 @@ def _fused_bwd(groups, eps, act, film, res, g):
   return dx, d_gamma, d_beta, d_scale, sum_dz
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_forward, _fused_bwd)  # _forward already returns the residuals
 
 
 def _varying_axes(a: jax.Array) -> frozenset:
@@ -158,7 +154,8 @@ def group_norm_act(
   shift = zero if shift is None else shift.reshape(b, c).astype(jnp.float32)
   gamma = norm.scale[...].astype(jnp.float32)
   beta = norm.bias[...].astype(jnp.float32)
-  args = (x32, gamma, beta, scale, shift, norm.num_groups, float(norm.epsilon), act, film)
+  operands = (gamma, beta, scale, shift)
+  static = (norm.num_groups, float(norm.epsilon), act, film)
   if hand_written_backward():
-    return _fused(x32, *_varying_like(x32, args[1:5]), *args[5:])
-  return _forward(*args)[0]
+    return _fused(x32, *_varying_like(x32, operands), *static)
+  return _forward(x32, *operands, *static)[0]
