@@ -27,13 +27,27 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def pytest_configure(config):
+  """pytest-xdist (3.x) re-sorts ``--dist loadfile``'s files by their number of tests unless told
+  not to, which put the one-test files that run for minutes (the GPU check's CPU mode, the
+  multi-process runs) last, one worker finishing them alone; keep the order set below."""
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-  """Files with the most ``slow`` tests first, each file's own order kept: pytest-xdist hands out
-  whole files (``--dist loadfile``) in this order, so the long files start early and the short
-  ones fill the end, rather than one worker finishing a long file alone."""
+  """The longest files first (their measured seconds, ``tests/file_durations.py``), each file's own
+  order kept: pytest-xdist hands out whole files (``--dist loadfile``) in this order, so the long
+  files start early and the short ones fill the end, rather than one worker finishing a long file
+  alone."""
+  from tests import file_durations
+
   del config
-  slow = {}
-  for item in items:
-    slow.setdefault(item.path, 0)
-    slow[item.path] += item.get_closest_marker("slow") is not None
-  items.sort(key=lambda item: -slow[item.path])  # stable
+  seconds = file_durations.load()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def file_seconds(item):
+    rel = os.path.relpath(str(item.path), root).replace(os.sep, "/")
+    return seconds.get(rel, file_durations.UNKNOWN_S)
+
+  items.sort(key=lambda item: -file_seconds(item))  # stable
