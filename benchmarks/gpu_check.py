@@ -137,7 +137,7 @@ def _args() -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", required=True, help="Folder for gpu_check.json / .log.")
   ap.add_argument("--mode", choices=("gpu", "cpu"), default="gpu")
-  ap.add_argument("--budget_s", type=float, default=0, help="Overall budget (0: 440 gpu, 300 cpu).")
+  ap.add_argument("--budget_s", type=float, default=0, help="Overall budget (0: 440 gpu, 480 cpu).")
   ap.add_argument("--peak_tflops", type=float, default=0, help="Override the card's bf16 peak.")
   ap.add_argument(
     "--precompile_jobs",
@@ -205,7 +205,9 @@ def main() -> int:
   a = _args()
   gpu = a.mode == "gpu"
   os.makedirs(a.out, exist_ok=True)
-  check = Check(a.out, a.mode, a.budget_s or (440 if gpu else 300))
+  # CPU mode is a test of this script: 128 s in the test suite on 2 cores, but 300 s next to a
+  # training run, where the 300 s budget it had cut its last part off; the test allows 600 s.
+  check = Check(a.out, a.mode, a.budget_s or (440 if gpu else 480))
   budgets = BUDGETS_GPU if gpu else BUDGETS_CPU
   parts = set(a.parts.split(","))
   s = check.summary

@@ -16,7 +16,7 @@
 # Options go to the driver: --peak_tflops=N (else from nvidia-smi's name: H100 / H200 989),
 # --budget_s=440 (every part's timeout is cut to what is left of it), --parts=hybrid,shapes,...
 #
-# CPU mode, every part at tiny sizes in about a minute (what tests/common/test_gpu_check.py runs):
+# CPU mode, every part at tiny sizes in 2-5 minutes on 2 cores (what tests/common/test_gpu_check.py runs):
 #   bash benchmarks/gpu_check.sh --cpu          (or GPU_CHECK_CPU=1; OUT defaults to a temp dir)
 # PYTHON picks the interpreter (default python3, the one that holds PyTorch on the device).
 set -uo pipefail
