@@ -114,8 +114,8 @@ def compare(base_dir: str, arm_dirs: list[str], cut_point: int) -> dict[str, Any
   return {"base": base_dir, "cut_point": cut_point, "rows": rows}
 
 
-def _pm(d: dict[str, float]) -> str:
-  return f"{d['mean']:.2f} ± {d['std']:.2f}"
+def _pm(d: dict[str, float], digits: int = 2) -> str:
+  return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -135,7 +135,10 @@ def markdown(result: dict[str, Any]) -> str:
         if "seed_wins" in m
         else "- (higher: less disclosed)"
       )
-      lines.append(f"| {label} | {_pm(m['arm'])} | {_pm(m['base'])} | {_pm(m['delta'])} | {wins} |")
+      d = 3 if label == "label accuracy" else 2
+      lines.append(
+        f"| {label} | {_pm(m['arm'], d)} | {_pm(m['base'], d)} | {_pm(m['delta'], d)} | {wins} |"
+      )
     lines.append("")
   return "\n".join(lines)
 
