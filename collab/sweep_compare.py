@@ -18,12 +18,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import sys
 from typing import Any
 
 import numpy as np
 
+from collab import sweep_report
 from common import fileio
 from common.metrics import stats
 
@@ -48,32 +48,18 @@ def load_grid(sweep_dir: str, cut_point: int) -> dict[int, list[dict[str, Any]]]
   for path in sorted(
     glob.glob(os.path.join(sweep_dir, "seed*", f"cut{cut_point}", "sweep_eval.json"))
   ):
-    seed = int(re.search(r"seed(\d+)", os.path.relpath(path, sweep_dir)).group(1))
     with open(path) as f:
-      grid[seed] = sorted(json.load(f)["clients"], key=lambda c: c["client"])
+      record = json.load(f)
+    grid[int(record["seed"])] = sorted(record["clients"], key=lambda c: c["client"])
   if not grid:
     raise FileNotFoundError(f"{sweep_dir}: no seed*/cut{cut_point}/sweep_eval.json")
   return grid
 
 
-def _at(entry: dict[str, Any], path: tuple[str, ...]):
-  for key in path:
-    if not isinstance(entry, dict) or key not in entry:
-      return None
-    entry = entry[key]
-  return entry
-
-
 def _values(grid, seeds, path) -> np.ndarray:
   """[seeds, clients] of one metric, NaN where missing."""
   num_clients = max(len(grid[s]) for s in seeds)
-  out = np.full((len(seeds), num_clients), np.nan)
-  for i, s in enumerate(seeds):
-    for c in grid[s]:
-      v = _at(c, path)
-      if v is not None:
-        out[i, c["client"]] = v
-  return out
+  return sweep_report.client_values([grid[s] for s in seeds], num_clients, path)
 
 
 def compare(base_dir: str, arm_dirs: list[str], cut_point: int) -> dict[str, Any]:

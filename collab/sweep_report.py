@@ -23,6 +23,20 @@ def _get(entry, path):
   return entry
 
 
+def client_values(
+  clients_per_seed: list[list[dict[str, Any]] | None], num_clients: int, path: tuple[str, ...]
+) -> np.ndarray:
+  """[seeds, clients] of one metric from each seed's client entries (``sweep_eval.json``'s
+  ``clients``; None for a missing run), NaN where missing."""
+  out = np.full((len(clients_per_seed), num_clients), np.nan)
+  for i, clients in enumerate(clients_per_seed):
+    for c in clients or ():
+      v = _get(c, path)
+      if v is not None:
+        out[i, c["client"]] = v
+  return out
+
+
 def summarize(
   results: dict[str, dict[str, Any]], cuts: list[int], num_timesteps: int, ref_cut: int
 ):
@@ -32,16 +46,8 @@ def summarize(
 
   def client_curve(arm, path):
     """[seeds, clients] of one metric (NaN where missing)."""
-    out = np.full((len(seeds), num_clients), np.nan)
-    for i, s in enumerate(seeds):
-      r = results.get(f"seed{s}/{arm}")
-      if r is None:
-        continue
-      for c in r["clients"]:
-        v = _get(c, path)
-        if v is not None:
-          out[i, c["client"]] = v
-    return out
+    runs = [results.get(f"seed{s}/{arm}") for s in seeds]
+    return client_values([r and r["clients"] for r in runs], num_clients, path)
 
   metrics = ("fid", "kid_mean", "label_accuracy")
   table: dict[str, Any] = {"cuts": {}, "centralized": {}}
