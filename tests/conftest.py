@@ -51,3 +51,23 @@ def pytest_collection_modifyitems(config, items):
     return seconds.get(rel, file_durations.UNKNOWN_S)
 
   items.sort(key=lambda item: -file_seconds(item))  # stable
+
+
+# Per-test compile figures when asked (``tests/compile_profile.py``): where the suite's time goes.
+if os.environ.get("SEGDIFF_TEST_COMPILE_PROFILE"):
+  import pytest
+
+  _RECORDER = None
+
+  @pytest.hookimpl(hookwrapper=True)
+  def pytest_runtest_protocol(item, nextitem):
+    """Sums each test's compile events (``tests.compile_profile.Recorder``)."""
+    from tests import compile_profile
+
+    del nextitem
+    global _RECORDER
+    if _RECORDER is None:
+      _RECORDER = compile_profile.Recorder(os.environ[compile_profile.ENV])
+    state = _RECORDER.start(item.nodeid)
+    yield
+    _RECORDER.end(item.nodeid, *state)

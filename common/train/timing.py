@@ -5,7 +5,8 @@ sums JAX's own compile-time events and writes them there as JSON when it exits:
 ``{"wall_s", "trace_s", "lower_s", "compile_s", "programs", "cache_hits"}``; ``compile_s`` is XLA's
 backend compile (or reading it from the persistent cache), ``programs`` the compile requests,
 ``cache_hits`` how many of them the persistent cache served. ``wall_s`` counts from
-``record_to`` (after the imports).
+``record_to`` (after the imports). A ``{pid}`` in the path is replaced by the process id, so
+that processes sharing the variable write one file each (``tests/compile_profile.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ _COUNTS = {
 }
 
 
-class _Totals:
+class Totals:
+  """JAX's compile events summed (listeners for ``jax.monitoring``), thread-safe."""
+
   def __init__(self):
     self.lock = threading.Lock()  # compiles may run on several threads
     self.start = time.perf_counter()
@@ -55,12 +58,14 @@ class _Totals:
 
 
 def record_to(path: str) -> None:
-  """Sums JAX's compile events from now on and writes the totals to ``path`` at exit."""
+  """Sums JAX's compile events from now on and writes the totals to ``path`` (``{pid}``: this
+  process's id) at exit."""
   import jax
 
   from common import fileio
 
-  totals = _Totals()
+  path = path.replace("{pid}", str(os.getpid()))  # one file per process when several share it
+  totals = Totals()
   jax.monitoring.register_event_duration_secs_listener(totals.on_duration)
   jax.monitoring.register_event_listener(totals.on_event)
 

@@ -25,14 +25,15 @@ REQUIRED_FIELDS = (
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A digits DDPM trained 150 steps and the same model after 1 step."""
+  """A digits DDPM trained 150 steps and the same model after 1 step. Batch 32: FID 180 against
+  the untrained model's 629 (batch 64 gave 183, in twice the training time)."""
   root = tmp_path_factory.mktemp("runs")
   out = {}
   for name, steps in (("trained", 150), ("untrained", 1)):
     config = tiny_config(**{
       "mesh.data": 1, "total_steps": steps, "ckpt_every_steps": 1000, "log_every_steps": 100,
       "optimizer.learning_rate": 2e-3, "ema_decay": 0.99, "diffusion.num_timesteps": 200,
-      "model.channels": (32, 64), "batch_size": 64,
+      "model.channels": (32, 64), "batch_size": 32,
     })  # fmt: skip
     out[name] = str(root / name)
     loop.train(config, out[name], devices=jax.devices()[:1])
