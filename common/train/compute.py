@@ -53,9 +53,8 @@ VERSION = 1
 _NOT_RUNS = ("checkpoints", "tensorboard", "samples", "logs")
 
 
-def _flops(analysis: Any) -> float | None:
-  """A cost analysis's FLOPs (``flops.analysis_flops``), None unless a finite positive count."""
-  total = flops_lib.analysis_flops(analysis)
+def _positive(total: float | None) -> float | None:
+  """A FLOP count if finite and positive, else None."""
   return total if total is not None and math.isfinite(total) and total > 0 else None
 
 
@@ -65,9 +64,10 @@ def measure_step(
   """The segment record of a jitted train step, measured by XLA on ``(state, batch)``.
 
   Call it after the step ran once on arguments of the same shapes and shardings: the lowering
-  then comes from JAX's in-memory cache and reading the analysis costs milliseconds (a counting
-  step is traced once more: about a second). A failure to measure is logged and recorded as
-  ``step_flops: null``.
+  then comes from JAX's in-memory cache (a counting step is traced once more: about a second).
+  XLA's analysis of it (a second or more for a large step) is remembered next to the persistent
+  compile cache (``flops.lowered_flops``), so a resume or a campaign's next seed reads it back.
+  A failure to measure is logged and recorded as ``step_flops: null``.
 
   Args:
     step_fn: the ``jax.jit``-ed ``(TrainState, batch) -> (TrainState, metrics)``.
@@ -87,7 +87,7 @@ def measure_step(
   }
   try:
     counted, source = (step_fn, "lowered") if counting_fn is None else (counting_fn, "unrolled")
-    whole = _flops(counted.lower(state, batch).cost_analysis())
+    whole = _positive(flops_lib.lowered_flops(counted.lower(state, batch)))
     if whole is not None:
       record.update(step_flops=whole, step_flops_per_device=whole / devices, flops_from=source)
   except Exception as e:  # noqa: BLE001 -- a missing figure must not stop a training run

@@ -244,6 +244,43 @@ def test_count_flops_scales_with_batch():
   np.testing.assert_allclose(c2, 2 * c1, rtol=1e-6)
 
 
+def test_flop_counts_are_remembered_by_program(tmp_path, monkeypatch):
+  """A program counted once is read back (not compiled nor analysed again); another program, or
+  the lowered (unoptimised) count of the same one, gets its own entry."""
+  memo = str(tmp_path / flops.MEMO_SUBDIR)
+  monkeypatch.setattr(flops, "memo_dir", lambda: memo)
+  a, b = jnp.ones((8, 4)), jnp.ones((4, 2))
+  assert flops.count_flops(jnp.matmul, a, b) == 2 * 8 * 4 * 2
+  lowered = jax.jit(jnp.matmul).lower(a, b)
+  assert flops.lowered_flops(lowered) == 2 * 8 * 4 * 2
+  assert len(os.listdir(memo)) == 2
+
+  def refuse(*_, **__):
+    raise AssertionError("counted again")
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", refuse)
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", refuse)
+  assert flops.count_flops(jnp.matmul, a, b) == 2 * 8 * 4 * 2
+  assert flops.lowered_flops(jax.jit(jnp.matmul).lower(a, b)) == 2 * 8 * 4 * 2
+  with pytest.raises(AssertionError, match="counted again"):
+    flops.count_flops(jnp.matmul, a, jnp.ones((4, 3)))
+  # Without a cache directory nothing is remembered.
+  monkeypatch.setattr(flops, "memo_dir", lambda: None)
+  with pytest.raises(AssertionError, match="counted again"):
+    flops.count_flops(jnp.matmul, a, b)
+
+
+def test_flop_memo_lives_in_the_local_compile_cache():
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", "/some/cache")
+    assert flops.memo_dir() == os.path.join("/some/cache", flops.MEMO_SUBDIR)
+    jax.config.update("jax_compilation_cache_dir", "gs://bucket/cache")
+    assert flops.memo_dir() is None
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_count_params_and_latency():
   tree = {
     "dense": {"kernel": jnp.zeros((3, 4)), "bias": np.zeros(4)},
