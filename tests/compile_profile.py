@@ -21,6 +21,8 @@ import os
 import sys
 import time
 
+from common.train import timing
+
 ENV = "SEGDIFF_TEST_COMPILE_PROFILE"
 _MAKING = ("trace_s", "lower_s", "compile_s")
 
@@ -34,23 +36,17 @@ class Recorder:
   """Per-test deltas of the worker's compile totals, and the timing file its launches inherit."""
 
   def __init__(self, directory: str):
-    import jax
-
-    from common.train import timing
-
     self.dir = directory
     os.makedirs(directory, exist_ok=True)
-    self.totals = timing.Totals()
-    jax.monitoring.register_event_duration_secs_listener(self.totals.on_duration)
-    jax.monitoring.register_event_listener(self.totals.on_event)
+    self.totals = timing.Totals().listen()
 
   def start(self, nodeid: str) -> tuple:
     key = test_key(nodeid)
-    os.environ["SEGDIFF_TIMING_FILE"] = os.path.join(self.dir, f"sub-{key}-{{pid}}.json")
+    os.environ[timing.ENV] = os.path.join(self.dir, f"sub-{key}-{{pid}}.json")
     return self.totals.summary(), key, time.perf_counter()
 
   def end(self, nodeid: str, before: dict, key: str, start: float) -> None:
-    os.environ.pop("SEGDIFF_TIMING_FILE", None)
+    os.environ.pop(timing.ENV, None)
     after = self.totals.summary()
     row = {"test": nodeid, "key": key, "wall_s": round(time.perf_counter() - start, 2)}
     for k in (*_MAKING, "programs", "cache_hits"):

@@ -22,6 +22,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from common import fileio
+
 MEMO_SUBDIR = "segdiff_flops"
 
 
@@ -104,8 +106,6 @@ def _remembered(lowered: Any, kind: str, count: Callable[[], float | None]) -> f
   except (OSError, ValueError, KeyError, TypeError):
     pass
   flops = count()
-  from common import fileio
-
   try:
     os.makedirs(directory, exist_ok=True)
     fileio.write_json(path, {"flops": flops})

@@ -38,6 +38,14 @@ class Totals:
     self.start = time.perf_counter()
     self.values = dict.fromkeys([*_DURATIONS.values(), *_COUNTS.values()], 0.0)
 
+  def listen(self) -> Totals:
+    """Registers with ``jax.monitoring``: every compile event from now on is summed here."""
+    import jax
+
+    jax.monitoring.register_event_duration_secs_listener(self.on_duration)
+    jax.monitoring.register_event_listener(self.on_event)
+    return self
+
   def on_duration(self, event: str, seconds: float, **_) -> None:
     if event in _DURATIONS:
       with self.lock:
@@ -65,9 +73,7 @@ def record_to(path: str) -> None:
   from common import fileio
 
   path = path.replace("{pid}", str(os.getpid()))  # one file per process when several share it
-  totals = Totals()
-  jax.monitoring.register_event_duration_secs_listener(totals.on_duration)
-  jax.monitoring.register_event_listener(totals.on_event)
+  totals = Totals().listen()
 
   def write():
     if jax.process_index() == 0:
