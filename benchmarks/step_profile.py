@@ -44,9 +44,12 @@ _CONTAINERS = ("while", "call", "conditional")
 
 
 def op_kind(name: str) -> str:
-  """What a thunk's op is, from its event name: ``convolution.12`` -> ``convolution``,
-  ``transpose_copy_fusion.3`` -> ``layout fusion``, ``multiply_add_fusion.5`` -> ``fusion``."""
+  """What a thunk's op is, from its event name: ``convolution.12`` (or, named after JAX's
+  primitive, ``conv_general_dilated.12``) -> ``convolution``, ``transpose_copy_fusion.3`` ->
+  ``layout fusion``, ``multiply_add_fusion.5`` -> ``fusion``."""
   base = re.sub(r"\.\d+$", "", name)
+  if base == "conv_general_dilated":
+    return "convolution"
   if "ynn" in base:
     return "ynn fusion"
   if base.endswith("fusion"):

@@ -79,7 +79,8 @@ def exit_if_renamed(argv: list[str]) -> None:
 
 
 OFFSETS = ("none", "code")
-CLIENT_LOOPS = ("vmap", "unroll")
+# common.train.parties.PARTY_LOOPS (tested equal), named here so that reading a config needs no JAX.
+CLIENT_LOOPS = ("vmap", "scan", "unroll")
 PARTITIONS = ("iid", "by_class", "dirichlet", "by_attribute")
 CLIENT_MESH_AXES = ("", "data", "fsdp", "model")
 

@@ -2,9 +2,9 @@
 and one shared server, trained split at the cut level ``cut_point`` and sampled server-then-client.
 
 One training step follows the official code (spec §2.1): every client takes one Adam step on its
-own batch (all K at once, ``vmap``), computes its cut images from the same noise draw and
-``transmit``s them; the server then takes one Adam step per client message, in client order
-(``lax.scan``), so it gets K updates per step. Nothing flows back.
+own batch (all K at once: ``collab.client_loop``, ``common.train.parties``), computes its cut
+images from the same noise draw and ``transmit``s them; the server then takes one Adam step per
+client message, in client order (``lax.scan``), so it gets K updates per step. Nothing flows back.
 
 Sampling (the DDIM grid and its split, the server's half, the hand-off, the client's half,
 ``sample_diagnostics``) is the ``collab.handoff.HandoffSampling`` mixin; this module holds the data
@@ -26,6 +26,8 @@ from collab import client, fields, protocol, server
 from collab.handoff import HandoffSampling
 from common import data
 from common.metrics import flops as flops_lib
+from common.models import conv as conv_lib
+from common.train import parties
 from common.train import state as state_lib
 from common.train.method import DDPM, x0_clipping_description
 from common.train.validate import ConfigError
@@ -35,6 +37,7 @@ class CollaFuse(HandoffSampling, DDPM):
   """The CollaFuse method; ``params = {'server': tree, 'clients': tree with a leading K axis}``."""
 
   name = "collab"
+  layout_fields = ("collab.client_loop",)
   default_ref_split = "test"  # each client's held-out data is its test set
 
   def __init__(self, config, data_info):
@@ -44,8 +47,8 @@ class CollaFuse(HandoffSampling, DDPM):
     self.num_clients = int(config.collab.num_clients)
     self.cut_point = int(config.collab.cut_point)
     self.noising = config.collab.server_noising
-    # The K server updates as straight-line code even under the vmap client loop (counting FLOPs).
-    self.unroll_server_updates = False
+    # The clients' and the server's loops written out, in the step lowered to count FLOPs.
+    self.for_flops = False
     self._splits: dict[str, list[np.ndarray]] = {}
     try:
       train_parts = self.client_indices("train")
@@ -193,20 +196,16 @@ class CollaFuse(HandoffSampling, DDPM):
 
   def _clients_step(self, tx):
     """``(c_params, c_opt, x0, labels, rngs) -> (params, opt state, losses, x_cut, squared grad
-    norms)`` for any number of clients (the leading axis)."""
+    norms)`` for any number of clients (the leading axis), laid out by ``collab.client_loop``
+    (``common.train.parties``)."""
     grad_fn = jax.value_and_grad(self._client_objective, has_aux=True)
     client_loop = self.config.collab.client_loop
+    for_flops = self.for_flops
 
     def clients_step(c_params, c_opt, x0, labels, rngs):
-      if client_loop == "vmap":
-        (c_loss, x_cut), c_grads = jax.vmap(grad_fn)(c_params, x0, labels, rngs)
-      else:
-        # XLA:CPU runs the weight-gradient convs of a vmapped (grouped) or looped (while-body)
-        # client step ~40x slower than plain ones (6 s vs 0.15 s a step on digits), so on a CPU
-        # the K client steps are unrolled into straight-line code over the same stacked tree.
-        args = (c_params, x0, labels, rngs)
-        outs = [grad_fn(*jax.tree.map(lambda a, k=k: a[k], args)) for k in range(x0.shape[0])]
-        (c_loss, x_cut), c_grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      (c_loss, x_cut), c_grads = parties.map_parties(
+        grad_fn, (c_params, x0, labels, rngs), loop=client_loop, for_flops=for_flops
+      )
       updates, c_opt = jax.vmap(tx.update)(c_grads, c_opt, c_params)
       sumsq = sum(
         jnp.sum(jnp.square(g), axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(c_grads)
@@ -248,13 +247,19 @@ class CollaFuse(HandoffSampling, DDPM):
       u, o_s = tx.update(g, o_s, p_s)
       return (optax.apply_updates(p_s, u), o_s), (s_loss, optax.tree.norm(g))
 
+    def looped_update(carry, k):
+      with conv_lib.in_loop_body():  # the U-Net's gradients in XLA:CPU's loop-safe form
+        return server_update(carry, k)
+
     carry = (server_p, server_o)
-    if self.config.collab.client_loop == "vmap" and not self.unroll_server_updates:
+    # A loop whatever collab.client_loop says: the updates are sequential anyway, so the loop
+    # costs no step time, and the program holds the server's network once, not K times.
+    if not self.for_flops:
       (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
-        server_update, carry, jnp.arange(self.num_clients)
+        looped_update, carry, jnp.arange(self.num_clients)
       )
       return server_p, server_o, s_loss, s_gnorm
-    per_client = []  # unrolled for XLA:CPU, as the clients' steps
+    per_client = []  # written out, to count FLOPs
     for k in range(self.num_clients):
       carry, out = server_update(carry, k)
       per_client.append(out)
@@ -262,11 +267,10 @@ class CollaFuse(HandoffSampling, DDPM):
     return *carry, s_loss, s_gnorm
 
   def make_flops_counting_step(self, tx, lr_schedule, ema_decay):
-    """The train step with the K server updates unrolled, when the vmap client loop scans them."""
-    if self.config.collab.client_loop != "vmap":
-      return None
+    """The train step with the server's updates (and, unless ``client_loop=unroll`` writes them
+    out already, the clients' steps) written out: XLA counts a loop body once."""
     unrolled = copy.copy(self)
-    unrolled.unroll_server_updates = True
+    unrolled.for_flops = True
     return unrolled.make_train_step(tx, lr_schedule, ema_decay)
 
   def make_train_step(self, tx, lr_schedule, ema_decay):

@@ -48,9 +48,12 @@ def collab_fields() -> ml_collections.ConfigDict:
   c.classes_per_client = 2
   c.dirichlet_alpha = 0.5
   c.partition_attribute = ""  # by_attribute: an attribute name of the dataset (shapes: colour)
-  # vmap: all clients in one batched step (accelerators); unroll: the K client steps written out
-  # one after another in the same compiled step (CPU, where vmapped/looped weight-gradient convs
-  # are ~40x slower). Both train the same stacked parameter tree.
+  # How the K client steps are laid out in the compiled step (common.train.parties): vmap, all
+  # clients in one batched step (accelerators); scan, a loop over the clients that compiles one
+  # client's network (XLA:CPU, where vmapped weight-gradient convs are ~40x slower); unroll, the
+  # K steps written out (K networks to compile; the same sums as scan, rounded alike in the
+  # tests). All three train the same
+  # stacked parameter tree, and a resume may change it.
   c.client_loop = "vmap"
   # The mesh axis the client axis of the stacked client tree is split over (K divisible by its
   # size; otherwise, or with "", the FSDP rule): 100 clients on a slice is --config.mesh.data=N.
@@ -79,7 +82,7 @@ def _shared(c: ml_collections.ConfigDict) -> None:
 
 
 def _digits(c: ml_collections.ConfigDict) -> None:
-  c.collab.client_loop = "unroll"
+  c.collab.client_loop = "scan"
   c.data.name = "digits"
   c.data.resolution = 8
   # Six networks train at once (five clients and the server), so each is the small end of the

@@ -23,13 +23,14 @@ import numpy as np
 import optax
 
 from common import data
+from common.train import parties
 from common.train import state as state_lib
 from common.train.method import DDPM, timestep_spacing
 from common.train.validate import ConfigError
 from hybrid import data as hdata
 from hybrid import fields, models
 
-USER_LOOPS = ("vmap", "unroll")
+USER_LOOPS = parties.PARTY_LOOPS
 
 
 def validate(config, data_info) -> None:
@@ -55,6 +56,8 @@ class ClusterDDPM(DDPM):
   """Stage 1: the DDPM baseline trained on the generic data plus the union of the users' shots."""
 
   name = "hybrid_cluster"
+  # Stage 1 carries the run's hybrid.* fields; the users' loop does not touch it.
+  layout_fields = ("hybrid.user_loop",)
 
   def train_iterator(self, *, process_index: int, process_count: int):
     return data.make_train_iterator(
@@ -71,6 +74,7 @@ class Hybrid(DDPM):
   """Stage 2 and the finished run (see the module docstring)."""
 
   name = "hybrid"
+  layout_fields = ("hybrid.user_loop",)
 
   def __init__(self, config, data_info):
     config = fields.upgrade(config)  # a run saved before the cut point's rename reads the same
@@ -112,12 +116,19 @@ class Hybrid(DDPM):
     # and Adam's moments never mix users.
     return {"users": jax.vmap(tx.init)(params["users"])}
 
-  def make_train_step(self, tx, lr_schedule, ema_decay):
+  def make_flops_counting_step(self, tx, lr_schedule, ema_decay):
+    """The step with the users' loop written out (XLA counts a loop body once); None when no
+    loop is left in it."""
+    if self.config.hybrid.user_loop != "scan":
+      return None
+    return self.make_train_step(tx, lr_schedule, ema_decay, for_flops=True)
+
+  def make_train_step(self, tx, lr_schedule, ema_decay, *, for_flops: bool = False):
     u_count = self.num_users
     prior_w = float(self.config.hybrid.prior_weight)
     has_prior = self.has_prior
     user_loop = self.config.hybrid.user_loop
-    parties = u_count + int(has_prior)
+    party_count = u_count + int(has_prior)
 
     def user_objective(p, x_user, x_prior, rng):
       r_subject, r_prior = jax.random.split(rng)
@@ -132,22 +143,18 @@ class Hybrid(DDPM):
     def train_step(state, batch):
       rng = jax.random.fold_in(state.rng, state.step)
       x = batch["image"]
-      x = x.reshape(parties, x.shape[0] // parties, *x.shape[1:])
+      x = x.reshape(party_count, x.shape[0] // party_count, *x.shape[1:])
       x_users = x[:u_count]
       x_prior = x[u_count] if has_prior else x[0]
       rngs = jax.random.split(rng, u_count)
       users = state.params["users"]
-      if user_loop == "vmap":
-        (loss, (subject, prior)), grads = jax.vmap(grad_fn, in_axes=(0, 0, None, 0))(
-          users, x_users, x_prior, rngs
-        )
-      else:
-        # XLA:CPU: the U steps written out one after another (see collab's client_loop).
-        outs = [
-          grad_fn(jax.tree.map(lambda a, i=i: a[i], users), x_users[i], x_prior, rngs[i])
-          for i in range(u_count)
-        ]
-        (loss, (subject, prior)), grads = jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+      (loss, (subject, prior)), grads = parties.map_parties(
+        lambda p, x_u, r, x_p: grad_fn(p, x_u, x_p, r),
+        (users, x_users, rngs),
+        (x_prior,),
+        loop=user_loop,
+        for_flops=for_flops,
+      )
       updates, opt_users = jax.vmap(tx.update)(grads, state.opt_state["users"], users)
       new_users = optax.apply_updates(users, updates)
       sumsq = sum(

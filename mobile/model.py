@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.models import InitRngs, register
+from common.models import stacked as stacked_lib
 from common.models.registry import compute_dtype
 from common.models.unet import timestep_embedding
 from mobile.layers import (
@@ -117,26 +118,6 @@ class CoreBlock(nnx.Module):
     x = x + mod[:, None, None, :]
     x = x + self._attend(layer_norm(x).astype(self.dtype))
     return x + self._ffn(layer_norm(x).astype(self.dtype))
-
-
-def _select_by_product() -> bool:
-  """Whether a scan picks each block's weights by a one-hot product (XLA:CPU) or by the scan's
-  own slice (accelerators).
-
-  Why: XLA:CPU fuses the scan's dynamic slice of a stacked weight into each elementwise consumer
-  and recomputes the indexing per element: the FFN's depthwise-conv backward, fused with GELU's,
-  took 0.88 ms a block inside the scan against 0.11 ms in a lone block, and Config I's forward +
-  backward (digits, batch 32) 51 ms against 31 ms with the weights picked by a product, which XLA
-  never fuses into an elementwise loop. The product is exact (w * 1 + 0 * the other blocks' finite
-  weights); its cost, N^2 times a block's weights a step, is nil at these sizes but not a
-  saving on a GPU or TPU, where a fused slice costs nothing.
-  """
-  return jax.default_backend() == "cpu"
-
-
-def _pick(stacked, onehot: jax.Array):
-  """Block i's weights ``[...]`` from the stacked ``[N, ...]``, with ``onehot`` row i of I_N."""
-  return jax.tree.map(lambda a: jnp.tensordot(onehot.astype(a.dtype), a, axes=1), stacked)
 
 
 def _stacked(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -244,9 +225,11 @@ class TFDiff(nnx.Module):
         return h
       if shared:
         h, _ = jax.lax.scan(lambda x, _: (apply_block(x, state), None), h, None, length=n)
-      elif _select_by_product():
+      elif stacked_lib.select_by_product():
         picks = jnp.eye(n, dtype=jnp.float32)
-        h, _ = jax.lax.scan(lambda x, oh: (apply_block(x, _pick(state, oh)), None), h, picks)
+        h, _ = jax.lax.scan(
+          lambda x, oh: (apply_block(x, stacked_lib.pick(state, oh)), None), h, picks
+        )
       else:
         h, _ = jax.lax.scan(lambda x, st: (apply_block(x, st), None), h, state)
       return h

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from common.models import conv as conv_lib
 from common.models import unet_args
 from common.models.norm_act import group_norm_act
 
@@ -84,6 +85,9 @@ def _group_norm(width: int, param_dtype, rngs: nnx.Rngs, group_size: int = 0) ->
 def _conv(in_ch, out_ch, k, *, dtype, param_dtype, rngs, stride=1, zero=False) -> nnx.Conv:
   # Explicit symmetric padding (not 'SAME'): for a stride-2 conv 'SAME' pads only on the
   # high side, which would shift the sampling grid relative to IDDPM's padding=1.
+  # On XLA:CPU through conv_lib: lax's convolution, with gradients that stay on XLA:CPU's fast
+  # kernels when traced inside a loop body (its docstring).
+  conv_fn = conv_lib.conv_general_dilated if conv_lib.use_canonical_gradients() else None
   return nnx.Conv(
     in_ch,
     out_ch,
@@ -94,6 +98,7 @@ def _conv(in_ch, out_ch, k, *, dtype, param_dtype, rngs, stride=1, zero=False) -
     param_dtype=param_dtype,
     kernel_init=_zeros if zero else _torch_kernel_init,
     rngs=rngs,
+    **({} if conv_fn is None else {"conv_general_dilated": conv_fn}),
   )
 
 

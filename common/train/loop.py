@@ -268,8 +268,8 @@ def train(
   """Trains (or resumes) the run in ``workdir`` to ``config.total_steps``; returns the state.
 
   A resume refuses a config that differs from the saved one (``drift``) except in the fields
-  ``drift.RESUMABLE``, ``resumable`` (patterns this caller knows do not affect this run) and
-  ``--allow_config_change`` name.
+  ``drift.RESUMABLE``, ``resumable`` (patterns this caller knows do not affect this run), the
+  method's ``layout_fields`` and ``--allow_config_change`` name.
   """
   # --- Validate and set up: nothing is written before this succeeds. ------------------------
   mesh, default_method = setup(config, devices=devices)
@@ -296,6 +296,7 @@ def train(
   # --- Checkpoint: resume from the newest intact one if the workdir has any. -----------------
   ckpt_dir = os.path.join(workdir, "checkpoints")
   resuming = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+  resumable = tuple(resumable) + tuple(method.layout_fields)
   config_changes = drift.check_resume(workdir, config, resumable) if resuming else {}
   os.makedirs(workdir, exist_ok=True)
   config_json = config.to_json_best_effort(sort_keys=True, indent=2)

@@ -144,6 +144,9 @@ class Method:
   # The mesh the train step runs on, bound by ``loop.build`` before ``make_train_step`` (a
   # method that lays out its own axes, like collab's clients under shard_map, reads it).
   mesh = None
+  # Config fields that choose how the compiled step is laid out, not what it computes (collab's
+  # ``collab.client_loop``): a resume may change them, as it may change the mesh.
+  layout_fields: tuple[str, ...] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, data_info: Any):
     self.config = config
@@ -206,8 +209,8 @@ class Method:
     """The train step with its loops unrolled, only lowered, to count its FLOPs; or None.
 
     XLA's cost analysis counts a loop's body once, whatever its trip count: a step that scans
-    over its N blocks (mobile's TFDiff) or over its K server updates (collab's ``vmap`` client
-    loop) would be counted as one block or one update (TFDiff Config I's step read 6.6e6 FLOPs an
+    over its N blocks (mobile's TFDiff) or over its parties (collab's clients and server updates,
+    hybrid's users: ``common.train.parties``) would be counted as one block or one update (TFDiff Config I's step read 6.6e6 FLOPs an
     image, under one forward call's 1.1e7). A method with such a loop returns the same arithmetic
     with the loop unrolled (``common.train.compute.measure_step`` counts its lowered program);
     None, the default: the step has no loop and its own lowered program is counted.

@@ -149,13 +149,20 @@ def test_stacked_client_step_equals_separate_steps():
     lambda a: jnp.asarray(rng.normal(0, 0.2, a.shape), jnp.float32), state.params
   )
   state = state.replace(params=params, ema_params=params, opt_state=m.init_opt_state(tx, params))
-  unrolled, _ = jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
+  assert config.collab.client_loop == "scan"  # the digits preset's, on a CPU
+  scanned, _ = jax.jit(m.make_train_step(tx, lr, 0.99))(state, batch)
   mv = collab_method.CollaFuse(tiny(**{"collab.client_loop": "vmap"}), m.data_info)
   vmapped, _ = jax.jit(mv.make_train_step(tx, lr, 0.99))(state, batch)
   change = lambda new: jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), new, params)
-  d_unrolled, d_vmapped = change(unrolled.params), change(vmapped.params)
-  for a, b in zip(jax.tree.leaves(d_unrolled), jax.tree.leaves(d_vmapped), strict=True):
+  d_scanned, d_vmapped = change(scanned.params), change(vmapped.params)
+  for a, b in zip(jax.tree.leaves(d_scanned), jax.tree.leaves(d_vmapped), strict=True):
     np.testing.assert_allclose(a, b, rtol=0, atol=_leaf_tolerance(a))
+  # The loop over the clients (and the server's updates) is the written-out step bit for bit:
+  # the same sums in the same order (common.models.conv, common.models.stacked).
+  mu = collab_method.CollaFuse(tiny(**{"collab.client_loop": "unroll"}), m.data_info)
+  unrolled, _ = jax.jit(mu.make_train_step(tx, lr, 0.99))(state, batch)
+  for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Client 1 on its own: the same objective's gradient outside the stacked tree.
   rng_c = jax.random.split(jax.random.fold_in(state.rng, state.step))[0]
   rng_1 = jax.random.split(rng_c, config.collab.num_clients)[1]
@@ -174,9 +181,9 @@ def test_stacked_client_step_equals_separate_steps():
     )[0]
 
   alone = jax.tree.leaves(jax.jit(jax.grad(objective))(p1))
-  stacked_1 = [-a[1] for a in jax.tree.leaves(d_unrolled["clients"])]
+  stacked_1 = [-a[1] for a in jax.tree.leaves(d_scanned["clients"])]
   # The comparison has teeth: client 1's gradient is far from client 0's (another batch part).
-  other = [-a[0] for a in jax.tree.leaves(d_unrolled["clients"])]
+  other = [-a[0] for a in jax.tree.leaves(d_scanned["clients"])]
   assert max(float(np.max(np.abs(a - o))) for a, o in zip(stacked_1, other, strict=True)) > 1e-2
   for g, s in zip(alone, stacked_1, strict=True):
     np.testing.assert_allclose(s, np.asarray(g), rtol=0, atol=_leaf_tolerance(np.asarray(g)))
@@ -321,22 +328,21 @@ def test_ratio_handoff_with_the_optimal_server_samples_the_cut_marginal(chain):
     assert float(x_cut.var()) < float(1 - abar[cut_point]) - 0.1
 
 
-def test_train_flops_count_every_server_update_of_the_vmap_loop():
-  # The vmap client loop scans the K server updates: XLA counts the scan's body once, so the
-  # step's own analysis misses K - 1 of them; the counting step unrolls them and matches the
-  # unrolled client loop's step.
+def test_train_flops_count_every_client_and_server_update_of_the_loops():
+  # The K server updates are a loop under every client loop, and so are the clients' steps
+  # under vmap and scan: XLA counts a loop's body once, so the step's own analysis misses K - 1
+  # of them; the counting step writes them out, and every loop counts the same arithmetic.
   from common.metrics import flops as flops_lib
 
   def lowered_flops(fn, state, batch):
     return flops_lib.analysis_flops(jax.jit(fn).lower(state, batch).cost_analysis())
 
   counted = {}
-  for client_loop in ("vmap", "unroll"):
+  for client_loop in ("vmap", "scan", "unroll"):
     m, tx, lr, state, batch = build(tiny(**{"collab.client_loop": client_loop}))
-    counting = m.make_flops_counting_step(tx, lr, 0.999)
-    assert (counting is None) == (client_loop == "unroll")
     own = lowered_flops(m.make_train_step(tx, lr, 0.999), state, batch)
-    counted[client_loop] = own if counting is None else lowered_flops(counting, state, batch)
-    if counting is not None:
-      assert own < 0.9 * counted[client_loop]
+    counted[client_loop] = lowered_flops(m.make_flops_counting_step(tx, lr, 0.999), state, batch)
+    assert own < 0.9 * counted[client_loop]
   assert counted["vmap"] == pytest.approx(counted["unroll"], rel=1e-3)
+  # (The written-out scan adds its indices' arithmetic: 512 of 7.2e8 here.)
+  assert counted["scan"] == pytest.approx(counted["unroll"], rel=1e-5)

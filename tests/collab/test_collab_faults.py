@@ -25,7 +25,7 @@ MALFORMED = [
   ({"collab.server_noising": "half"}, "collab.server_noising"),
   ({"collab.server_sampling_chain": "local"}, "collab.server_sampling_chain"),
   ({"collab.client_start_offset": "paper"}, "collab.client_start_offset"),
-  ({"collab.client_loop": "scan"}, "collab.client_loop"),
+  ({"collab.client_loop": "loop"}, "collab.client_loop"),
   ({"collab.partition": "random"}, "collab.partition"),
   ({"collab.classes_per_client": 0}, "collab.classes_per_client"),
   ({"collab.partition": "dirichlet", "collab.dirichlet_alpha": 0.0}, "collab.dirichlet_alpha"),

@@ -11,7 +11,8 @@ from benchmarks import step_profile  # noqa: E402
 def test_ops_are_named_and_grouped_and_runtime_events_left_out():
   trace = {
     "traceEvents": [
-      {"ph": "X", "name": "convolution.12", "dur": 400.0},
+      {"ph": "X", "name": "convolution.12", "dur": 340.0},
+      {"ph": "X", "name": "conv_general_dilated.3", "dur": 60.0},
       {"ph": "X", "name": "transpose_copy_fusion.3", "dur": 100.0},
       {"ph": "X", "name": "multiply_add_fusion", "dur": 50.0},
       {"ph": "X", "name": "wrapped_reduce-window", "dur": 40.0},
@@ -23,6 +24,7 @@ def test_ops_are_named_and_grouped_and_runtime_events_left_out():
   }
   events = step_profile.op_events(trace)
   assert sorted(n for n, _ in events) == [
+    "conv_general_dilated.3",
     "convolution.12",
     "multiply_add_fusion",
     "transpose_copy_fusion.3",

@@ -162,7 +162,7 @@ def test_users_hold_few_shots_of_their_class_and_the_cluster_sees_their_union():
     ({"hybrid.user_classes": (0,)}, "hybrid.user_classes"),
     ({"hybrid.user_classes": (0, 0)}, "hybrid.user_classes"),
     ({"hybrid.generic": "some"}, "hybrid.generic"),
-    ({"hybrid.user_loop": "scan"}, "hybrid.user_loop"),
+    ({"hybrid.user_loop": "loop"}, "hybrid.user_loop"),
     ({"hybrid.eval_cut_point": 99}, "hybrid.eval_cut_point"),
     ({"model.class_conditional": True}, "model.class_conditional"),
     ({"hybrid.personal_steps": 0}, "hybrid.personal_steps"),
@@ -305,10 +305,11 @@ def test_eval_hooks_group_by_user(trained):
   assert np.all(ref_labels[method.eval_group_reference(1, ref_labels, "train")] == 1)
 
 
-def test_train_step_adds_the_prior_term_and_leaves_the_cluster_network_alone():
+def _step_inputs(**overrides):
+  """A tiny Hybrid with random weights: (method, tx, lr, its step-0 state, a real batch)."""
   from common.train.state import TrainState
 
-  config = _tiny(**{"hybrid.prior_weight": 0.5})
+  config = _tiny(**overrides)
   method = hmethod.Hybrid(config, data.get_info(config.data))
   params = random_params(method, 4)
   tx, lr = method.make_optimizer()
@@ -320,6 +321,12 @@ def test_train_step_adds_the_prior_term_and_leaves_the_cluster_network_alone():
     rng=jax.random.PRNGKey(0),
   )
   batch = next(method.train_iterator(process_index=0, process_count=1))
+  return method, tx, lr, state, batch
+
+
+def test_train_step_adds_the_prior_term_and_leaves_the_cluster_network_alone():
+  method, tx, lr, state, batch = _step_inputs(**{"hybrid.prior_weight": 0.5})
+  params = state.params
   new, metrics = jax.jit(method.make_train_step(tx, lr, 0.9))(state, batch)
   assert float(metrics["prior_loss"]) > 0
   np.testing.assert_allclose(
@@ -331,6 +338,27 @@ def test_train_step_adds_the_prior_term_and_leaves_the_cluster_network_alone():
   jax.tree.map(np.testing.assert_array_equal, new.ema_params["cluster"], params["cluster"])
   moved = jax.tree.map(lambda a, b: np.abs(a - b).max(), new.params["users"], params["users"])
   assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_users_loop_is_the_written_out_step_bit_for_bit_and_counts_every_user():
+  # XLA:CPU's default, a loop over the users (one network compiled), against the U steps
+  # written out: the same sums in the same order (common.models.conv, common.models.stacked).
+  from common.metrics import flops as flops_lib
+
+  results, flops = {}, {}
+  for user_loop in ("scan", "unroll"):
+    overrides = {"hybrid.prior_weight": 0.5, "hybrid.user_loop": user_loop}
+    method, tx, lr, state, batch = _step_inputs(**overrides)
+    results[user_loop] = jax.jit(method.make_train_step(tx, lr, 0.9))(state, batch)
+    counting = method.make_flops_counting_step(tx, lr, 0.9)
+    assert (counting is None) == (user_loop == "unroll")
+    step = counting or method.make_train_step(tx, lr, 0.9)
+    flops[user_loop] = flops_lib.analysis_flops(jax.jit(step).lower(state, batch).cost_analysis())
+  for a, b in zip(
+    jax.tree.leaves(results["scan"]), jax.tree.leaves(results["unroll"]), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert flops["scan"] == pytest.approx(flops["unroll"], rel=1e-5)
 
 
 def _pre_chain_reference(m, params, x, k_start, k_end, keys):

@@ -14,8 +14,8 @@ from flax import nnx
 
 from common.metrics.flops import count_flops
 from common.models import count_params
+from common.models import stacked as stacked_lib
 from mobile import formulas
-from mobile import model as mobile_model
 from mobile.layers import depthwise3x3
 from mobile.model import TFDiff
 from mobile.spec import SpecError, TFDiffSpec
@@ -142,7 +142,7 @@ def test_a_scan_picking_weights_by_product_gives_the_sliced_scan_bit_for_bit(mon
 
   results, programs = {}, {}
   for by_product in (True, False):
-    monkeypatch.setattr(mobile_model, "_select_by_product", lambda b=by_product: b)
+    monkeypatch.setattr(stacked_lib, "select_by_product", lambda b=by_product: b)
 
     def loss(st):  # a new function each time: traced afresh, not read from jit's cache
       return jnp.mean(jnp.square(nnx.merge(graphdef, st)(x, t, y, layer_loop="scan")))
