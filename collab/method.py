@@ -251,20 +251,16 @@ class CollaFuse(HandoffSampling, DDPM):
       with conv_lib.in_loop_body():  # the U-Net's gradients in XLA:CPU's loop-safe form
         return server_update(carry, k)
 
-    carry = (server_p, server_o)
     # A loop whatever collab.client_loop says: the updates are sequential anyway, so the loop
-    # costs no step time, and the program holds the server's network once, not K times.
-    if not self.for_flops:
-      (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
-        looped_update, carry, jnp.arange(self.num_clients)
-      )
-      return server_p, server_o, s_loss, s_gnorm
-    per_client = []  # written out, to count FLOPs
-    for k in range(self.num_clients):
-      carry, out = server_update(carry, k)
-      per_client.append(out)
-    s_loss, s_gnorm = (jnp.stack(xs) for xs in zip(*per_client, strict=True))
-    return *carry, s_loss, s_gnorm
+    # costs no step time, and the program holds the server's network once, not K times. Written
+    # out (unroll) in the step lowered to count FLOPs, where XLA would count its body once.
+    (server_p, server_o), (s_loss, s_gnorm) = jax.lax.scan(
+      server_update if self.for_flops else looped_update,
+      (server_p, server_o),
+      jnp.arange(self.num_clients),
+      unroll=True if self.for_flops else 1,
+    )
+    return server_p, server_o, s_loss, s_gnorm
 
   def make_flops_counting_step(self, tx, lr_schedule, ema_decay):
     """The train step with the server's updates (and, unless ``client_loop=unroll`` writes them

@@ -52,8 +52,7 @@ def collab_fields() -> ml_collections.ConfigDict:
   # clients in one batched step (accelerators); scan, a loop over the clients that compiles one
   # client's network (XLA:CPU, where vmapped weight-gradient convs are ~40x slower); unroll, the
   # K steps written out (K networks to compile; the same sums as scan, rounded alike in the
-  # tests). All three train the same
-  # stacked parameter tree, and a resume may change it.
+  # tests). All three train the same stacked parameter tree, and a resume may change it.
   c.client_loop = "vmap"
   # The mesh axis the client axis of the stacked client tree is split over (K divisible by its
   # size; otherwise, or with "", the FSDP rule): 100 clients on a slice is --config.mesh.data=N.

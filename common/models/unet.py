@@ -87,7 +87,7 @@ def _conv(in_ch, out_ch, k, *, dtype, param_dtype, rngs, stride=1, zero=False) -
   # high side, which would shift the sampling grid relative to IDDPM's padding=1.
   # On XLA:CPU through conv_lib: lax's convolution, with gradients that stay on XLA:CPU's fast
   # kernels when traced inside a loop body (its docstring).
-  conv_fn = conv_lib.conv_general_dilated if conv_lib.use_canonical_gradients() else None
+  canonical = conv_lib.use_canonical_gradients()
   return nnx.Conv(
     in_ch,
     out_ch,
@@ -98,7 +98,9 @@ def _conv(in_ch, out_ch, k, *, dtype, param_dtype, rngs, stride=1, zero=False) -
     param_dtype=param_dtype,
     kernel_init=_zeros if zero else _torch_kernel_init,
     rngs=rngs,
-    **({} if conv_fn is None else {"conv_general_dilated": conv_fn}),
+    conv_general_dilated=conv_lib.conv_general_dilated
+    if canonical
+    else jax.lax.conv_general_dilated,
   )
 
 
