@@ -78,6 +78,16 @@ def test_digits_every_resolution(res):
     np.testing.assert_allclose(x[..., 0], raw / 8.0 - 1.0, atol=1e-6)
 
 
+def test_digits_read_without_sklearn_are_its_load_digits():
+  from sklearn.datasets import load_digits
+
+  images, labels = digits._raw()
+  ref = load_digits()
+  np.testing.assert_array_equal(images, ref.images.astype(np.float32))
+  np.testing.assert_array_equal(labels, ref.target)
+  assert images.dtype == np.float32 and labels.dtype == np.int32
+
+
 def test_digits_bad_resolution_names_field_value_and_allowed():
   with pytest.raises(ValueError, match=r"data\.resolution=12.*digits.*8, 16, 32"):
     data.get_info(dict(DIGITS16, resolution=12))
