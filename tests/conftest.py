@@ -26,6 +26,12 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# The binaries' garbage-collector thresholds (they set them in start_binary): the tests trace as
+# much as they do. Imports nothing of JAX.
+from common.train import cli as _cli  # noqa: E402
+
+_cli.collect_garbage_less_often()
+
 
 def pytest_configure(config):
   """pytest-xdist (3.x) re-sorts ``--dist loadfile``'s files by their number of tests unless told

@@ -1,11 +1,13 @@
-"""The binaries' persistent compile cache (``$SEGDIFF_COMPILE_CACHE``, set by the main job) and the
-timing record that counts its hits."""
+"""What a binary's start (``common.train.cli.start_binary``) sets up: the persistent compile cache
+(``$SEGDIFF_COMPILE_CACHE``, set by the main job), the timing record that counts its hits, and the
+garbage collector's thresholds."""
 
 import json
 import os
 import subprocess
 import sys
 
+from common.train import cli
 from tests.common.test_train import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -48,3 +50,21 @@ def test_a_second_launch_reads_its_program_from_the_shared_cache(tmp_path):
 def test_without_the_variable_nothing_is_cached(tmp_path):
   _, spent = _run(tmp_path, "plain", None)
   assert spent["programs"] >= 1 and spent["cache_hits"] == 0
+
+
+def test_a_binary_collects_garbage_less_often():
+  script = (
+    "import gc, json\n"
+    "from common.train import cli\n"
+    "before = gc.get_threshold()\n"
+    "cli.start_binary()\n"
+    "print(json.dumps([before, gc.get_threshold()]))\n"
+  )
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
+  out = subprocess.run(
+    [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  before, after = json.loads(out.stdout.strip().splitlines()[-1])
+  assert tuple(before) != cli.GC_THRESHOLDS  # CPython's default (700, 10, 10 on 3.11)
+  assert tuple(after) == cli.GC_THRESHOLDS
