@@ -4,6 +4,7 @@ as one line with exit code 2 and a non-finite loss with exit code 3."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from collections.abc import Callable
@@ -26,8 +27,6 @@ def collect_garbage_less_often() -> None:
   """Sets ``GC_THRESHOLDS`` (first and full passes rarer; reference counting still frees the
   objects that are not in cycles at once). The binaries call it in ``start_binary``, the tests in
   their conftest."""
-  import gc
-
   gc.set_threshold(*GC_THRESHOLDS)
 
 

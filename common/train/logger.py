@@ -6,6 +6,7 @@ import json
 import logging as py_logging
 import math
 import os
+import sys
 import time
 
 from absl import logging
@@ -36,8 +37,6 @@ def _summary_writer(directory: str):
   that never log) and without PyTorch: tensorboardX imports torch when it is installed, only to
   accept torch tensors, and that import cost 1.6-1.9 s of a launch on 2 cores; the loop logs floats.
   """
-  import sys
-
   hidden = "torch" not in sys.modules
   if hidden:
     sys.modules["torch"] = None  # makes ``import torch`` raise ImportError, which it catches

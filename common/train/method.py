@@ -211,9 +211,10 @@ class Method:
     XLA's cost analysis counts a loop's body once, whatever its trip count: a step that scans
     over its N blocks (mobile's TFDiff) or over its parties (collab's clients and server updates,
     hybrid's users: ``common.train.parties``) would be counted as one block or one update
-    (TFDiff Config I's step read 6.6e6 FLOPs an image, under one forward call's 1.1e7). A method with such a loop returns the same arithmetic
-    with the loop unrolled (``common.train.compute.measure_step`` counts its lowered program);
-    None, the default: the step has no loop and its own lowered program is counted.
+    (TFDiff Config I's step read 6.6e6 FLOPs an image, under one forward call's 1.1e7). A method
+    with such a loop returns the same arithmetic with the loop unrolled
+    (``common.train.compute.measure_step`` counts its lowered program); None, the default: the
+    step has no loop and its own lowered program is counted.
     """
     del tx, lr_schedule, ema_decay
     return None
