@@ -113,8 +113,11 @@ def start_state(config, method: Method, fns: dict, params) -> TrainState:
 # hybrid 17.7 -> 5.1 s, ddpm 6.2 -> 2.4 s) and, for a program that runs once, its slower code
 # costs milliseconds. -O1 keeps the floating-point results bit-identical (tested for every method
 # in tests/common/test_train.py); -O0 does not (it forms no fused multiply-adds: the embeddings'
-# normal draws move by one ulp).
-RUN_ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
+# normal draws move by one ulp). The fusion emitters are XLA's default; set here too because a
+# process that turns them off for its steps (the tests' flags, tests/conftest.py) would otherwise
+# compile the init without them: the same bits, 15-25% slower to compile (tiny collab init 7.6-9.6
+# against 6.9-7.2 s, ddpm 3.0-3.3 against 2.4-2.8 s, three alternating compiles each).
+RUN_ONCE_CPU_OPTIONS = {"xla_backend_optimization_level": 1, "xla_cpu_use_fusion_emitters": True}
 
 
 def run_once_options(mesh) -> dict | None:

@@ -1,6 +1,8 @@
 """The train state's first moments: the init compiled for one run (the same bits as XLA's
 production default) and the step-0 state of a run that starts from given weights."""
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -35,17 +37,21 @@ def test_init_compiled_for_one_run_gives_the_same_bits(method_name):
   production = {"xla_backend_optimization_level": 2, "xla_cpu_use_fusion_emitters": True}
   run_once = {**production, **loop.run_once_options(mesh)}
   assert run_once["xla_backend_optimization_level"] == 1
+  # This process's flags turn the fusion emitters off: the init must not inherit that.
+  assert "--xla_cpu_use_fusion_emitters=false" in os.environ["XLA_FLAGS"]
+  run_once_here = loop.run_once_options(mesh)
   tx, _ = method.make_optimizer()
   init_fn = loop.make_init_fn(method, tx, config.seed)
   shardings = fns["state_shardings"]
   states = [
     jax.jit(init_fn, out_shardings=shardings, compiler_options=options)()
-    for options in (production, run_once)
+    for options in (production, run_once, run_once_here)
   ]
   leaves = [jax.tree.leaves(s) for s in states]
-  assert len(leaves[0]) == len(leaves[1]) > 3
-  for a, b in zip(*leaves, strict=True):
+  assert len(leaves[0]) == len(leaves[1]) == len(leaves[2]) > 3
+  for a, b, c in zip(*leaves, strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
 @pytest.mark.parametrize("method_name", ["hybrid", "adaptive"])
