@@ -1,4 +1,5 @@
-"""adaptive.experiments on a tiny config: arm workdirs, the shared stage 1, resume, claims, errors."""
+"""adaptive.experiments on a tiny config: arm workdirs (E6 too), the shared stage 1, resume, claims,
+errors."""
 
 import json
 import os
@@ -6,10 +7,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptive import arms, claims, experiments, heldout, pruner_ablation, report, scoring
+from adaptive import arms, claims, experiments, heldout, pruner_ablation, report, scoring, supernet
+from adaptive import method as tdc_method
 from common import eval as eval_lib
 from common.train.validate import ConfigError
 from tests.adaptive.test_adaptive_train import pipeline_config
@@ -37,14 +40,49 @@ def _steps(workdir):
     return [json.loads(line) for line in f]
 
 
+def _check_e6(config, wd, rec):
+  """E6 (the supernet) started from the shared stage 1, trained within B and meets the reference
+  arm's sampling FLOPs."""
+  e6_dir = os.path.join(wd, "seed0", "E6")
+  # C7: stage 1 (3 base steps) + the supernet's steps at (1 + 0.5-width) FLOPs each <= B = 6.
+  assert rec["training_cost"]["ratio"] <= 1.0 and rec["stage2_steps"] >= 1
+  # The schedule keeps the reference arm's sampling FLOPs (analytic), and common.eval's XLA
+  # count of the routed chain agrees.
+  s = rec["supernet"]
+  assert s["sampling_flops_ratio"] <= s["target_ratio"] + 1e-9
+  assert abs(rec["sampling_flops_ratio"] - s["sampling_flops_ratio"]) < 0.05
+  run_config, net, _, _ = eval_lib.load_params(e6_dir)
+  assert isinstance(net, tdc_method.Supernet)
+  assert len(run_config.adaptive.supernet.schedule) == config.diffusion.sample_steps
+  with open(os.path.join(e6_dir, supernet.SEARCH_JSON)) as f:
+    assert len(json.load(f)["loss_table"]) == config.diffusion.sample_steps
+  assert os.path.exists(os.path.join(e6_dir, "summary.png"))
+  # Step 0 is stage 1's network with its channels reordered: the same function at full width.
+  _, _, start, _ = eval_lib.load_params(e6_dir, step=0, use_ema=False)
+  _, base_net, base, _ = eval_lib.load_params(os.path.join(wd, "seed0", "stage1"))
+  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
+  t = jnp.asarray([3, 15], jnp.int32)
+  np.testing.assert_allclose(
+    np.asarray(net.members[0].apply(start, x, t)),
+    np.asarray(base_net.apply(base, x, t)),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+
+
 @pytest.mark.slow
 def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch):
+  """Arms E0, E2 (the reference), E5 and E6 of one seed: one stage 1 for all of them, E5 and E6
+  reusing the reference arm's search; then a resume that runs nothing."""
   wd = str(tmp_path / "arms")
   config = campaign_config()
+  config.experiments.e6_widths = (1.0, 0.5)
+  config.experiments.e6_draws_per_step = 4
   one = jax.devices()[:1]
-  summary = experiments.run_experiments(config, wd, seeds=[0], arms=["E0", "E2", "E5"], devices=one)
+  arm_names = ["E0", "E2", "E5", "E6"]
+  summary = experiments.run_experiments(config, wd, seeds=[0], arms=arm_names, devices=one)
   seed = os.path.join(wd, "seed0")
-  assert sorted(os.listdir(seed)) == ["E0", "E2_k0.5", "E5", "stage1"]
+  assert sorted(os.listdir(seed)) == ["E0", "E2_k0.5", "E5", "E6", "stage1"]
 
   # Stage 1 was trained once, to S1 = 3; E0 continued it (its first 3 logged steps are stage 1's
   # own lines). E0+ continues E0 the same way, by E1's stage-2 cost (1 step x 2 networks).
@@ -105,8 +143,17 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
     md = f.read()
   for heading in ("## C1", "## C2", "## C3", "## C4", "## C5", "## C6", "## C7"):
     assert heading in md
-  assert "| FID | E2_k0.5 | E0 |" in md and "| proxy_memory |" in md
+  assert "| FID | E2_k0.5 | E0 |" in md and "| proxy_memory |" in md and "## E6" in md
   assert os.path.exists(os.path.join(wd, "experiments.png"))
+  # E6 reused the reference arm's search: its pruning records are E2's.
+  for f in sorted(os.listdir(os.path.join(tdc_dir, "pruning"))):
+    if f.endswith(".json"):
+      with (
+        open(os.path.join(tdc_dir, "pruning", f)) as a,
+        open(os.path.join(seed, "E6", "pruning", f)) as b,
+      ):
+        assert json.load(a) == json.load(b), f
+  _check_e6(config, wd, runs["seed0/E6"])
 
   # Resume: every arm has its record, so nothing trains, searches or evaluates again.
   mtimes = {a: os.path.getmtime(os.path.join(seed, a, "experiment.json")) for a in runs_arms(runs)}
@@ -116,9 +163,10 @@ def test_campaign_shares_stage_one_lands_arms_and_resumes(tmp_path, monkeypatch)
 
   monkeypatch.setattr(arms, "train_single", refuse)
   monkeypatch.setattr(arms, "train_tdc_arm", refuse)
+  monkeypatch.setattr(arms, "train_supernet_arm", refuse)
   monkeypatch.setattr(pruner_ablation, "run_pruners", refuse)
   monkeypatch.setattr(eval_lib, "evaluate", refuse)
-  again = experiments.run_experiments(config, wd, seeds=[0], arms=["E0", "E2", "E5"], devices=one)
+  again = experiments.run_experiments(config, wd, seeds=[0], arms=arm_names, devices=one)
   assert again["runs"] == runs
   for a, m in mtimes.items():
     assert os.path.getmtime(os.path.join(seed, a, "experiment.json")) == m

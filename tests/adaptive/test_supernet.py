@@ -1,21 +1,18 @@
-"""adaptive.supernet (E6): the exact width schedule, the supernet method, the campaign arm."""
+"""adaptive.supernet (E6): the exact width schedule, the supernet method. The campaign arm runs in
+``tests/adaptive/test_experiments.py``, next to the arms whose stage 1 and search it shares."""
 
 import itertools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adaptive import arms, experiments, routing, supernet
 from adaptive import method as tdc_method
+from adaptive import routing, supernet
 from common import data
-from common import eval as eval_lib
 from common.diffusion import sampling
 from common.train.validate import ConfigError
-from tests.adaptive.test_experiments import campaign_config
 from tests.adaptive.test_tdc import tiny
 
 
@@ -90,47 +87,3 @@ def test_supernet_trains_every_width_and_routes_each_sampler_step():
     _supernet([0, 2, 0, 0, 0])
   with pytest.raises(ValueError, match="indices into 2 networks"):
     sampling.routed_denoise_fn(np.array([0, 1, 2]), [lambda x, t, y: x] * 2)
-
-
-@pytest.mark.slow
-def test_campaign_arm_e6_starts_from_stage_one_and_meets_the_reference_flops(tmp_path, monkeypatch):
-  wd = str(tmp_path / "arms")
-  config = campaign_config()
-  config.experiments.e6_widths = (1.0, 0.5)
-  config.experiments.e6_draws_per_step = 4
-  one = jax.devices()[:1]
-  summary = experiments.run_experiments(config, wd, seeds=[0], arms=["E6"], devices=one)
-  rec = summary["runs"]["seed0/E6"]
-  e6_dir = os.path.join(wd, "seed0", "E6")
-  # C7: stage 1 (3 base steps) + the supernet's steps at (1 + 0.5-width) FLOPs each <= B = 6.
-  assert rec["training_cost"]["ratio"] <= 1.0 and rec["stage2_steps"] >= 1
-  # The schedule keeps the reference arm's sampling FLOPs (analytic), and common.eval's XLA
-  # count of the routed chain agrees.
-  s = rec["supernet"]
-  assert s["sampling_flops_ratio"] <= s["target_ratio"] + 1e-9
-  assert abs(rec["sampling_flops_ratio"] - s["sampling_flops_ratio"]) < 0.05
-  run_config, net, _, _ = eval_lib.load_params(e6_dir)
-  assert isinstance(net, tdc_method.Supernet)
-  assert len(run_config.adaptive.supernet.schedule) == config.diffusion.sample_steps
-  with open(os.path.join(e6_dir, supernet.SEARCH_JSON)) as f:
-    assert len(json.load(f)["loss_table"]) == config.diffusion.sample_steps
-  assert os.path.exists(os.path.join(e6_dir, "summary.png"))
-  # Step 0 is stage 1's network with its channels reordered: the same function at full width.
-  _, _, start, _ = eval_lib.load_params(e6_dir, step=0, use_ema=False)
-  _, base_net, base, _ = eval_lib.load_params(os.path.join(wd, "seed0", "stage1"))
-  x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
-  t = jnp.asarray([3, 15], jnp.int32)
-  np.testing.assert_allclose(
-    np.asarray(net.members[0].apply(start, x, t)),
-    np.asarray(base_net.apply(base, x, t)),
-    rtol=1e-4,
-    atol=1e-5,
-  )
-  with open(os.path.join(wd, "experiments.md")) as f:
-    assert "## E6" in f.read()
-  # Resume: the record stands, nothing trains again.
-  monkeypatch.setattr(
-    arms, "train_supernet_arm", lambda *a, **k: (_ for _ in ()).throw(AssertionError)
-  )
-  again = experiments.run_experiments(config, wd, seeds=[0], arms=["E6"], devices=one)
-  assert again["runs"]["seed0/E6"] == rec
