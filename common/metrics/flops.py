@@ -5,6 +5,11 @@ program itself: counting a lowered program converts it to HLO first (1.4-1.8 s f
 two-client collab step on 2 cores, next to other work) and counting a compiled one compiles it,
 while the key (the lowered module's bytecode, hashed) takes 0.03 s. A resumed run, the next seed
 of a campaign, or a test that builds the same step again reads the count back.
+
+A step with a loop inside is counted on its written-out form (``unrolled_flops``), which costs a
+second tracing and lowering (2.7-3.4 s for the tiny collab step); that count is remembered under
+the step's own program and the source of every repo module the process has loaded, so a launch of
+the same step with the same code skips the written-out form altogether.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,10 +85,34 @@ def _versions() -> str:
   return f"jax {jax.__version__} jaxlib {jaxlib}"
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def loaded_source_digest() -> str:
+  """sha256 of the source of every module loaded from this repository (paths and contents): what
+  a program written out from the same step could differ by."""
+  root = REPO_ROOT + os.sep
+  paths = set()
+  for module in list(sys.modules.values()):
+    path = getattr(module, "__file__", None)
+    if path and path.endswith(".py") and os.path.abspath(path).startswith(root):
+      paths.add(os.path.abspath(path))
+  digest = hashlib.sha256()
+  for path in sorted(paths):
+    digest.update(os.path.relpath(path, REPO_ROOT).encode() + b"\0")
+    try:
+      with open(path, "rb") as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+    except OSError:
+      digest.update(b"unreadable")
+  return digest.hexdigest()
+
+
 def _memo_key(lowered: Any, kind: str) -> str:
-  """The program's identity for a count of ``kind`` (``lowered`` or ``compiled``): its StableHLO
-  bytecode and what else can change XLA's count (the backend, the device kind, JAX's and jaxlib's versions,
-  the XLA flags that shape the compiled program)."""
+  """The program's identity for a count of ``kind``: its StableHLO bytecode and what else can
+  change XLA's count (the backend, the device kind, JAX's and jaxlib's versions; for ``compiled``
+  the XLA flags that shape the compiled program; for ``unrolled``, a count of another program
+  written out from this one, the repo's loaded source)."""
   buf = io.BytesIO()
   lowered.compiler_ir("stablehlo").operation.write_bytecode(buf)
   digest = hashlib.sha256(buf.getvalue())
@@ -90,6 +120,8 @@ def _memo_key(lowered: Any, kind: str) -> str:
   context = [kind, _versions(), device.platform, device.device_kind]
   if kind == "compiled":
     context.append(os.environ.get("XLA_FLAGS", ""))
+  if kind == "unrolled":
+    context.append(loaded_source_digest())
   digest.update("\0".join(context).encode())
   return digest.hexdigest()
 
@@ -118,6 +150,14 @@ def lowered_flops(lowered: Any) -> float | None:
   """XLA's FLOP count of a lowered program (``jax.jit(f).lower(...)``) before optimisation:
   ``analysis_flops(lowered.cost_analysis())``, remembered (``memo_dir``)."""
   return _remembered(lowered, "lowered", lambda: analysis_flops(lowered.cost_analysis()))
+
+
+def unrolled_flops(lowered_step: Any, lower_unrolled: Callable[[], Any]) -> float | None:
+  """``lowered_flops`` of a step's written-out form (``lower_unrolled()``: its loops unrolled, as
+  ``Method.make_flops_counting_step`` writes them, since XLA counts a loop body once), remembered
+  under ``lowered_step``, the step as it runs, and the repo's loaded source: on a hit the
+  written-out form is neither traced nor lowered."""
+  return _remembered(lowered_step, "unrolled", lambda: lowered_flops(lower_unrolled()))
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> float:

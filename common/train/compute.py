@@ -64,9 +64,10 @@ def measure_step(
   """The segment record of a jitted train step, measured by XLA on ``(state, batch)``.
 
   Call it after the step ran once on arguments of the same shapes and shardings: the lowering
-  then comes from JAX's in-memory cache (a counting step is traced once more: about a second).
-  XLA's analysis of it (a second or more for a large step) is remembered next to the persistent
-  compile cache (``flops.lowered_flops``), so a resume or a campaign's next seed reads it back.
+  then comes from JAX's in-memory cache. XLA's analysis of it (a second or more for a large step)
+  is remembered next to the persistent compile cache (``flops.lowered_flops``), so a resume or a
+  campaign's next seed reads it back; a counting step's count is remembered under the step itself
+  and the repo's source (``flops.unrolled_flops``), so such a launch does not trace it again.
   A failure to measure is logged and recorded as ``step_flops: null``.
 
   Args:
@@ -86,8 +87,14 @@ def measure_step(
     "flops_from": None,
   }
   try:
-    counted, source = (step_fn, "lowered") if counting_fn is None else (counting_fn, "unrolled")
-    whole = _positive(flops_lib.lowered_flops(counted.lower(state, batch)))
+    if counting_fn is None:
+      source, whole = "lowered", flops_lib.lowered_flops(step_fn.lower(state, batch))
+    else:
+      source = "unrolled"
+      whole = flops_lib.unrolled_flops(
+        step_fn.lower(state, batch), lambda: counting_fn.lower(state, batch)
+      )
+    whole = _positive(whole)
     if whole is not None:
       record.update(step_flops=whole, step_flops_per_device=whole / devices, flops_from=source)
   except Exception as e:  # noqa: BLE001 -- a missing figure must not stop a training run

@@ -270,6 +270,57 @@ def test_flop_counts_are_remembered_by_program(tmp_path, monkeypatch):
     flops.count_flops(jnp.matmul, a, b)
 
 
+def test_a_written_out_count_is_remembered_under_the_step_and_the_loaded_source(
+  tmp_path, monkeypatch
+):
+  """``unrolled_flops``: the count of a loop's written-out form is read back for the same step
+  without lowering that form again; another step, or a change to the source of a module loaded
+  from the repo, counts it anew."""
+  memo = str(tmp_path / flops.MEMO_SUBDIR)
+  monkeypatch.setattr(flops, "memo_dir", lambda: memo)
+  # A stand-in repository with one loaded module, whose source the test can change.
+  repo = tmp_path / "repo"
+  (repo / "pkg").mkdir(parents=True)
+  (repo / "pkg" / "__init__.py").write_text("")
+  (repo / "pkg" / "stepdef.py").write_text("TRIPS = 3\n")
+  monkeypatch.setattr(flops, "REPO_ROOT", str(repo))
+  monkeypatch.syspath_prepend(str(repo))
+  import pkg.stepdef  # noqa: F401
+
+  def looped(x, w):
+    return jax.lax.fori_loop(0, 3, lambda _, y: y @ w, x)
+
+  def written_out(x, w):
+    for _ in range(3):
+      x = x @ w
+    return x
+
+  x, w = jnp.ones((2, 4)), jnp.ones((4, 4))
+  step = jax.jit(looped).lower(x, w)
+  lowerings = []
+
+  def lower_written_out():
+    lowerings.append(1)
+    return jax.jit(written_out).lower(x, w)
+
+  want = 3 * 2 * 2 * 4 * 4
+  assert flops.lowered_flops(step) < want / 2  # XLA counts the loop's body once
+  assert flops.unrolled_flops(step, lower_written_out) == want and len(lowerings) == 1
+  assert flops.unrolled_flops(jax.jit(looped).lower(x, w), lower_written_out) == want
+  assert len(lowerings) == 1
+  # Another step (other shapes) is its own entry.
+  x2 = jnp.ones((3, 4))
+  other = flops.unrolled_flops(
+    jax.jit(looped).lower(x2, w), lambda: jax.jit(written_out).lower(x2, w)
+  )
+  assert other == 3 * 2 * 3 * 4 * 4
+  # The same step after a change to the repo's loaded source is counted again.
+  before = flops.loaded_source_digest()
+  (repo / "pkg" / "stepdef.py").write_text("TRIPS = 4\n")
+  assert flops.loaded_source_digest() != before
+  assert flops.unrolled_flops(step, lower_written_out) == want and len(lowerings) == 2
+
+
 def test_flop_memo_lives_in_the_local_compile_cache():
   before = jax.config.jax_compilation_cache_dir
   try:
