@@ -25,6 +25,25 @@ def test_junit_seconds_are_summed_per_file_and_the_table_is_written_longest_firs
   assert file_durations.load(str(table)) == {"tests/b/test_y.py": 4.0, "tests/a/test_x.py": 3.8}
 
 
+def test_a_file_the_run_skipped_keeps_its_figure_where_it_still_exists(tmp_path):
+  junit = tmp_path / "junit.xml"
+  junit.write_text(
+    '<testsuites><testsuite name="pytest">'
+    '<testcase classname="tests.a.test_x" name="one" time="1.5"/>'
+    '<testcase classname="" name="tests.common.test_vs_pytorch" time="0.0"><skipped/></testcase>'
+    "</testsuite></testsuites>"
+  )
+  table = tmp_path / "table.json"
+  table.write_text(
+    json.dumps({"tests/common/test_vs_pytorch.py": 90.0, "tests/gone/test_removed.py": 50.0})
+  )
+  assert file_durations.main(["prog", str(junit)], table=str(table)) == 0
+  assert json.loads(table.read_text()) == {
+    "tests/common/test_vs_pytorch.py": 90.0,
+    "tests/a/test_x.py": 1.5,
+  }
+
+
 def test_a_missing_or_broken_table_orders_nothing(tmp_path):
   assert file_durations.load(str(tmp_path / "absent.json")) == {}
   broken = tmp_path / "broken.json"
