@@ -1,5 +1,6 @@
 """Where the suite's time goes, test by test: making programs (JAX's tracing and lowering, XLA's
-compile) against the rest, in the pytest workers and in the processes each test launches.
+compile) against the rest, in the pytest workers and in the processes each test launches, and
+which programs XLA's time goes to (by JAX's name for them, e.g. ``jit(train_step)``).
 
   SEGDIFF_TEST_COMPILE_PROFILE=/tmp/prof python -m pytest -n 2 --dist loadfile -q
   python -m tests.compile_profile /tmp/prof [TOP]
@@ -43,14 +44,20 @@ class Recorder:
   def start(self, nodeid: str) -> tuple:
     key = test_key(nodeid)
     os.environ[timing.ENV] = os.path.join(self.dir, f"sub-{key}-{{pid}}.json")
-    return self.totals.summary(), key, time.perf_counter()
+    return (self.totals.summary(), self.totals.programs()), key, time.perf_counter()
 
-  def end(self, nodeid: str, before: dict, key: str, start: float) -> None:
+  def end(self, nodeid: str, before: tuple, key: str, start: float) -> None:
     os.environ.pop(timing.ENV, None)
-    after = self.totals.summary()
+    (before, programs_before), after = before, self.totals.summary()
     row = {"test": nodeid, "key": key, "wall_s": round(time.perf_counter() - start, 2)}
     for k in (*_MAKING, "programs", "cache_hits"):
       row[k] = round(after[k] - before[k], 3)
+    # This test's XLA seconds by program name (every program, so that the report can sum them).
+    row["xla_by_program"] = {}
+    for name, (n, sec) in self.totals.programs().items():
+      n0, sec0 = programs_before.get(name, (0, 0.0))
+      if n > n0:
+        row["xla_by_program"][name] = [n - n0, round(sec - sec0, 3)]
     with open(os.path.join(self.dir, f"worker-{os.getpid()}.jsonl"), "a") as f:
       f.write(json.dumps(row) + "\n")
 
@@ -81,8 +88,29 @@ def rows(directory: str) -> list[dict]:
   return sorted(out, key=lambda r: -r["wall_s"])
 
 
+def xla_by_program(directory: str) -> list[list]:
+  """``[[program name, compiles, XLA seconds], ...]`` over the whole run, the workers and the
+  launches (their ``TOP_PROGRAMS`` largest each) together, the largest first: which programs
+  the suite's compile time goes to."""
+  summed: dict[str, list] = {}
+
+  def add(name, n, sec):
+    entry = summed.setdefault(name, [0, 0.0])
+    entry[0] += n
+    entry[1] += sec
+
+  for row in rows(directory):
+    for name, (n, sec) in row.get("xla_by_program", {}).items():
+      add(name, n, sec)
+  for path in glob.glob(os.path.join(directory, "sub-*.json")):
+    for name, n, sec in (_read_json(path) or {}).get("xla_by_program", []):
+      add(name, n, sec)
+  return timing.largest(summed, top=len(summed))
+
+
 def report(directory: str, top: int = 40) -> str:
-  """A markdown table of the ``top`` longest tests and a line of totals."""
+  """A markdown table of the ``top`` longest tests, a line of totals, then the programs XLA
+  spent the most on."""
   table = rows(directory)
   lines = [
     "| test | wall s | making programs s (trace / lower / XLA) | programs (cache hits) | launches"
@@ -102,6 +130,8 @@ def report(directory: str, top: int = 40) -> str:
     f" {total['lower_s']:.0f}, XLA {total['compile_s']:.0f}); their launches made programs for"
     f" {total['sub_making_s']:.0f} s"
   )
+  lines += ["", "| program | compiles | XLA s |", "|---|---|---|"]
+  lines += [f"| {name} | {n} | {sec:.1f} |" for name, n, sec in xla_by_program(directory)[:top]]
   return "\n".join(lines)
 
 

@@ -5,8 +5,10 @@ sums JAX's own compile-time events and writes them there as JSON when it exits:
 ``{"wall_s", "trace_s", "lower_s", "compile_s", "programs", "cache_hits"}``; ``compile_s`` is XLA's
 backend compile (or reading it from the persistent cache), ``programs`` the compile requests,
 ``cache_hits`` how many of them the persistent cache served. ``wall_s`` counts from
-``record_to`` (after the imports). A ``{pid}`` in the path is replaced by the process id, so
-that processes sharing the variable write one file each (``tests/compile_profile.py``).
+``record_to`` (after the imports). ``xla_by_program`` lists the programs XLA spent the most on,
+``[name, compiles, seconds]`` by JAX's program name (``jit(train_step)``), the largest first. A
+``{pid}`` in the path is replaced by the process id, so that processes sharing the variable write
+one file each (``tests/compile_profile.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ _DURATIONS = {
   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
   "/jax/core/compile/backend_compile_duration": "compile_s",
 }
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+# How many programs ``summary`` lists by name.
+TOP_PROGRAMS = 10
 _COUNTS = {
   "/jax/compilation_cache/compile_requests_use_cache": "programs",
   "/jax/compilation_cache/cache_hits": "cache_hits",
@@ -37,6 +42,7 @@ class Totals:
     self.lock = threading.Lock()  # compiles may run on several threads
     self.start = time.perf_counter()
     self.values = dict.fromkeys([*_DURATIONS.values(), *_COUNTS.values()], 0.0)
+    self.by_program: dict[str, list] = {}  # name -> [compiles, XLA seconds]
 
   def listen(self) -> Totals:
     """Registers with ``jax.monitoring``: every compile event from now on is summed here."""
@@ -46,23 +52,39 @@ class Totals:
     jax.monitoring.register_event_listener(self.on_event)
     return self
 
-  def on_duration(self, event: str, seconds: float, **_) -> None:
+  def on_duration(self, event: str, seconds: float, **kwargs) -> None:
     if event in _DURATIONS:
       with self.lock:
         self.values[_DURATIONS[event]] += seconds
+        if event == _BACKEND_COMPILE:
+          entry = self.by_program.setdefault(str(kwargs.get("fun_name", "?")), [0, 0.0])
+          entry[0] += 1
+          entry[1] += seconds
 
   def on_event(self, event: str, **_) -> None:
     if event in _COUNTS:
       with self.lock:
         self.values[_COUNTS[event]] += 1
 
+  def programs(self) -> dict[str, list]:
+    """``{program name: [compiles, XLA seconds]}`` so far (a copy)."""
+    with self.lock:
+      return {k: list(v) for k, v in self.by_program.items()}
+
   def summary(self) -> dict:
     with self.lock:
       out = {k: round(v, 3) for k, v in self.values.items()}
+      out["xla_by_program"] = largest(self.by_program)
     out["wall_s"] = round(time.perf_counter() - self.start, 3)
     for k in _COUNTS.values():
       out[k] = int(out[k])
     return out
+
+
+def largest(by_program: dict[str, list], top: int = TOP_PROGRAMS) -> list[list]:
+  """``[[name, compiles, seconds], ...]`` of the ``top`` programs by XLA seconds, largest first."""
+  ranked = sorted(by_program.items(), key=lambda kv: -kv[1][1])[:top]
+  return [[name, int(n), round(sec, 3)] for name, (n, sec) in ranked]
 
 
 def record_to(path: str) -> None:

@@ -34,10 +34,13 @@ def test_report_sums_each_tests_launches_and_orders_by_wall(tmp_path):
     "programs": 7,
     "cache_hits": 2,
     "wall_s": 9,
+    "xla_by_program": [["jit(train_step)", 1, 3.5], ["jit(init)", 2, 0.5]],
   }
+  row_a = _row(a, 10.0, 1.0, 2.0, 3.0, 5, 1)
+  row_a["xla_by_program"] = {"jit(init)": [1, 2.0], "jit(run)": [3, 1.0]}
   _write(
     tmp_path,
-    [_row(a, 10.0, 1.0, 2.0, 3.0, 5, 1), _row(b, 30.0, 0.0, 0.0, 0.0, 0, 0)],
+    [row_a, _row(b, 30.0, 0.0, 0.0, 0.0, 0, 0)],
     {f"sub-{key}-11.json": sub, f"sub-{key}-12.json": sub, "sub-ffffffffffff-13.json": sub},
   )
   rows = compile_profile.rows(str(tmp_path))
@@ -49,6 +52,14 @@ def test_report_sums_each_tests_launches_and_orders_by_wall(tmp_path):
   assert f"| {b} | 30.0 | 0.0 (0.0 / 0.0 / 0.0) | 0 (0) | 2 | 11.0 | 14 (4) |" in text
   assert "2 tests, 40 s in the workers, of which making programs 6 s" in text
   assert "their launches made programs for 11 s" in text
+  # XLA's seconds by program, the workers' and every launch's (the third one's test is unknown,
+  # its compiles still count) summed, the largest first.
+  assert compile_profile.xla_by_program(str(tmp_path)) == [
+    ["jit(train_step)", 3, 10.5],
+    ["jit(init)", 7, 3.5],
+    ["jit(run)", 3, 1.0],
+  ]
+  assert "| jit(train_step) | 3 | 10.5 |" in text
   assert compile_profile.main(["x", str(tmp_path / "empty")]) == 2
 
 
@@ -66,3 +77,6 @@ def test_a_launch_writes_its_own_timing_file_by_pid(tmp_path):
   for pid in pids:
     data = timing.read(str(tmp_path / f"t-{pid}.json"))
     assert data is not None and data["programs"] >= 0 and data["wall_s"] > 0, data
+    # The doubling's program, by JAX's name, with its compile seconds.
+    names = {name: (n, sec) for name, n, sec in data["xla_by_program"]}
+    assert names["jit(<lambda>)"][0] == 1 and names["jit(<lambda>)"][1] > 0, names
