@@ -46,9 +46,10 @@ class Recorder:
     os.environ[timing.ENV] = os.path.join(self.dir, f"sub-{key}-{{pid}}.json")
     return (self.totals.summary(), self.totals.programs()), key, time.perf_counter()
 
-  def end(self, nodeid: str, before: tuple, key: str, start: float) -> None:
+  def end(self, nodeid: str, at_start: tuple, key: str, start: float) -> None:
     os.environ.pop(timing.ENV, None)
-    (before, programs_before), after = before, self.totals.summary()
+    before, programs_before = at_start
+    after = self.totals.summary()
     row = {"test": nodeid, "key": key, "wall_s": round(time.perf_counter() - start, 2)}
     for k in (*_MAKING, "programs", "cache_hits"):
       row[k] = round(after[k] - before[k], 3)
@@ -88,23 +89,17 @@ def rows(directory: str) -> list[dict]:
   return sorted(out, key=lambda r: -r["wall_s"])
 
 
-def xla_by_program(directory: str) -> list[list]:
+def xla_by_program(directory: str, table: list[dict] | None = None) -> list[list]:
   """``[[program name, compiles, XLA seconds], ...]`` over the whole run, the workers and the
   launches (their ``TOP_PROGRAMS`` largest each) together, the largest first: which programs
-  the suite's compile time goes to."""
+  the suite's compile time goes to. ``table``: ``rows(directory)`` when already read."""
   summed: dict[str, list] = {}
-
-  def add(name, n, sec):
-    entry = summed.setdefault(name, [0, 0.0])
-    entry[0] += n
-    entry[1] += sec
-
-  for row in rows(directory):
+  for row in rows(directory) if table is None else table:
     for name, (n, sec) in row.get("xla_by_program", {}).items():
-      add(name, n, sec)
+      timing.add_compiles(summed, name, n, sec)
   for path in glob.glob(os.path.join(directory, "sub-*.json")):
     for name, n, sec in (_read_json(path) or {}).get("xla_by_program", []):
-      add(name, n, sec)
+      timing.add_compiles(summed, name, n, sec)
   return timing.largest(summed, top=len(summed))
 
 
@@ -131,7 +126,9 @@ def report(directory: str, top: int = 40) -> str:
     f" {total['sub_making_s']:.0f} s"
   )
   lines += ["", "| program | compiles | XLA s |", "|---|---|---|"]
-  lines += [f"| {name} | {n} | {sec:.1f} |" for name, n, sec in xla_by_program(directory)[:top]]
+  lines += [
+    f"| {name} | {n} | {sec:.1f} |" for name, n, sec in xla_by_program(directory, table)[:top]
+  ]
   return "\n".join(lines)
 
 

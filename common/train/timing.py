@@ -20,13 +20,13 @@ import time
 
 ENV = "SEGDIFF_TIMING_FILE"
 
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 # JAX's monitoring events (jax._src.dispatch) -> our field.
 _DURATIONS = {
   "/jax/core/compile/jaxpr_trace_duration": "trace_s",
   "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-  "/jax/core/compile/backend_compile_duration": "compile_s",
+  _BACKEND_COMPILE: "compile_s",
 }
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 # How many programs ``summary`` lists by name.
 TOP_PROGRAMS = 10
 _COUNTS = {
@@ -57,9 +57,7 @@ class Totals:
       with self.lock:
         self.values[_DURATIONS[event]] += seconds
         if event == _BACKEND_COMPILE:
-          entry = self.by_program.setdefault(str(kwargs.get("fun_name", "?")), [0, 0.0])
-          entry[0] += 1
-          entry[1] += seconds
+          add_compiles(self.by_program, str(kwargs.get("fun_name", "?")), 1, seconds)
 
   def on_event(self, event: str, **_) -> None:
     if event in _COUNTS:
@@ -79,6 +77,14 @@ class Totals:
     for k in _COUNTS.values():
       out[k] = int(out[k])
     return out
+
+
+def add_compiles(by_program: dict[str, list], name: str, compiles: int, seconds: float) -> None:
+  """Adds ``compiles`` compiles of ``seconds`` in all to ``by_program[name]`` (``[compiles,
+  seconds]``)."""
+  entry = by_program.setdefault(name, [0, 0.0])
+  entry[0] += compiles
+  entry[1] += seconds
 
 
 def largest(by_program: dict[str, list], top: int = TOP_PROGRAMS) -> list[list]:
