@@ -30,6 +30,19 @@ from absl import logging
 from common.checkpoint import integrity
 
 
+def _one_writer_per_array_in_one_process() -> None:
+  """Orbax's replica-parallel saving (its default off GPUs) splits every array replicated over N
+  devices into N slices, one written from each replica, so that the processes holding replicas
+  share the writing. In one process it buys nothing, and each distinct slice is one more small
+  program to compile: a tiny model replicated over 8 devices compiled 192 of them at its first
+  save. With one process, each array is written whole from one device instead; a multi-process
+  run keeps orbax's default."""
+  if jax.process_count() == 1:
+    ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+    )
+
+
 class CheckpointError(ValueError):
   """A checkpoint problem the binaries report as one line and exit 2 (``common.train.cli``)."""
 
@@ -112,6 +125,7 @@ class Checkpointer:
       create=True,
       enable_async_checkpointing=True,
     )
+    _one_writer_per_array_in_one_process()
     # Handlers named up front: a fresh process must be able to read an item's metadata (to check
     # it against the model) before it has saved or restored anything.
     self._manager = ocp.CheckpointManager(
