@@ -390,7 +390,8 @@ def _train_steps(config, workdir, method, fns, ckpt, logger, state, data_iter, c
         # Steps up to the newest checkpoint: what a resume keeps.
         compute.record(workdir, start, done, segment)
     sample_every = config.sample_every_steps
-    if (sample_every and done % sample_every == 0) or is_last:
+    grid_due = (sample_every and done % sample_every == 0) or is_last
+    if grid_due and config.num_sample_images:  # 0: no grids (runs evaluated separately)
       path = os.path.join(workdir, "samples", f"step_{done:07d}.png")
       save_samples(method, state.ema_params, config, path, done, write=is_main)
       if is_main:

@@ -97,7 +97,7 @@ def validate_common(config: ml_collections.ConfigDict, *, num_devices: int, proc
   require(config, "ckpt_every_steps", integer(1), "must be an integer >= 1")
   require(config, "sample_every_steps", integer(0), "must be an integer >= 0 (0: only at the end)")
   require(config, "keep_checkpoints", integer(1), "must be an integer >= 1")
-  require(config, "num_sample_images", integer(1), "must be an integer >= 1")
+  require(config, "num_sample_images", integer(0), "must be an integer >= 0 (0: no sample grids)")
   require(config, "ema_decay", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")
 
   for axis in parallel.MESH_AXES:

@@ -20,7 +20,7 @@ def pipeline_config(**overrides):
   c.log_every_steps = 1
   c.ckpt_every_steps = 2
   c.keep_checkpoints = 10
-  c.num_sample_images = 4
+  c.num_sample_images = 0  # no end-of-run grids: the evaluations draw their own samples
   a = c.adaptive
   a.stage1_frac = 0.2
   a.grouping.method = "uniform_t"

@@ -38,7 +38,9 @@ def tiny_config(**overrides):
   c.log_every_steps = 1
   c.ckpt_every_steps = 3
   c.sample_every_steps = 0
-  c.num_sample_images = 4
+  # No sample grids: drawing the end-of-run grid compiled and ran the sampler in every run that
+  # uses this config (a second or more each); the tests of the grid ask for one.
+  c.num_sample_images = 0
   c.optimizer.warmup_steps = 2
   c.update_from_flattened_dict(overrides)
   return c
@@ -50,9 +52,18 @@ def read_losses(workdir):
   return {r["step"]: r["loss"] for r in records}
 
 
-def test_train_writes_logs_checkpoints_and_samples(tmp_path):
-  workdir = str(tmp_path / "run")
-  loop.train(tiny_config(**{"mesh.data": 1}), workdir, devices=jax.devices()[:1])
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory):
+  """``tiny_config`` trained on one device: the files it writes, and the reference for the sharded
+  runs (read only)."""
+  workdir = str(tmp_path_factory.mktemp("single") / "run")
+  config = tiny_config(**{"mesh.data": 1, "num_sample_images": 4})
+  loop.train(config, workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+def test_train_writes_logs_checkpoints_and_samples(single_device_run):
+  workdir = single_device_run
   losses = read_losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
   assert all(np.isfinite(v) for v in losses.values())
@@ -68,13 +79,13 @@ def test_train_writes_logs_checkpoints_and_samples(tmp_path):
 
 
 @pytest.mark.parametrize("mesh", [{"data": 8}, {"data": 2, "fsdp": 4}])
-def test_sharded_training_matches_single_device(tmp_path, mesh):
+def test_sharded_training_matches_single_device(tmp_path, mesh, single_device_run):
   assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
-  single = str(tmp_path / "single")
-  loop.train(tiny_config(**{"mesh.data": 1}), single, devices=jax.devices()[:1])
+  single = single_device_run
   sharded = str(tmp_path / "sharded")
   overrides = {f"mesh.{k}": v for k, v in mesh.items()}
   state = loop.train(tiny_config(**overrides), sharded)
+  assert not os.path.exists(os.path.join(sharded, "samples"))  # num_sample_images=0: no grid
   a, b = read_losses(single), read_losses(sharded)
   assert sorted(a) == sorted(b)
   np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=2e-4)
@@ -257,6 +268,7 @@ BAD_VALUES = [
   ({"diffusion.sample_steps": 51}, "diffusion.sample_steps"),
   ({"total_steps": 0}, "total_steps"),
   ({"ema_decay": 1.0}, "ema_decay"),
+  ({"num_sample_images": -1}, "num_sample_images"),
   ({"optimizer.name": "sgd"}, "optimizer.name"),
 ]
 
