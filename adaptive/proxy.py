@@ -183,7 +183,7 @@ def make_score_fn(
       selection=str(p.selection),
       seed=seed,
     )
-    params = jax.tree.map(jnp.asarray, params)
+    params = jax.device_put(params)  # jnp.asarray compiled a conversion per new leaf shape
     state = state_lib.TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,

@@ -63,8 +63,8 @@ def _check_e6(config, wd, rec):
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
   t = jnp.asarray([3, 15], jnp.int32)
   np.testing.assert_allclose(
-    np.asarray(net.members[0].apply(start, x, t)),
-    np.asarray(base_net.apply(base, x, t)),
+    np.asarray(jax.jit(net.members[0].apply)(start, x, t)),
+    np.asarray(jax.jit(base_net.apply)(base, x, t)),
     rtol=1e-4,
     atol=1e-5,
   )

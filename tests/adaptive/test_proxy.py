@@ -14,13 +14,18 @@ def test_proxy_score_is_deterministic_and_fine_tunes_the_candidate():
   )
   config.adaptive.pruner.proxy_steps = 2
   m = method.TDC(config, data.get_info(config.data))
-  base_params = m.members[0].init_params(jax.random.key(0))
-  # Random non-zero weights everywhere (fresh output convs are zero, which hides the network).
-  leaves, treedef = jax.tree.flatten(base_params)
-  base_params = jax.tree.unflatten(
-    treedef,
-    [a + 0.05 * jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)],
-  )
+
+  # Random non-zero weights everywhere (fresh output convs are zero, which hides the network), made
+  # in one program rather than op by op.
+  @jax.jit
+  def perturbed_init(key):
+    leaves, treedef = jax.tree.flatten(m.members[0].init_params(key))
+    return jax.tree.unflatten(
+      treedef,
+      [a + 0.05 * jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)],
+    )
+
+  base_params = perturbed_init(jax.random.key(0))
   x_train, _ = data.load_split(config.data, "train")
   x_test, _ = data.load_split(config.data, "test")
   draws = heldout.fixed_draws(m.groups, x_test, per_group=8, seed=0)

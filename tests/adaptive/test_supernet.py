@@ -54,29 +54,32 @@ def test_supernet_trains_every_width_and_routes_each_sampler_step():
   m = _supernet(schedule)
   assert isinstance(m, tdc_method.Supernet)
   # Random weights everywhere: the zero-initialised output convs would stop every gradient.
+  # Every network call below is one jitted program: run op by op, this test compiled ~900 small
+  # programs.
   rng = np.random.default_rng(0)
   params = jax.tree.map(
-    lambda a: jnp.asarray(rng.normal(0, 0.2, a.shape), jnp.float32),
-    m.init_params(jax.random.key(0)),
+    lambda a: jax.device_put(rng.normal(0, 0.2, a.shape).astype(np.float32)),
+    jax.eval_shape(m.init_params, jax.random.key(0)),
   )
   full, half = m.subnet_params(params)
   assert full is params and half["input_blocks"][0]["layers"][0]["kernel"].shape[-1] == 4
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 8, 8, 1)), jnp.float32)
-  loss, metrics = m.loss_fn(params, {"image": x}, jax.random.key(1), 0)
+  loss, metrics = jax.jit(lambda p: m.loss_fn(p, {"image": x}, jax.random.key(1), 0))(params)
   assert {"loss/width1", "loss/width0.5"} <= set(metrics)
   assert float(loss) == pytest.approx(
     float(metrics["loss/width1"]) + float(metrics["loss/width0.5"]), rel=1e-6
   )
   # The half-width loss trains the supernet's first channels only.
-  grad = jax.grad(lambda p: m.members[1].loss_fn(m.subnet_params(p)[1], {"image": x},
-                                                 jax.random.key(1), 0)[0])(params)  # fmt: skip
+  grad = jax.jit(jax.grad(lambda p: m.members[1].loss_fn(m.subnet_params(p)[1], {"image": x},
+                                                         jax.random.key(1), 0)[0]))(params)  # fmt: skip
   stem = np.abs(np.asarray(grad["input_blocks"][0]["layers"][0]["kernel"]))
   assert stem[..., :4].sum() > 0 and stem[..., 4:].sum() == 0
   # Each sampler step runs its scheduled width; other t take the nearest step's.
-  fn = m.denoise_fn(params)
+  fn = jax.jit(m.denoise_fn(params))
+  applies = [jax.jit(member.apply) for member in m.members]
   for t, w in zip(steps, schedule, strict=True):
     tt = jnp.full((2,), t, jnp.int32)
-    want = m.members[w].apply((full, half)[w], x, tt)
+    want = applies[w]((full, half)[w], x, tt)
     np.testing.assert_allclose(np.asarray(fn(x, tt)), np.asarray(want), rtol=1e-5, atol=1e-6)
   table = m.width_of_t()
   assert table.shape == (20,) and (table[steps] == schedule).all()

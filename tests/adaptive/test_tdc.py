@@ -34,12 +34,15 @@ def test_each_group_trains_on_its_own_batch_part_and_timesteps():
   m = make(tiny())
   assert [g.timestep_range() for g in m.members] == [(0, 8), (8, 20)]
   assert m.images_per_step() == 8
-  params = m.init_params(jax.random.key(0))
+  # Each call one program: run op by op, this test compiled ~1,000 small programs (30 s).
+  params = jax.jit(m.init_params)(jax.random.key(0))
   x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 1)), jnp.float32)
   batch = {"image": x, "label": jnp.zeros((8,), jnp.int32)}
+  loss_fn = jax.jit(lambda p, b: m.loss_fn(p, b, jax.random.key(1), 0))
 
+  @jax.jit
   def grads(b):
-    return jax.grad(lambda p: m.loss_fn(p, b, jax.random.key(1), 0)[0])(params)
+    return jax.grad(lambda p: loss_fn(p, b)[0])(params)
 
   g0 = grads(batch)
   changed = dict(batch, image=batch["image"].at[4:].set(0.0))  # group 1's half only
@@ -50,13 +53,13 @@ def test_each_group_trains_on_its_own_batch_part_and_timesteps():
     not np.allclose(a, b)
     for a, b in zip(jax.tree.leaves(g0["group1"]), jax.tree.leaves(g1["group1"]), strict=True)
   )
-  _, metrics = m.loss_fn(params, batch, jax.random.key(1), 0)
+  _, metrics = loss_fn(params, batch)
   assert {"loss/group0", "loss/group1", "vlb/group1"} <= set(metrics)
 
 
 def test_structures_differ_per_group_and_flops_follow_the_sampler_steps():
   m = make(tiny())
-  params = m.init_params(jax.random.key(0))
+  params = jax.jit(m.init_params)(jax.random.key(0))
   w0 = params["group0"]["out_conv"]["kernel"].shape[-2]
   w1 = params["group1"]["out_conv"]["kernel"].shape[-2]
   assert (w0, w1) == (8, 4)
@@ -73,7 +76,7 @@ def test_structures_differ_per_group_and_flops_follow_the_sampler_steps():
   # Classifier-free guidance runs each network twice a step, and is counted once.
   cond = make(tiny(model__class_conditional=True))
   guided = make(tiny(model__class_conditional=True, diffusion__guidance_scale=2.0))
-  cond_params = cond.init_params(jax.random.key(0))
+  cond_params = jax.jit(cond.init_params)(jax.random.key(0))
   assert guided.flops_per_sample(cond_params) == pytest.approx(
     2 * cond.flops_per_sample(cond_params)
   )
@@ -81,13 +84,16 @@ def test_structures_differ_per_group_and_flops_follow_the_sampler_steps():
 
 def test_heldout_losses_are_paired_and_a_single_model_scores_the_same_per_group():
   m = make(tiny(adaptive__group_models=[]))
-  params = m.init_params(jax.random.key(0))
-  # Zero-initialised output convs make every fresh network predict 0: perturb one.
-  leaves, treedef = jax.tree.flatten(params["group1"])
-  noise = [0.1 * jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)]
-  params["group1"] = jax.tree.unflatten(
-    treedef, [a + n for a, n in zip(leaves, noise, strict=True)]
-  )
+  params = jax.jit(m.init_params)(jax.random.key(0))
+
+  # Zero-initialised output convs make every fresh network predict 0: perturb one (one program).
+  @jax.jit
+  def perturbed(tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    noise = [0.1 * jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)]
+    return jax.tree.unflatten(treedef, [a + n for a, n in zip(leaves, noise, strict=True)])
+
+  params["group1"] = perturbed(params["group1"])
   x0, _ = data.load_split(m.config.data, "test")
   draws = heldout.fixed_draws(m.groups, x0, per_group=6, seed=3)
   again = heldout.fixed_draws(m.groups, x0, per_group=6, seed=3)

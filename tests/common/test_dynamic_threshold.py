@@ -134,7 +134,7 @@ def test_sampler_refuses_a_bad_clipping():
 
 def test_ddpm_baseline_samples_with_the_configured_clipping():
   info = data.get_info(tiny_config().data)
-  params = _perturbed(DDPM(tiny_config(), info).init_params(jax.random.key(0)))
+  params = _perturbed(jax.jit(DDPM(tiny_config(), info).init_params)(jax.random.key(0)))
   rng, out = jax.random.key(1), {}
   for mode in ("static", "dynamic"):
     m = DDPM(tiny_config(**{"diffusion.x0_clipping": mode}), info)
@@ -163,7 +163,7 @@ def test_collab_server_and_client_honour_the_clipping(monkeypatch):
     calls.clear()
     rng, y = jax.random.key(3), jnp.asarray([1, 2], jnp.int32)
     x_cut = m.server_handoff(params["server"], rng, (2, 8, 8, 1), y)
-    client = jax.tree.map(lambda a: a[1], params["clients"])
+    client = jax.jit(lambda c: jax.tree.map(lambda a: a[1], c))(params["clients"])
     out[mode] = (np.asarray(x_cut), np.asarray(m.client_finish(client, x_cut, rng, y)))
     # One call per side, each with the configured bound.
     assert [k["x0_clipping"] for k in calls] == [mode, mode]

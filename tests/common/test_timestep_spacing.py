@@ -127,6 +127,7 @@ def tiny_config(**overrides):
   )
 
 
+@jax.jit  # one program, not a handful of small ones per leaf shape
 def _perturbed(params):
   # The output layer starts at zero; a non-trivial network makes the grids' results differ.
   return jax.tree.map(lambda a: a + 0.01 * jnp.sin(jnp.arange(a.size).reshape(a.shape)), params)
@@ -134,7 +135,7 @@ def _perturbed(params):
 
 def test_ddpm_samples_on_each_spacing():
   info = data.get_info(tiny_config().data)
-  params = _perturbed(DDPM(tiny_config(), info).init_params(jax.random.key(0)))
+  params = _perturbed(jax.jit(DDPM(tiny_config(), info).init_params)(jax.random.key(0)))
   rng, out = jax.random.key(1), {}
   for spacing in ("uniform", "ddim"):
     m = DDPM(tiny_config(**{"diffusion.timestep_spacing": spacing}), info)
@@ -226,9 +227,11 @@ def test_collab_ddim_segments_concatenate_to_the_whole_chains_grid(monkeypatch):
   params = _perturbed(jax.jit(m.init_params)(jax.random.key(0)))
   shared = {  # every client gets exactly the server's network
     "server": params["server"],
-    "clients": jax.tree.map(
-      lambda s, c: jnp.broadcast_to(s, c.shape), params["server"], params["clients"]
-    ),
+    "clients": jax.jit(
+      lambda server, clients: jax.tree.map(
+        lambda s, c: jnp.broadcast_to(s, c.shape), server, clients
+      )
+    )(params["server"], params["clients"]),
   }
   rng, y = jax.random.key(3), jnp.asarray([1, 2], jnp.int32)
   split = m.sample_client(shared, 1, rng, 2, y)
