@@ -74,7 +74,7 @@ def test_cpu_mode_writes_every_part_with_finite_figures(tmp_path):
     for k in ("step_ms_median", "images_per_s", "flops_per_step", "achieved_tflops", "mfu"):
       assert _finite(r[k]) and r[k] > 0, (name, k, r)
     assert r["dtype"] == ("float32" if name.endswith("f32") else "bfloat16")
-  assert steps["runs"]["collab_celeba64_bf16"]["batch"] == 5  # K = 5 clients x 1 image
+  assert steps["runs"]["collab_celeba64_bf16"]["batch"] == 2  # K = 2 clients x 1 image
   assert steps["runs"]["ddpm_imagenet64_bf16"]["precompile"]["status"] == "ok"
 
   vs = parts["vs_pytorch"]
